@@ -1,0 +1,32 @@
+# clip_pl — the two commands a new user runs:
+#   make demo   build the demo corpus (local HTTP server → img2dataset → shards), train, evaluate
+#   make test   the test suite (CPU; the SLURM tests need slurm-wlm + munge, see .ci/run)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# The venv is refreshed whenever pyproject.toml changes. torch/torchvision come from the
+# machine's wheel cache where one exists (pip constraint), otherwise from PyPI.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(PY) -m data_prep.demo_pipeline
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) outputs runs .pytest_cache

@@ -1,0 +1,127 @@
+"""CLIP towers, tokenizer and image transforms, built from open_clip architectures.
+
+No weights are downloaded: an architecture is either an open_clip name (``ViT-B-32``, ``RN50`` …),
+whose JSON config ships inside ``open_clip_torch``, or a full config dict (the ``tiny`` model).
+This module knows nothing about ranks, Lightning or Hydra.
+
+    from clip_pl.model import resolve_model_config, build_clip, get_tokenizer, image_transforms
+    cfg = resolve_model_config(arch="ViT-B-32", image_size=160)
+    model = build_clip(cfg)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Mapping
+
+import open_clip
+import torch
+from open_clip.transform import image_transform
+from torch import nn
+
+# Keys of an open_clip model config that describe the architecture (everything CLIP(...) takes).
+_ARCH_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_bias", "custom_text")
+
+
+def resolve_model_config(
+    arch: str | None = None,
+    arch_config: Mapping[str, Any] | None = None,
+    embed_dim: int | None = None,
+    image_size: int | None = None,
+    context_length: int | None = None,
+    patch_dropout: float | None = None,
+    init_logit_bias: float | None = None,
+    **ignored: Any,
+) -> dict:
+    """Return a complete open_clip architecture config (``embed_dim``, ``vision_cfg``, ``text_cfg`` …).
+
+    ``arch`` names an open_clip architecture; ``arch_config`` is a full or partial config dict that
+    is merged over it (or stands alone when ``arch`` is None). The scalar overrides win last.
+    """
+    if arch is None and arch_config is None:
+        raise ValueError("model: set `arch` (an open_clip name such as ViT-B-32) or `arch_config`.")
+    cfg: dict = {}
+    if arch is not None:
+        base = open_clip.get_model_config(arch)
+        if base is None:
+            raise ValueError(
+                f"model.arch={arch!r} is not an open_clip architecture; "
+                f"choose one of open_clip.list_models(), e.g. ViT-B-32, ViT-B-16, ViT-L-14, RN50."
+            )
+        cfg = copy.deepcopy(base)
+    if arch_config is not None:
+        for key, value in _plain(arch_config).items():
+            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+                cfg[key] = {**cfg[key], **value}
+            else:
+                cfg[key] = value
+    cfg = {k: v for k, v in cfg.items() if k in _ARCH_KEYS}
+    cfg.setdefault("vision_cfg", {})
+    cfg.setdefault("text_cfg", {})
+    if embed_dim is not None:
+        cfg["embed_dim"] = int(embed_dim)
+    if image_size is not None:
+        cfg["vision_cfg"]["image_size"] = int(image_size)
+    if context_length is not None:
+        cfg["text_cfg"]["context_length"] = int(context_length)
+    if patch_dropout is not None:
+        if not 0.0 <= patch_dropout < 1.0:
+            raise ValueError(f"model.patch_dropout={patch_dropout} must be in [0, 1).")
+        cfg["vision_cfg"]["patch_dropout"] = float(patch_dropout)
+    if init_logit_bias is not None:
+        cfg["init_logit_bias"] = float(init_logit_bias)
+    if "embed_dim" not in cfg:
+        raise ValueError("model: the architecture config has no `embed_dim`.")
+    return cfg
+
+
+def build_clip(model_config: Mapping[str, Any], grad_checkpointing: bool = False) -> nn.Module:
+    """Instantiate an open_clip ``CLIP`` (or ``CustomTextCLIP``) from a resolved config."""
+    cfg = copy.deepcopy(_plain(model_config))
+    custom_text = cfg.pop("custom_text", False)
+    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    model = cls(**cfg)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def image_size_of(model_config: Mapping[str, Any]) -> int:
+    size = model_config["vision_cfg"].get("image_size", 224)
+    return int(size if isinstance(size, int) else size[0])
+
+
+def context_length_of(model_config: Mapping[str, Any]) -> int:
+    return int(model_config["text_cfg"].get("context_length", 77))
+
+
+def get_tokenizer(context_length: int = 77) -> Callable[..., torch.Tensor]:
+    """open_clip's CLIP BPE tokenizer (the vocabulary ships inside open_clip_torch)."""
+    return open_clip.SimpleTokenizer(context_length=context_length)
+
+
+def image_transforms(image_size: int) -> tuple[Callable, Callable]:
+    """(train, eval) transforms as in CLIP pre-training.
+
+    train: RandomResizedCrop(scale=(0.9, 1.0)), bicubic, RGB, OpenAI mean/std.
+    eval: bicubic resize of the shortest side + center crop, same normalisation.
+    """
+    train = image_transform(image_size, is_train=True, aug_cfg={"scale": (0.9, 1.0)})
+    evaluation = image_transform(image_size, is_train=False)
+    return train, evaluation
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _plain(config: Mapping[str, Any]) -> dict:
+    """Turn an OmegaConf node (or any mapping) into plain Python containers."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(config, DictConfig):
+            return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return {k: (_plain(v) if isinstance(v, Mapping) else v) for k, v in dict(config).items()}
