@@ -10,12 +10,14 @@ flake the tests although the work is done.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import sys
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -23,6 +25,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _to_bytes(obj: Any) -> bytes:
+    # Plain bytes, not tensors: torch's queue would pass tensors as shared-memory handles that
+    # die with the worker, which leaves with os._exit right after.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
@@ -38,9 +52,11 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         result = fn(rank, world_size, *args)
         dist.barrier()
         dist.destroy_process_group()
-        queue.put((rank, "ok", result))
+        queue.put((rank, "ok", _to_bytes(result)))
     except BaseException:  # report any failure to the parent instead of hanging it
         queue.put((rank, "error", traceback.format_exc()))
+    queue.close()
+    queue.join_thread()  # the queue's feeder thread must flush before os._exit, or the result is lost
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -61,7 +77,7 @@ def run_distributed(fn: Callable, world_size: int, args: tuple = (), timeout: fl
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = _from_bytes(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break

@@ -1,0 +1,87 @@
+"""Turn a checked Hydra config into the objects of a run: data, module, trainer, resume point.
+
+Kept apart from ``train.py`` so tests and benchmarks build exactly what the entry point builds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from clip_pl.callbacks import StepSleep
+from clip_pl.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from clip_pl.model import resolve_model_config
+from clip_pl.module import CLIPModule
+
+
+def build_module(cfg: DictConfig) -> CLIPModule:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    return CLIPModule(
+        model_config=resolve_model_config(**model),
+        arch=model["arch"],
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optim),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        grad_checkpointing=model["grad_checkpointing"],
+        grad_cache_chunks=model["grad_cache_chunks"],
+        compile=model["compile"],
+        init_checkpoint=model["init_checkpoint"],
+        max_logit_scale=model["max_logit_scale"],
+    )
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    nodes = list((cfg.get("callbacks") or {}).values())
+    nodes += list(((cfg.get("eval") or {}).get("callbacks") or {}).values())
+    callbacks = [instantiate(node) for node in nodes if node is not None]
+    sleep = (cfg.get("debug") or {}).get("step_sleep_s")
+    if sleep:
+        callbacks.append(StepSleep(sleep))
+    return callbacks
+
+
+def wandb_run_id(run_dir: str | os.PathLike) -> str:
+    """Stable across requeues of one job (same run directory), distinct across run directories."""
+    digest = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
+    return f"{Path(run_dir).name}-{digest}"
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if node is None:
+            continue
+        if node._target_.endswith("WandbLogger"):
+            logger = instantiate(node, id=node.id or wandb_run_id(run_dir))
+            if OmegaConf.select(cfg, "logger.wandb") is not None:
+                # The fully resolved config, so every run in W&B says exactly what it ran.
+                logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        else:
+            logger = instantiate(node)
+        loggers.append(logger)
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    strategy = instantiate(cfg.strategy)
+    plugins = []
+    if "DeepSpeed" not in cfg.strategy._target_:  # DeepSpeed writes its own sharded folders
+        plugins.append(AtomicCheckpointIO())
+    return instantiate(cfg.trainer, strategy=strategy, callbacks=build_callbacks(cfg),
+                       logger=build_loggers(cfg, run_dir) or False, plugins=plugins,
+                       default_root_dir=str(run_dir))
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    if cfg.resume in (None, "none"):
+        return None
+    if cfg.resume == "auto":
+        return find_resume_checkpoint(run_dir)
+    if not Path(cfg.resume).is_file():
+        raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file (use resume=auto or resume=none).")
+    return str(cfg.resume)

@@ -1,0 +1,159 @@
+"""Refuse configs that cannot work, before anything is allocated, with the fix in the message.
+
+A bad override must fail here, in the first second, not after the model is built, the shards
+are listed and 256 GPUs have joined a process group.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from typing import Any
+
+import torch
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from clip_pl.model import resolve_model_config
+
+MODEL_KEYS = set(inspect.signature(resolve_model_config).parameters) - {"ignored"} | {
+    "grad_checkpointing", "compile", "grad_cache_chunks", "init_checkpoint", "max_logit_scale"}
+PRECISIONS = {"bf16-mixed", "16-mixed", "32", "32-true", "bf16-true", "16-true", "64", "64-true"}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which key to change and how."""
+
+
+def prepare_config(cfg: DictConfig) -> DictConfig:
+    """Derive what is derived (per-device batch from a global batch), then check everything."""
+    _derive_batch_size(cfg)
+    for check in (_check_model_keys, _check_targets, _check_topology, _check_precision_and_strategy,
+                  _check_batch, _check_loss, _check_schedule):
+        check(cfg)
+    return cfg
+
+
+def world_size_of(cfg: DictConfig) -> int | None:
+    devices, num_nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+    if isinstance(devices, int) and isinstance(num_nodes, int):
+        return devices * num_nodes
+    return None
+
+
+def _derive_batch_size(cfg: DictConfig) -> None:
+    global_batch = cfg.get("global_batch_size")
+    if global_batch is None:
+        return
+    world_size = world_size_of(cfg)
+    if world_size is None:
+        raise ConfigError("global_batch_size needs integer trainer.devices and trainer.num_nodes "
+                          f"(got devices={cfg.trainer.devices!r}, num_nodes={cfg.trainer.num_nodes!r}).")
+    if global_batch % world_size:
+        raise ConfigError(
+            f"global_batch_size={global_batch} is not divisible by the {world_size} devices "
+            f"({cfg.trainer.num_nodes} nodes × {cfg.trainer.devices}); pick a global batch that is a "
+            f"multiple of {world_size}, or set global_batch_size=null and data.batch_size per device.")
+    with open_dict(cfg):
+        cfg.data.batch_size = global_batch // world_size
+
+
+def _check_model_keys(cfg: DictConfig) -> None:
+    unknown = set(cfg.model) - MODEL_KEYS
+    if unknown:
+        raise ConfigError(f"Unknown model keys {sorted(unknown)}; valid keys: {sorted(MODEL_KEYS)}.")
+    try:  # a bad architecture fails now, not after the data is listed
+        resolve_model_config(**OmegaConf.to_container(cfg.model, resolve=True))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _check_targets(cfg: DictConfig) -> None:
+    """Every ``_target_`` must exist and accept the keys its node gives it."""
+    nodes: list[tuple[str, Any]] = [(name, cfg.get(name)) for name in
+                                    ("data", "loss", "optim", "scheduler", "trainer", "strategy")]
+    for group in ("logger", "callbacks"):
+        nodes += [(f"{group}.{k}", v) for k, v in (cfg.get(group) or {}).items()]
+    nodes += [(f"eval.callbacks.{k}", v) for k, v in ((cfg.get("eval") or {}).get("callbacks") or {}).items()]
+    for where, node in nodes:
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        try:
+            target = get_method(node._target_)
+        except Exception as error:
+            raise ConfigError(f"{where}._target_={node._target_!r} cannot be imported: {error}") from None
+        signature = inspect.signature(target.__init__ if inspect.isclass(target) else target)
+        if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            continue
+        unknown = {k for k in node if not k.startswith("_")} - set(signature.parameters)
+        if unknown:
+            valid = sorted(set(signature.parameters) - {"self"})
+            raise ConfigError(f"Unknown key(s) {sorted(unknown)} for {where} ({node._target_}); valid: {valid}.")
+
+
+def _slurm_tasks_per_node() -> int | None:
+    """SLURM's tasks per node for a batch job, or None outside one (an interactive shell too)."""
+    if "SLURM_NTASKS_PER_NODE" not in os.environ or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    match = re.match(r"\d+", os.environ["SLURM_NTASKS_PER_NODE"])  # "8" or "8(x4)"
+    return int(match.group()) if match else None
+
+
+def _check_topology(cfg: DictConfig) -> None:
+    tasks_per_node = _slurm_tasks_per_node()
+    if tasks_per_node is None:
+        return
+    if cfg.trainer.devices != tasks_per_node:
+        raise ConfigError(
+            f"trainer.devices={cfg.trainer.devices} but SLURM runs {tasks_per_node} tasks per node: Lightning "
+            f"needs one task per device. Set trainer.devices={tasks_per_node} or sbatch "
+            f"--ntasks-per-node={cfg.trainer.devices} (slurm/*.sh pass SLURM's values for you).")
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", cfg.trainer.num_nodes)))
+    if cfg.trainer.num_nodes != nodes:
+        raise ConfigError(f"trainer.num_nodes={cfg.trainer.num_nodes} but the SLURM job has {nodes} nodes; "
+                          f"set trainer.num_nodes={nodes}.")
+
+
+def _check_precision_and_strategy(cfg: DictConfig) -> None:
+    precision = str(cfg.trainer.precision)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r}; choose one of {sorted(PRECISIONS)}.")
+    strategy = str(cfg.strategy.get("_target_", ""))
+    if "DeepSpeed" in strategy and not torch.cuda.is_available():
+        raise ConfigError("strategy=deepspeed_* needs CUDA GPUs (Lightning runs DeepSpeed only on CUDA); "
+                          "on this machine use strategy=ddp or strategy=fsdp.")
+    if "DeepSpeed" in strategy and cfg.model.compile:
+        raise ConfigError("model.compile=true is not supported with DeepSpeed here; use strategy=ddp or fsdp.")
+    if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
+        raise ConfigError(
+            "trainer.accumulate_grad_batches would contrast each micro-batch only against itself, shrinking the "
+            "contrastive batch. Keep it at 1 and set model.grad_cache_chunks=k: k chunks per device batch, "
+            "negatives across all chunks of all ranks, memory of one chunk.")
+
+
+def _check_batch(cfg: DictConfig) -> None:
+    batch_size, chunks = cfg.data.batch_size, cfg.model.grad_cache_chunks
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ConfigError(f"data.batch_size={batch_size!r} must be a positive integer (per device).")
+    if chunks < 1 or batch_size % chunks:
+        raise ConfigError(f"model.grad_cache_chunks={chunks} must be >= 1 and divide data.batch_size={batch_size}.")
+
+
+def _check_loss(cfg: DictConfig) -> None:
+    if cfg.loss._target_.endswith("SigLipLoss") and cfg.model.init_logit_bias is None:
+        raise ConfigError("loss=siglip learns a logit bias: set model.init_logit_bias=-10 (SigLIP's init).")
+
+
+def _check_schedule(cfg: DictConfig) -> None:
+    scheduler = cfg.get("scheduler") or {}
+    warmup, max_steps = scheduler.get("warmup_steps", 0), cfg.trainer.max_steps
+    if cfg.trainer.fast_dev_run or max_steps is None or max_steps < 0:
+        return
+    if warmup >= max_steps:
+        raise ConfigError(f"scheduler.warmup_steps={warmup} is not below trainer.max_steps={max_steps}: the run would "
+                          "end inside the warmup. Lower scheduler.warmup_steps or raise trainer.max_steps.")
+    cooldown = scheduler.get("cooldown_steps", 0)
+    if warmup + cooldown > max_steps:
+        raise ConfigError(f"scheduler.warmup_steps + cooldown_steps = {warmup + cooldown} exceed "
+                          f"trainer.max_steps={max_steps}.")

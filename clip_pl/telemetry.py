@@ -1,0 +1,244 @@
+"""Is the run healthy and how fast is it: throughput, MFU, data wait, memory, bad samples.
+
+Logged every ``log_every_n_steps`` optimizer steps and at step 1, under ``perf/`` and ``data/``:
+samples/s (global and per device), TFLOP/s per device, MFU (model FLOPs per sample counted once
+with torch's FlopCounterMode on the meta device; peak FLOP/s looked up by device name and
+precision, never assumed), the share of step time spent waiting for data, peak accelerator
+memory, and bad-sample counts summed over ranks. The clock pauses during validation and during
+any evaluation wrapped in ``pause_clock(trainer)``. Every ``heatmap_every_n_steps`` a batch's
+image-text similarity matrix is saved as a PNG (and sent to W&B when that logger is active).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import TQDMProgressBar
+from torch.utils.flop_counter import FlopCounterMode
+
+from clip_pl.model import build_clip, context_length_of, image_size_of
+
+log = logging.getLogger(__name__)
+
+# Dense peak FLOP/s per device, by precision (vendor datasheets; sparsity not counted).
+# Matched by substring of torch.cuda.get_device_name(), most specific first.
+PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    ("GB200", {"bf16": 2.5e15, "fp16": 2.5e15, "tf32": 1.25e15, "fp32": 80e12}),
+    ("B200", {"bf16": 2.25e15, "fp16": 2.25e15, "tf32": 1.1e15, "fp32": 80e12}),
+    ("H200", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12}),
+    ("H100 PCIe", {"bf16": 756.5e12, "fp16": 756.5e12, "tf32": 378e12, "fp32": 51.2e12}),
+    ("H100 NVL", {"bf16": 835.5e12, "fp16": 835.5e12, "tf32": 417.8e12, "fp32": 60e12}),
+    ("H100", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12}),
+    ("GH200", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    ("A800", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    ("L40S", {"bf16": 362.05e12, "fp16": 362.05e12, "tf32": 183e12, "fp32": 91.6e12}),
+    ("L40", {"bf16": 181e12, "fp16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12}),
+    ("A10G", {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12, "fp32": 31.2e12}),
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
+    ("V100", {"fp16": 125e12, "fp32": 15.7e12, "tf32": 15.7e12}),
+    ("RTX 4090", {"bf16": 165.2e12, "fp16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12}),
+    ("MI300X", {"bf16": 1307.4e12, "fp16": 1307.4e12, "tf32": 653.7e12, "fp32": 163.4e12}),
+    ("MI250X", {"bf16": 383e12, "fp16": 383e12, "fp32": 47.9e12}),
+]
+
+
+def precision_key(precision: str) -> str:
+    """Lightning precision string -> the PEAK_FLOPS column the matmuls run in."""
+    if precision.startswith("bf16"):
+        return "bf16"
+    if precision.startswith("16"):
+        return "fp16"
+    # fp32 matmuls use TF32 tensor cores when PyTorch is allowed to.
+    return "tf32" if torch.get_float32_matmul_precision() != "highest" else "fp32"
+
+
+def peak_flops_per_device(device_name: str, precision: str) -> float | None:
+    """Peak dense FLOP/s of one device at this precision, or None when the device is unknown."""
+    for pattern, peaks in PEAK_FLOPS:
+        if pattern.lower() in device_name.lower():
+            return peaks.get(precision_key(precision))
+    return None
+
+
+def train_flops_per_sample(model_config: Mapping[str, Any]) -> dict[str, float]:
+    """Forward and forward+backward FLOPs of one image-text pair through both towers.
+
+    Counted on the meta device (no memory, no compute) with torch's FlopCounterMode, so patch
+    dropout, context length and any architecture are accounted for as they really run. The
+    contrastive loss itself (b×N logits) is left out: it is negligible next to the towers.
+    """
+    with torch.device("meta"):
+        model = build_clip(model_config)
+        size, length = image_size_of(model_config), context_length_of(model_config)
+        images = torch.randn(1, 3, size, size)
+        texts = torch.zeros(1, length, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        image_features, text_features = model.encode_image(images), model.encode_text(texts)
+    forward = counter.get_total_flops()
+    with counter:  # counting restarts on entry
+        image_features, text_features = model.encode_image(images), model.encode_text(texts)
+        (image_features.sum() + text_features.sum()).backward()
+    return {"forward": float(forward), "train": float(counter.get_total_flops())}
+
+
+@contextlib.contextmanager
+def pause_clock(trainer: L.Trainer) -> Iterator[None]:
+    """Evaluation inside the training loop: keep its time out of throughput and data wait."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        for callback in trainer.callbacks:
+            if isinstance(callback, Telemetry):
+                callback.paused_s += time.perf_counter() - start
+
+
+class Telemetry(L.Callback):
+    def __init__(self, log_every_n_steps: int = 10, heatmap_every_n_steps: int = 0,
+                 heatmap_size: int = 16, peak_flops_per_device: float | None = None):
+        self.log_every_n_steps = max(1, log_every_n_steps)
+        self.heatmap_every_n_steps = heatmap_every_n_steps
+        self.heatmap_size = heatmap_size
+        self.peak_override = peak_flops_per_device
+        self.paused_s = 0.0
+        self.flops: dict[str, float] = {}
+        self.peak_flops: float | None = None
+        self.bad_samples_total: Counter[str] = Counter()
+        self._reset_window()
+        self._last_batch_end: float | None = None
+        self._paused_at_end = 0.0
+        self._batch_start = 0.0
+
+    def _reset_window(self) -> None:
+        self.window = {"start": time.perf_counter(), "samples": 0, "steps": 0, "wait": 0.0,
+                       "compute": 0.0, "paused": self.paused_s}
+
+    # -- set-up ---------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.flops = train_flops_per_sample(pl_module.model_config)
+        self.peak_flops = self.peak_override
+        if self.peak_flops is None and trainer.strategy.root_device.type == "cuda":
+            name = torch.cuda.get_device_name(trainer.strategy.root_device)
+            self.peak_flops = peak_flops_per_device(name, str(trainer.precision))
+            if self.peak_flops is None:
+                log.warning("MFU not logged: %r is not in clip_pl.telemetry.PEAK_FLOPS; set "
+                            "callbacks.telemetry.peak_flops_per_device to its dense peak FLOP/s.", name)
+
+    # -- the clock ------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            # Time since the previous step ended, less any evaluation that ran in between.
+            self.window["wait"] += max(0.0, now - self._last_batch_end - (self.paused_s - self._paused_at_end))
+        self._batch_start = now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        self.window["compute"] += now - self._batch_start
+        self.window["samples"] += batch["image"].shape[0]
+        self.window["steps"] += 1
+        step = trainer.global_step
+        if step == 1 or step % self.log_every_n_steps == 0:
+            self._log_window(trainer, pl_module)
+        if self.heatmap_every_n_steps and step % self.heatmap_every_n_steps == 0:
+            with pause_clock(trainer):
+                self._save_heatmap(trainer, pl_module, batch)
+        self._last_batch_end = time.perf_counter()
+        self._paused_at_end = self.paused_s
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.paused_s += time.perf_counter() - self._validation_start
+
+    # -- reporting ------------------------------------------------------------------------
+    def _log_window(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        w = self.window
+        elapsed = time.perf_counter() - w["start"] - (self.paused_s - w["paused"])
+        if elapsed <= 0 or w["steps"] == 0:
+            return
+        per_device = w["samples"] / elapsed
+        metrics = {
+            "perf/samples_per_s": per_device * trainer.world_size,
+            "perf/samples_per_s_per_device": per_device,
+            "perf/step_time_s": elapsed / w["steps"],
+            "perf/data_wait_share": w["wait"] / max(w["wait"] + w["compute"], 1e-9),
+            "perf/tflops_per_device": per_device * self.flops.get("train", 0.0) / 1e12,
+        }
+        if self.peak_flops:
+            metrics["perf/mfu"] = per_device * self.flops["train"] / self.peak_flops
+        if trainer.strategy.root_device.type == "cuda":
+            metrics["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
+        for reason, count in self._bad_samples_over_ranks(pl_module).items():
+            metrics[f"data/bad_samples/{reason}"] = float(count)
+        self.last_metrics = metrics
+        if trainer.global_rank == 0:
+            # Straight to the loggers: self.log would hold step 1 back until log_every_n_steps.
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        self._reset_window()
+
+    def _bad_samples_over_ranks(self, pl_module: L.LightningModule) -> Counter[str]:
+        local: Counter[str] = getattr(pl_module, "bad_sample_counts", Counter())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, dict(local))  # every rank calls it: no rank waits alone
+            total: Counter[str] = Counter()
+            for counts in gathered:
+                total.update(counts)
+            return total
+        return Counter(local)
+
+    @torch.no_grad()
+    def _save_heatmap(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Mapping[str, Any]) -> None:
+        n = min(self.heatmap_size, batch["image"].shape[0])
+        was_training = pl_module.training
+        pl_module.eval()
+        image_features, text_features = pl_module.encode(batch["image"][:n], batch["text"][:n])
+        pl_module.train(was_training)
+        if trainer.global_rank != 0:
+            return
+        similarity = (image_features @ text_features.T).float().cpu().numpy()
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.imshow(similarity, vmin=-1, vmax=1, cmap="RdBu_r")
+        ax.set(title=f"cosine similarity, step {trainer.global_step}", xlabel="text", ylabel="image")
+        path = Path(trainer.default_root_dir) / "plots" / f"similarity_step{trainer.global_step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=80, bbox_inches="tight")
+        plt.close(fig)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="train/similarity", images=[str(path)], step=trainer.global_step)
+
+
+class ThroughputProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, plus samples/s and the time left to ``max_steps``."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        telemetry = next((c for c in trainer.callbacks if isinstance(c, Telemetry)), None)
+        metrics = getattr(telemetry, "last_metrics", None)
+        if metrics:
+            items["samples/s"] = f"{metrics['perf/samples_per_s']:.0f}"
+            if trainer.max_steps > 0:
+                eta_s = (trainer.max_steps - trainer.global_step) * metrics["perf/step_time_s"]
+                items["eta"] = time.strftime("%H:%M:%S", time.gmtime(max(0.0, eta_s)))
+        return items

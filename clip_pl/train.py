@@ -1,0 +1,49 @@
+"""Train a CLIP model: compose the Hydra config, check it, build, fit.
+
+    python -m clip_pl.train model=tiny data=synthetic trainer=cpu trainer.max_steps=20
+    python -m clip_pl.train experiment=demo
+    python -m clip_pl.train experiment=laion400m_vit_b32 data.train_shards='/data/{00000..41455}.tar'
+    clip-pl-train --cfg job                      # print the composed config and exit
+    sbatch slurm/train_256gpu.sh experiment=laion400m_vit_b32
+
+A restarted run (SLURM requeue, or the same command with the same run_name) resumes from the
+newest checkpoint in its run directory: weights, optimizer, scheduler, step, loader position.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from clip_pl.assembly import build_module, build_trainer, resume_checkpoint
+from clip_pl.config_checks import prepare_config
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> L.Trainer:
+    prepare_config(cfg)  # refuses a bad config before anything is allocated
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.run_dir)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+    trainer = build_trainer(cfg, run_dir)
+    ckpt_path = resume_checkpoint(cfg, run_dir)
+    if ckpt_path:
+        log.info("Resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
