@@ -96,7 +96,8 @@ class CLIPModule(L.LightningModule):
         loss = self.contrastive_loss(batch)
         batch_size = batch["image"].shape[0]
         world_size = self.trainer.world_size if self._trainer is not None else 1
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        # sync_dist: the logged loss is the global-batch loss (the mean of the ranks' shares).
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log_dict({
             "train/temperature": self.logit_scale().detach(),
             "train/lr": self._current_lr(),

@@ -135,6 +135,9 @@ class Telemetry(L.Callback):
                 log.warning("MFU not logged: %r is not in clip_pl.telemetry.PEAK_FLOPS; set "
                             "callbacks.telemetry.peak_flops_per_device to its dense peak FLOP/s.", name)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset_window()  # set-up and checkpoint loading are not training time
+
     # -- the clock ------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
