@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clip_pl.callbacks import StepSleep
 from clip_pl.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from clip_pl.config_checks import world_size_of
 from clip_pl.model import resolve_model_config
 from clip_pl.module import CLIPModule
 
@@ -68,7 +69,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    strategy = instantiate(cfg.strategy)
+    # DDP over a single process only adds a gradient all-reduce with itself: run it plainly.
+    single_process = world_size_of(cfg) == 1 and cfg.strategy._target_.endswith("DDPStrategy")
+    strategy = "auto" if single_process else instantiate(cfg.strategy)
     plugins = []
     if "DeepSpeed" not in cfg.strategy._target_:  # DeepSpeed writes its own sharded folders
         plugins.append(AtomicCheckpointIO())

@@ -103,6 +103,9 @@ class CLIPModule(L.LightningModule):
             "train/lr": self._current_lr(),
             "train/global_batch_size": float(batch_size * world_size),
             "train/world_size": float(world_size),
+            # Lightning numbers logger rows by a logged "step": after a mid-step SLURM requeue its
+            # own counter is off by one, the optimizer step is not.
+            "step": float(self.global_step),
         }, batch_size=batch_size)
         if self.model.logit_bias is not None:
             self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=batch_size)

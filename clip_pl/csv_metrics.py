@@ -1,0 +1,58 @@
+"""One CSV metrics log per run, which a restarted (requeued) run continues instead of deleting.
+
+Lightning's CSVLogger deletes an existing ``metrics.csv`` when a new trainer opens the same
+folder. Here the file is kept, and when training starts at global step s (a resume), the rows of
+steps >= s are dropped first: the previous attempt ran them after its last checkpoint and this
+attempt is about to run them again, so the file ends as one row per step, start to finish.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import lightning as L
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+class _ContinuingWriter(ExperimentWriter):
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                self.metrics_keys = list(csv.DictReader(handle).fieldnames or [])
+
+    def _check_log_dir_exists(self) -> None:
+        pass  # the parent deletes the previous metrics here
+
+    def continue_from(self, global_step: int) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+            kept = [row for row in csv.DictReader(handle) if float(row["step"]) < global_step]
+        with self._fs.open(self.metrics_file_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(kept)
+
+
+class ContinuingCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class ContinueMetrics(L.Callback):
+    """At train start (after any checkpoint is restored), trim the CSV log to the resumed step."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, ContinuingCSVLogger):
+                logger.experiment.continue_from(trainer.global_step)

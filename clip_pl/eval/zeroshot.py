@@ -1,0 +1,86 @@
+"""Zero-shot classification: class embeddings from names × prompt templates, top-1 / top-5.
+
+Each class embedding is the mean of its prompts' unit text embeddings, renormalised (prompt
+ensembling on the unit sphere, open_clip's ``build_zero_shot_classifier``). With several ranks,
+the classes are encoded in rank blocks and gathered, the images are split across ranks, and only
+the hit counts are summed, so the result equals the single-process one for any split.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from open_clip.zero_shot_classifier import build_zero_shot_classifier
+from torch import nn
+
+from clip_pl.eval import datasets
+from clip_pl.eval.common import AutocastFactory, evaluation_mode, no_autocast, placement
+from clip_pl.eval.distributed import all_reduce_sum, contiguous_slice, gather_rows, world
+from clip_pl.model import context_length_of, get_tokenizer, image_size_of, image_transforms
+
+TOP_K = (1, 5)
+
+
+def build_classifier(model: nn.Module, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str],
+                     embed_dim: int, classes_per_batch: int = 10,
+                     autocast: AutocastFactory = no_autocast) -> torch.Tensor:
+    """(D, C) unit class embeddings; each rank encodes a block of classes, all ranks get all."""
+    rank, world_size = world()
+    device, _ = placement(model)
+    mine = list(classnames[contiguous_slice(len(classnames), rank, world_size)])
+    if mine:
+        with autocast():
+            block = build_zero_shot_classifier(model, tokenizer, mine, list(templates),
+                                               num_classes_per_batch=classes_per_batch, device=device)
+        block = block.T.float()
+    else:
+        block = torch.zeros((0, embed_dim), device=device)
+    return gather_rows(block.contiguous()).T
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = TOP_K) -> torch.Tensor:
+    """How many rows have their label among the k highest logits, for each k (k capped at #classes)."""
+    largest = min(max(ks), logits.shape[1])
+    top = logits.topk(largest, dim=1).indices
+    found = top == labels[:, None]
+    return torch.stack([found[:, : min(k, largest)].any(dim=1).sum() for k in ks])
+
+
+def zero_shot_evaluate(model: nn.Module, model_config: Mapping[str, Any], data: str | Sequence[str],
+                       classnames: Sequence[str], templates: Sequence[str], batch_size: int = 64,
+                       num_workers: int = 0, label_key: str = "cls",
+                       autocast: AutocastFactory = no_autocast) -> dict[str, float]:
+    """Top-1/top-5 accuracy of ``model`` on an ImageFolder directory or labelled WebDataset shards.
+
+    Every rank of the default process group must call it (it is collective); each evaluates its slice.
+    """
+    rank, world_size = world()
+    transform = image_transforms(image_size_of(model_config))[1]
+    tokenizer = get_tokenizer(context_length_of(model_config))
+    if datasets.is_imagefolder(data):
+        dataset = datasets.imagefolder_for_rank(data, transform, len(classnames), rank, world_size)
+    else:
+        dataset = datasets.labelled_webdataset(datasets.expand_shards(data), transform, label_key, rank, world_size)
+    device, dtype = placement(model)
+    hits = torch.zeros(len(TOP_K), dtype=torch.long, device=device)
+    count = torch.zeros(1, dtype=torch.long, device=device)
+    with evaluation_mode(model):
+        classifier = build_classifier(model, tokenizer, classnames, templates, int(model_config["embed_dim"]),
+                                      autocast=autocast)
+        for images, labels in datasets.loader(dataset, batch_size, num_workers):
+            labels = torch.as_tensor(labels, device=device)
+            if labels.numel() and (labels.min() < 0 or labels.max() >= len(classnames)):
+                raise ValueError(f"label {int(labels.max())} is outside the {len(classnames)} class names; "
+                                 f"the class-name list and the dataset's labels disagree.")
+            with autocast():
+                features = model.encode_image(images.to(device, dtype), normalize=True)
+            hits += topk_hits(features.float() @ classifier, labels)
+            count += labels.numel()
+    totals = all_reduce_sum(torch.cat([hits, count]))
+    total = int(totals[-1])
+    if total == 0:
+        raise ValueError(f"zero-shot data {data!r} yielded no samples.")
+    result = {f"top{k}": float(totals[i]) / total for i, k in enumerate(TOP_K)}
+    result["samples"] = total
+    return result

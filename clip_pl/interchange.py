@@ -1,0 +1,364 @@
+"""Move CLIP weights between clip_pl checkpoints and the open_clip / OpenAI world.
+
+    # clip_pl training checkpoint -> open_clip (weights + JSON config in OUT_DIR)
+    python -m clip_pl.interchange export runs/x/checkpoints/last.ckpt exported/
+    # then, in Python:  open_clip.create_model("ViT-B-32", pretrained="exported/open_clip_pytorch_model.bin")
+    #   or, for any arch (custom ones included):  open_clip.create_model("local-dir:exported")
+
+    # open_clip / OpenAI weights file -> clip_pl checkpoint (for clip_pl.load and python -m clip_pl.eval)
+    python -m clip_pl.interchange import weights.pt ViT-B-32 converted.ckpt     # or ARCH = a config .json
+
+From Python: ``load_open_clip_weights(model, path)`` initialises a freshly built model (continued
+pre-training, fine-tuning); ``export_open_clip(checkpoint, out_dir)``; ``read_clip_pl_checkpoint``.
+
+Weight files that are read (everything through ``torch.load(weights_only=True)`` or safetensors):
+  * open_clip's saved ``model.state_dict()`` (``.pt``/``.bin``/``.pth``) or ``.safetensors``;
+  * a dict holding it under ``state_dict`` (open_clip_train's checkpoints), ``module.`` prefixes
+    (DDP) stripped;
+  * a clip_pl (Lightning) checkpoint: the ``model.`` weights are taken, other entries ignored;
+  * OpenAI's released TorchScript archives (``ViT-B-32.pt`` …): read with ``torch.jit.load``,
+    which rebuilds tensors without Python pickle; only the state dict is used, no TorchScript code
+    is run. Pass ``allow_torchscript=False`` to refuse them. OpenAI's models use QuickGELU, so
+    build the matching ``*-quickgelu`` architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import open_clip
+import torch
+from torch import nn
+
+from clip_pl.model import build_clip, resolve_model_config
+
+log = logging.getLogger(__name__)
+
+# Name open_clip's `local-dir:` loader looks for first among .bin files.
+OPEN_CLIP_WEIGHTS_NAME = "open_clip_pytorch_model.bin"
+OPEN_CLIP_SAFETENSORS_NAME = "open_clip_model.safetensors"
+OPEN_CLIP_DIR_CONFIG = "open_clip_config.json"
+# Integers OpenAI's TorchScript models keep as attributes; they are not weights.
+_OPENAI_NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
+_MODEL_PREFIX = "model."
+_COMPILE_INFIX = "_orig_mod."  # torch.compile wraps the module: `model._orig_mod.visual...`
+_MAX_LISTED = 12
+
+
+class ArchitectureMismatchError(ValueError):
+    """The weights in a file do not fit the model's architecture."""
+
+
+@dataclass
+class ClipPlCheckpoint:
+    model_config: dict
+    arch: str | None
+    state_dict: dict[str, torch.Tensor]
+
+
+@dataclass
+class OpenClipExport:
+    model_name: str  # what to pass to open_clip.create_model (after add_model_config for custom archs)
+    weights: Path
+    config_json: Path  # bare architecture JSON: open_clip.add_model_config(config_json) registers model_name
+    directory: Path  # also loadable as open_clip.create_model(f"local-dir:{directory}")
+    named_arch: bool  # True: open_clip.create_model(model_name, pretrained=weights) works without a JSON
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def _require_file(path: str | Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist; check the path (relative paths "
+                                f"are taken from the current directory {str(Path.cwd())!r}).")
+    return path
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _torch_load(path: Path) -> Any:
+    # mmap: a training checkpoint's optimizer state (2x the weights) is never read into memory.
+    mmap = zipfile.is_zipfile(path)  # torch.save's default format; legacy files cannot be mapped
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # pickle.UnpicklingError for arbitrary objects; keep torch's detail
+        raise ValueError(
+            f"{str(path)!r} could not be read with torch.load(weights_only=True): {err}\n"
+            f"clip_pl only reads tensors and plain Python values from checkpoints. Re-save the "
+            f"weights as a plain state dict: torch.save(model.state_dict(), path)."
+        ) from err
+
+
+def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
+def _clip_pl_model_weights(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The open_clip weights inside a Lightning state dict: `model.` keys, prefix removed."""
+    weights = {k[len(_MODEL_PREFIX):].replace(_COMPILE_INFIX, ""): v
+               for k, v in state_dict.items() if k.startswith(_MODEL_PREFIX)}
+    if not weights:
+        raise ValueError("the checkpoint's state_dict has no `model.*` entries: it is not a clip_pl "
+                         "training checkpoint (the LightningModule keeps the CLIP model as `self.model`).")
+    return weights
+
+
+def read_state_dict(path: str | Path, allow_torchscript: bool = True) -> dict[str, torch.Tensor]:
+    """Read CLIP weights from any supported file (see the module docstring), keys in open_clip naming."""
+    path = _require_file(path, "weights file")
+    if path.is_dir():
+        path = _weights_in_dir(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state_dict: Any = load_file(str(path), device="cpu")
+    elif _is_torchscript_archive(path):
+        if not allow_torchscript:
+            raise ValueError(f"{str(path)!r} is a TorchScript archive (OpenAI's release format) and "
+                             f"allow_torchscript=False; convert it to a state dict first.")
+        log.info("reading the state dict of TorchScript archive %s (its code is not run)", path)
+        state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+        for key in _OPENAI_NON_WEIGHTS:
+            state_dict.pop(key, None)
+    else:
+        state_dict = _torch_load(path)
+    if isinstance(state_dict, Mapping) and "state_dict" in state_dict:
+        is_clip_pl = "hyper_parameters" in state_dict or any(
+            str(k).startswith(_MODEL_PREFIX) for k in state_dict["state_dict"])
+        state_dict = state_dict["state_dict"]
+        if is_clip_pl:
+            state_dict = _clip_pl_model_weights(state_dict)
+    if not isinstance(state_dict, Mapping) or not state_dict:
+        raise ValueError(f"{str(path)!r} holds no state dict (found {type(state_dict).__name__}); "
+                         f"expected a mapping of parameter names to tensors.")
+    if all(str(k).startswith("module.") for k in state_dict):
+        state_dict = _strip_prefix(state_dict, "module.")
+    non_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if non_tensors:
+        raise ValueError(f"{str(path)!r}: entries {non_tensors[:_MAX_LISTED]} are not tensors; "
+                         f"this is not a weights file.")
+    return dict(state_dict)
+
+
+def _weights_in_dir(directory: Path) -> Path:
+    for name in (OPEN_CLIP_SAFETENSORS_NAME, OPEN_CLIP_WEIGHTS_NAME):
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"{str(directory)!r} is a directory without {OPEN_CLIP_WEIGHTS_NAME} or "
+                            f"{OPEN_CLIP_SAFETENSORS_NAME}; pass the weights file itself.")
+
+
+# --------------------------------------------------------------------------- loading into a model
+
+
+def _adapt_to_model(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Small, lossless format differences between open_clip versions and OpenAI's release."""
+    state_dict = dict(state_dict)
+    expected = model.state_dict()
+    # Old open_clip checkpoints keep text weights at the top level even for CustomTextCLIP.
+    if "positional_embedding" in state_dict and "positional_embedding" not in expected \
+            and "text.positional_embedding" in expected:
+        state_dict = open_clip.model.convert_to_custom_text_state_dict(state_dict)
+    # Non-persistent buffers (the causal attention mask) appear in TorchScript state dicts.
+    persistent = set(expected)
+    for name, _ in model.named_buffers():
+        if name not in persistent:
+            state_dict.pop(name, None)
+    for key in ("logit_scale", "logit_bias"):  # scalar vs 1-element parameter across versions
+        if key in state_dict and key in expected and state_dict[key].numel() == expected[key].numel():
+            state_dict[key] = state_dict[key].reshape(expected[key].shape)
+    return state_dict
+
+
+def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "the weights") -> None:
+    """Raise ArchitectureMismatchError naming every missing, unexpected and mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if not (missing or unexpected or shapes):
+        return
+    lines = [f"{source} do not fit this architecture."]
+    for title, items in (("shape mismatches", shapes), ("missing from the file", missing),
+                         ("in the file but not in the model", unexpected)):
+        if items:
+            more = f" … and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+            lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:_MAX_LISTED]) + more)
+    lines.append("Build the model with the architecture the weights were trained with (model.arch / "
+                 "model.arch_config, image_size, context_length; OpenAI weights need a *-quickgelu arch).")
+    raise ArchitectureMismatchError("\n".join(lines))
+
+
+def load_open_clip_weights(model: nn.Module, path: str | Path, allow_torchscript: bool = True) -> None:
+    """Load an open_clip / OpenAI / clip_pl weights file into ``model`` (an open_clip CLIP), strictly.
+
+    Raises FileNotFoundError for a missing file and ArchitectureMismatchError (a ValueError) listing
+    the keys and shapes that differ, before any weight is changed.
+    """
+    state_dict = _adapt_to_model(model, read_state_dict(path, allow_torchscript=allow_torchscript))
+    check_compatible(model, state_dict, source=f"the weights in {str(path)!r}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+# --------------------------------------------------------------------------- clip_pl checkpoints
+
+
+def read_clip_pl_checkpoint(path: str | Path) -> ClipPlCheckpoint:
+    """Architecture and model weights of a clip_pl (Lightning) checkpoint, read with weights_only=True."""
+    path = _require_file(path, "checkpoint")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory. A sharded DeepSpeed/FSDP checkpoint must be "
+                         f"consolidated into one file first (DeepSpeed: "
+                         f"lightning.pytorch.utilities.deepspeed.convert_zero_checkpoint_to_fp32_state_dict); "
+                         f"an exported open_clip directory loads with clip_pl.load(directory).")
+    checkpoint = _torch_load(path)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(hparams, Mapping) or "model_config" not in hparams or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"{str(path)!r} is not a clip_pl training checkpoint (no hyper_parameters.model_config). "
+            f"For an open_clip/OpenAI weights file give the architecture: clip_pl.load(path, arch='ViT-B-32'), "
+            f"or convert it: python -m clip_pl.interchange import {path} ARCH out.ckpt")
+    return ClipPlCheckpoint(model_config=copy.deepcopy(dict(hparams["model_config"])),
+                            arch=hparams.get("arch"),
+                            state_dict=_clip_pl_model_weights(checkpoint["state_dict"]))
+
+
+def build_from_checkpoint(checkpoint: ClipPlCheckpoint) -> nn.Module:
+    """A fresh open_clip model with the checkpoint's architecture and weights (strict)."""
+    model = build_clip(checkpoint.model_config)
+    state_dict = _adapt_to_model(model, checkpoint.state_dict)
+    check_compatible(model, state_dict, source="the checkpoint's weights")
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def save_clip_pl_checkpoint(model: nn.Module, model_config: Mapping[str, Any], path: str | Path,
+                            arch: str | None = None) -> Path:
+    """Write a minimal clip_pl checkpoint (for clip_pl.load / evaluation; not for resuming training)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {
+        "hyper_parameters": {"model_config": json.loads(json.dumps(dict(model_config))), "arch": arch},
+        "state_dict": {_MODEL_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
+# --------------------------------------------------------------------------- export to open_clip
+
+
+def _inference_config(model_config: Mapping[str, Any]) -> dict:
+    """The architecture without training-only settings (patch dropout is off at inference anyway)."""
+    config = json.loads(json.dumps(dict(model_config)))
+    config.get("vision_cfg", {}).pop("patch_dropout", None)
+    return config
+
+
+def _matches_named_arch(arch: str | None, model_config: Mapping[str, Any]) -> bool:
+    """Would open_clip.create_model(arch) build exactly this architecture?"""
+    if not arch or open_clip.get_model_config(arch) is None:
+        return False
+    return _inference_config(resolve_model_config(arch=arch)) == _inference_config(model_config)
+
+
+def export_open_clip(checkpoint: str | Path | ClipPlCheckpoint, out_dir: str | Path, name: str | None = None,
+                     safetensors: bool = False) -> OpenClipExport:
+    """Write weights + configs that open_clip loads without clip_pl.
+
+    ``out_dir`` receives the weights (``open_clip_pytorch_model.bin``, or ``open_clip_model.safetensors``),
+    ``open_clip_config.json`` (for ``create_model("local-dir:OUT_DIR")``) and ``<model_name>.json``
+    (the bare architecture, for ``open_clip.add_model_config``). When the checkpoint's architecture
+    is exactly an open_clip one, ``model_name`` is that name and
+    ``open_clip.create_model(model_name, pretrained=weights)`` works directly; otherwise (a custom
+    arch, a changed image size …) ``model_name`` is ``name`` or ``<arch or clip_pl>-custom``.
+    """
+    if not isinstance(checkpoint, ClipPlCheckpoint):
+        checkpoint = read_clip_pl_checkpoint(checkpoint)
+    with torch.device("meta"):  # shapes only: validating needs no initialised (or allocated) weights
+        skeleton = build_clip(checkpoint.model_config)
+    state_dict = _adapt_to_model(skeleton, checkpoint.state_dict)
+    check_compatible(skeleton, state_dict, source="the checkpoint's weights")
+    named = name is None and _matches_named_arch(checkpoint.arch, checkpoint.model_config)
+    model_name = checkpoint.arch if named else (name or f"{checkpoint.arch or 'clip_pl'}-custom")
+    if "/" in model_name or model_name.endswith(".json"):
+        raise ValueError(f"export name {model_name!r} must be a plain name (it becomes <name>.json).")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if safetensors:
+        from safetensors.torch import save_file
+
+        weights = out_dir / OPEN_CLIP_SAFETENSORS_NAME
+        save_file(state_dict, str(weights))
+    else:
+        weights = out_dir / OPEN_CLIP_WEIGHTS_NAME
+        torch.save(state_dict, weights)
+    config = _inference_config(checkpoint.model_config)
+    arch_json = out_dir / f"{model_name}.json"
+    arch_json.write_text(json.dumps(config, indent=2) + "\n")
+    # open_clip_config.json lacks top-level embed_dim, so add_model_config(out_dir) skips it.
+    (out_dir / OPEN_CLIP_DIR_CONFIG).write_text(json.dumps({"model_cfg": config}, indent=2) + "\n")
+    return OpenClipExport(model_name=model_name, weights=weights, config_json=arch_json,
+                          directory=out_dir, named_arch=named)
+
+
+def import_open_clip(weights: str | Path, arch: str, out_path: str | Path) -> Path:
+    """Turn an open_clip/OpenAI weights file into a clip_pl checkpoint.
+
+    ``arch`` is an open_clip architecture name or the path of an architecture JSON (as written by
+    ``export_open_clip`` or shipped in open_clip's model_configs/).
+    """
+    if arch.endswith(".json"):
+        config = json.loads(_require_file(arch, "architecture JSON").read_text())
+        model_config, arch_name = resolve_model_config(arch_config=config.get("model_cfg", config)), None
+    else:
+        model_config, arch_name = resolve_model_config(arch=arch), arch
+    model = build_clip(model_config)
+    load_open_clip_weights(model, weights)
+    return save_clip_pl_checkpoint(model, model_config, out_path, arch=arch_name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m clip_pl.interchange", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="clip_pl checkpoint -> open_clip weights + configs")
+    exp.add_argument("checkpoint")
+    exp.add_argument("out_dir")
+    exp.add_argument("--name", default=None, help="model name for custom architectures")
+    exp.add_argument("--safetensors", action="store_true")
+    imp = sub.add_parser("import", help="open_clip/OpenAI weights -> clip_pl checkpoint")
+    imp.add_argument("weights")
+    imp.add_argument("arch", help="open_clip architecture name, e.g. ViT-B-32 (OpenAI: ViT-B-32-quickgelu), "
+                                  "or an architecture .json")
+    imp.add_argument("out_path")
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        result = export_open_clip(args.checkpoint, args.out_dir, name=args.name, safetensors=args.safetensors)
+        if result.named_arch:
+            print(f"open_clip.create_model({result.model_name!r}, pretrained={str(result.weights)!r})")
+        else:
+            print(f"open_clip.add_model_config({str(result.config_json)!r})\n"
+                  f"open_clip.create_model({result.model_name!r}, pretrained={str(result.weights)!r})")
+        print(f"or: open_clip.create_model('local-dir:{result.directory}')")
+    else:
+        print(import_open_clip(args.weights, args.arch, args.out_path))
+
+
+if __name__ == "__main__":
+    main()

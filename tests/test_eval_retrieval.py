@@ -1,0 +1,83 @@
+"""Retrieval evaluation end to end on image-caption shards, against embeddings computed one by one.
+
+    pytest tests/test_eval_retrieval.py
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from clip_pl.eval.callbacks import RetrievalCallback
+from clip_pl.eval.retrieval import retrieval_evaluate, retrieval_recall
+from clip_pl.model import get_tokenizer, image_transforms
+from tests.test_eval_support import caption_samples, random_images, tiny_model, write_shards
+
+# Captions per image; image 3 has none (it is only a gallery item), image 4 has three.
+CAPTION_COUNTS = [2, 1, 1, 0, 3, 1, 2, 1, 1, 1]
+WORDS = ["cat", "dog", "red", "blue", "tree", "boat", "sky", "cup", "ball", "road", "car", "hat"]
+
+
+def captions_for(counts=CAPTION_COUNTS) -> list[list[str]]:
+    out, w = [], 0
+    for count in counts:
+        caps = []
+        for _ in range(count):
+            caps.append(f"a {WORDS[w % len(WORDS)]} and a {WORDS[(3 * w + 1) % len(WORDS)]}")
+            w += 1
+        out.append(caps)
+    return out
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("retrieval")
+    model, config = tiny_model(seed=2)
+    captions = captions_for()
+    samples = caption_samples(random_images(len(CAPTION_COUNTS), seed=3), captions)
+    shards = write_shards(root, samples, num_shards=2)
+    # the reference sees the images as stored (half of them are lossy JPEGs)
+    images = [Image.open(io.BytesIO(s.get("jpg") or s["png"])).convert("RGB") for s in samples]
+    return {"model": model, "config": config, "images": images, "captions": captions, "shards": shards}
+
+
+@torch.no_grad()
+def expected_recall(case, ks):
+    model, config = case["model"], case["config"]
+    preprocess, tokenizer = image_transforms(32)[1], get_tokenizer(16)
+    image_features = torch.cat([model.encode_image(preprocess(im)[None], normalize=True) for im in case["images"]])
+    texts, owner = [], []
+    for i, caps in enumerate(case["captions"]):
+        for cap in caps:
+            texts.append(model.encode_text(tokenizer([cap]), normalize=True))
+            owner.append(i)
+    return retrieval_recall(image_features, torch.cat(texts), torch.tensor(owner), ks=ks)
+
+
+def test_recall_on_shards_matches_one_by_one_embeddings(captioned):
+    ks = (1, 2, 5)
+    result = retrieval_evaluate(captioned["model"], captioned["config"], captioned["shards"], batch_size=3,
+                                ks=ks, chunk_size=4)
+    expected = expected_recall(captioned, ks)
+    assert {k: result[k] for k in expected} == pytest.approx(expected)
+    assert result["images"] == 10 and result["captions"] == 13 and result["images_without_caption"] == 1
+    assert result["image_to_text_R@5"] > result["image_to_text_R@1"]  # not all-or-nothing
+
+
+def test_one_caption_per_sample_when_no_separator(captioned):
+    result = retrieval_evaluate(captioned["model"], captioned["config"], captioned["shards"], batch_size=4,
+                                caption_separator=None, ks=(1,))
+    assert result["captions"] == 9 and result["images_without_caption"] == 1  # multi-line texts are one caption
+
+
+def test_retrieval_callback_checks_its_settings(captioned, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        RetrievalCallback(data=str(tmp_path))
+    with pytest.raises(ValueError, match="must be positive"):
+        RetrievalCallback(data=captioned["shards"], ks=(0, 5))
+    callback = RetrievalCallback(data=captioned["shards"], ks=[1, 5], batch_size=4, num_workers=0)
+    result = callback.evaluate(captioned["model"], captioned["config"])
+    assert set(result) >= {"image_to_text_R@1", "text_to_image_R@5"}
