@@ -14,16 +14,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.flop_counter import FlopCounterMode
 
+from clip_pl.data.accounting import sum_over_ranks
 from clip_pl.model import build_clip, context_length_of, image_size_of
 
 log = logging.getLogger(__name__)
@@ -114,7 +113,6 @@ class Telemetry(L.Callback):
         self.paused_s = 0.0
         self.flops: dict[str, float] = {}
         self.peak_flops: float | None = None
-        self.bad_samples_total: Counter[str] = Counter()
         self._reset_window()
         self._last_batch_end: float | None = None
         self._paused_at_end = 0.0
@@ -184,25 +182,15 @@ class Telemetry(L.Callback):
             metrics["perf/mfu"] = per_device * self.flops["train"] / self.peak_flops
         if trainer.strategy.root_device.type == "cuda":
             metrics["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
-        for reason, count in self._bad_samples_over_ranks(pl_module).items():
+        # Every rank calls the gather (no rank waits alone); reason sets may differ per rank.
+        for reason, count in sum_over_ranks(getattr(pl_module, "bad_sample_counts", {})).items():
             metrics[f"data/bad_samples/{reason}"] = float(count)
         self.last_metrics = metrics
         if trainer.global_rank == 0:
             # Straight to the loggers: self.log would hold step 1 back until log_every_n_steps.
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+            for logger in trainer.loggers:  # the row of the step just done, as training_step's logs
+                logger.log_metrics(metrics, step=trainer.global_step - 1)
         self._reset_window()
-
-    def _bad_samples_over_ranks(self, pl_module: L.LightningModule) -> Counter[str]:
-        local: Counter[str] = getattr(pl_module, "bad_sample_counts", Counter())
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, dict(local))  # every rank calls it: no rank waits alone
-            total: Counter[str] = Counter()
-            for counts in gathered:
-                total.update(counts)
-            return total
-        return Counter(local)
 
     @torch.no_grad()
     def _save_heatmap(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Mapping[str, Any]) -> None:

@@ -67,7 +67,7 @@ def run_distributed(fn: Callable, world_size: int, args: tuple = (), timeout: fl
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -1,0 +1,96 @@
+"""One raw webdataset sample (bytes) → (RGB PIL image, caption), or a named reason to skip it.
+
+Everything here runs inside DataLoader workers. A sample is never allowed to raise anything but
+:class:`BadSample`, whose ``reason`` is counted (``skipped/<reason>``); images in a mode other
+than RGB are converted and counted too (``converted/<what>``).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import Counter
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CAPTION_KEY = "txt"
+# PIL's own bomb threshold (~89.5 Mpx): larger images are refused before any pixel is decoded.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+class BadSample(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def decode_caption(sample: Mapping[str, Any]) -> str:
+    data = sample.get(CAPTION_KEY)
+    if data is None:
+        raise BadSample("missing_caption")
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else str(data)
+    except UnicodeDecodeError as e:
+        raise BadSample("non_utf8_caption", str(e)) from None
+    text = text.strip()
+    if not text:
+        raise BadSample("empty_caption")
+    return text
+
+
+def decode_image(sample: Mapping[str, Any], target_size: int, counts: Counter,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    data = next((sample[k] for k in IMAGE_KEYS if sample.get(k) is not None), None)
+    if data is None:
+        raise BadSample("missing_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # we enforce our own pixel limit below, PIL's warning is noise
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise BadSample("decompression_bomb", f"{width}x{height} > {max_pixels} px")
+            if img.format == "JPEG" and min(width, height) >= 2 * target_size:
+                # DCT-domain downscale by 1/2, 1/4 or 1/8; PIL keeps both sides >= the requested size,
+                # so the crop that follows still works from at least target_size pixels per side.
+                img.draft(None, (target_size, target_size))
+            img.load()
+    except BadSample:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadSample("decompression_bomb", str(e)) from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error… on broken files
+        raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+    return to_rgb(img, counts)
+
+
+def to_rgb(img: Image.Image, counts: Counter) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    try:
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            # 16-bit grey: PIL's convert("RGB") clips at 255 (a white image); scale to 8 bits instead.
+            arr = np.asarray(img, dtype=np.int64)
+            peak = 65535 if mode.startswith("I;16") or arr.max() > 255 else 255
+            arr8 = np.clip(arr * 255 // peak, 0, 255).astype(np.uint8)
+            counts["converted/16bit"] += 1
+            return Image.fromarray(arr8, "L").convert("RGB")
+        if mode == "F":
+            counts["converted/float"] += 1
+            arr = np.clip(np.asarray(img, dtype=np.float32), 0, 255).astype(np.uint8)
+            return Image.fromarray(arr, "L").convert("RGB")
+        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+            # Transparent pixels carry arbitrary colour; composite on white as browsers show them.
+            counts["converted/alpha"] += 1
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        name = {"P": "palette", "CMYK": "cmyk", "L": "grayscale", "1": "grayscale"}.get(mode, "other")
+        counts[f"converted/{name}"] += 1
+        return img.convert("RGB")
+    except Exception as e:
+        raise BadSample("corrupt_image", f"cannot convert mode {mode}: {e}") from None

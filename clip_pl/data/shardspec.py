@@ -1,0 +1,153 @@
+"""Shard specs → the shards of a dataset, with their sample counts and per-source sampling weights.
+
+A spec is one string or a list of strings. In a string, ``::`` separates *sources*; each source is
+
+* a directory holding ``*.tar`` shards and a ``sizes.json`` manifest (the img2dataset / demo
+  layout ``DIR/shards/*.tar + sizes.json``): its shards are the manifest's keys;
+* a brace pattern, local or remote: ``/data/cc3m/{00000..00331}.tar``,
+  ``pipe:aws s3 cp s3://bucket/laion/{00000..41455}.tar -``;
+* a glob of local files: ``/data/cc3m/*.tar``.
+
+Sample counts come from a ``sizes.json`` (``{"00000.tar": n, ...}``): the one named by
+``sizes_file`` (a path, or a ``::`` list with one path per source), else the one next to the
+source's local shards. Remote shards (``pipe:``) need ``sizes_file`` for exact epochs.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import braceexpand
+
+SIZES_FILE_NAME = "sizes.json"
+_TAR_TOKEN = re.compile(r"[^\s'\"]+\.tar\b")
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # local path or webdataset URL (pipe:..., http://...)
+    size: int | None  # samples in the shard per the manifest; None when no manifest knows it
+    source: int  # index of the ``::`` source it came from
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    shards: tuple[Shard, ...]
+    weights: tuple[float, ...]  # one per source, for resampled mode
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.weights)
+
+    @property
+    def sizes_known(self) -> bool:
+        return all(s.size is not None for s in self.shards)
+
+    @property
+    def total_samples(self) -> int | None:
+        return sum(s.size for s in self.shards) if self.sizes_known else None  # type: ignore[misc]
+
+    def missing_sizes(self) -> list[str]:
+        return [s.url for s in self.shards if s.size is None]
+
+
+def split_sources(spec: str | Sequence[str]) -> list[str]:
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    sources = [p.strip() for part in parts for p in str(part).split("::") if p.strip()]
+    if not sources:
+        raise ValueError("data: the shard spec is empty; set data.train_shards to a directory, "
+                         "a brace pattern such as /data/{00000..00099}.tar, or several joined with '::'.")
+    return sources
+
+
+def parse_weights(weights: str | float | Sequence[float] | None, num_sources: int) -> tuple[float, ...]:
+    if weights is None:
+        return (1.0,) * num_sources
+    if isinstance(weights, str):
+        values = [float(w) for w in weights.split("::")]
+    elif isinstance(weights, (int, float)):
+        values = [float(weights)]
+    else:
+        values = [float(w) for w in weights]
+    if len(values) != num_sources:
+        raise ValueError(f"data: {len(values)} sampling weights for {num_sources} '::'-joined sources; "
+                         "give one weight per source (e.g. data.train_weights='1::3').")
+    if any(not w > 0 for w in values):
+        raise ValueError(f"data: sampling weights must be > 0, got {values}.")
+    return tuple(values)
+
+
+def shard_name(url: str) -> str:
+    """The file name a manifest knows a shard by: ``00012.tar`` for a path or a pipe command."""
+    if url.startswith("pipe:"):
+        tokens = _TAR_TOKEN.findall(url)
+        return os.path.basename(tokens[-1]) if tokens else url
+    return os.path.basename(url.split("?")[0])
+
+
+def read_manifest(path: str) -> dict[str, int]:
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"data: cannot read the sizes manifest {path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"data: {path} must map shard file names to sample counts, e.g. {{\"00000.tar\": 10000}}.")
+    return {os.path.basename(k): int(v) for k, v in raw.items()}
+
+
+def _expand_source(source: str) -> tuple[list[str], str | None]:
+    """(shard urls, manifest path next to them or None)."""
+    if not source.startswith("pipe:") and "://" not in source and os.path.isdir(source):
+        manifest = os.path.join(source, SIZES_FILE_NAME)
+        if os.path.exists(manifest):
+            names = sorted(read_manifest(manifest))
+        else:
+            names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(source, "*.tar")))
+        if not names:
+            raise ValueError(f"data: directory {source} has no *.tar shards and no {SIZES_FILE_NAME}.")
+        return [os.path.join(source, n) for n in names], (manifest if os.path.exists(manifest) else None)
+    urls = list(braceexpand.braceexpand(source))
+    if len(urls) == 1 and any(c in source for c in "*?[") and not source.startswith("pipe:"):
+        urls = sorted(glob.glob(source))
+        if not urls:
+            raise ValueError(f"data: the glob {source} matches no file.")
+    local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
+    missing = [u for u in local if not os.path.exists(u)]
+    if missing:
+        raise FileNotFoundError(f"data: {len(missing)} of {len(urls)} shards of {source!r} do not exist "
+                                f"(first: {missing[0]}); fix data.train_shards / data.val_shards.")
+    manifest = None
+    if local:
+        candidate = os.path.join(os.path.dirname(local[0]), SIZES_FILE_NAME)
+        manifest = candidate if os.path.exists(candidate) else None
+    return urls, manifest
+
+
+def resolve_shards(spec: str | Sequence[str], weights=None, sizes_file: str | Sequence[str] | None = None) -> ShardSet:
+    """Expand a spec into shards with sizes; raises before any data is read if the spec is wrong."""
+    sources = split_sources(spec)
+    weight_values = parse_weights(weights, len(sources))
+    manifests: list[str | None]
+    if sizes_file is None:
+        manifests = [None] * len(sources)
+    else:
+        listed = split_sources(sizes_file)
+        if len(listed) == 1:
+            listed = listed * len(sources)
+        if len(listed) != len(sources):
+            raise ValueError(f"data.sizes_file lists {len(listed)} manifests for {len(sources)} sources; "
+                             "give one, or one per '::' source.")
+        manifests = list(listed)
+    shards: list[Shard] = []
+    for index, source in enumerate(sources):
+        urls, found = _expand_source(source)
+        manifest_path = manifests[index] or found
+        sizes = read_manifest(manifest_path) if manifest_path else {}
+        shards.extend(Shard(url=u, size=sizes.get(shard_name(u)), source=index) for u in urls)
+    return ShardSet(shards=tuple(shards), weights=weight_values)

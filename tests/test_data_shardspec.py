@@ -1,0 +1,94 @@
+"""Shard specs: folders, brace patterns, globs, '::' sources with weights, pipe: commands; the val loader.
+
+    python -m pytest tests/test_data_shardspec.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clip_pl.data import WebDatasetDataModule, resolve_shards
+from clip_pl.data.fake_shards import make_sample, write_shards
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    a = tmp_path_factory.mktemp("a")
+    b = tmp_path_factory.mktemp("b")
+    write_shards(str(a), [6, 4, 5])
+    write_shards(str(b), [7, 3])
+    return a, b
+
+
+def test_folder_brace_glob_and_sources(two_sources):
+    a, b = two_sources
+    by_folder = resolve_shards(str(a))
+    by_brace = resolve_shards(f"{a}/{{00000..00002}}.tar")
+    by_glob = resolve_shards(f"{a}/*.tar")
+    assert [s.url for s in by_folder.shards] == [s.url for s in by_brace.shards] == [s.url for s in by_glob.shards]
+    assert by_folder.total_samples == 15
+    joined = resolve_shards(f"{a}::{b}/{{00000..00001}}.tar", weights="1::3")
+    assert joined.weights == (1.0, 3.0) and joined.total_samples == 25
+    assert [s.source for s in joined.shards] == [0, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match="one weight per source"):
+        resolve_shards(f"{a}::{b}", weights="1::2::3")
+
+
+def test_pipe_shards_with_sizes_file_read_exactly_once(two_sources):
+    a, _ = two_sources
+    spec = f"pipe:cat {a}/{{00000..00002}}.tar"
+    assert resolve_shards(spec).sizes_known is False, "a pipe: command has no manifest beside it"
+    dm = WebDatasetDataModule(spec, sizes_file=str(a / "sizes.json"), batch_size=5, num_workers=0,
+                              image_size=32, context_length=16, return_keys=True)
+    dm.setup("fit")
+    keys = [k for batch in dm.train_dataloader() for k in batch["key"]]
+    assert sorted(keys) == sorted(f"{s:05d}{i:04d}" for s, n in enumerate([6, 4, 5]) for i in range(n))
+
+
+def test_resampled_follows_source_weights(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_shards(str(a), [5, 5, 5])
+    write_shards(str(b), [5, 5], sample_fn=lambda key, index: make_sample("b" + key, index))
+    dm = WebDatasetDataModule(f"{a}::{b}", train_weights="1::3", resampled=True, num_samples=600, batch_size=50,
+                              num_workers=0, image_size=32, context_length=16, return_keys=True, shuffle_buffer=20)
+    dm.setup("fit")
+    keys = [k for batch in dm.train_dataloader() for k in batch["key"]]
+    assert len(keys) == 600
+    share_b = sum(k.startswith("b") for k in keys) / len(keys)
+    assert 0.6 < share_b < 0.9, f"source b has weight 3 of 4, got a {share_b:.2f} share"
+
+
+def test_val_loader_uses_eval_transform_and_equal_batches(two_sources):
+    a, _ = two_sources
+    batches = []
+    for rank in range(2):
+        dm = WebDatasetDataModule(str(a), val_shards=str(a), batch_size=3, num_workers=0, image_size=32,
+                                  context_length=16, return_keys=True)
+        dm._topology = lambda rank=rank: (rank, 2)
+        dm.setup("validate")
+        batches.append(list(dm.val_dataloader()))
+    assert [len(b) for b in batches] == [2, 2], "15 samples, 2 ranks × 3 → 2 full batches each"
+    again = WebDatasetDataModule(str(a), val_shards=str(a), batch_size=3, num_workers=0, image_size=32,
+                                 context_length=16)
+    again._topology = lambda: (0, 2)
+    again.setup("validate")
+    first = next(iter(again.val_dataloader()))
+    assert torch.equal(first["image"], batches[0][0]["image"]), "eval: no random crop, same pixels every time"
+
+
+def test_batched_transform_matches_the_per_image_compose():
+    from clip_pl.data.batch_transform import BatchedImageTransform
+    from clip_pl.data.fake_shards import synthetic_image
+    from clip_pl.model import image_transforms
+
+    images = [synthetic_image(i, 70 + 9 * i, 90 - 5 * i) for i in range(4)]
+    for compose in image_transforms(48):
+        batched = BatchedImageTransform(compose)
+        assert batched.fast
+        torch.manual_seed(3)
+        reference = torch.stack([compose(img) for img in images])
+        torch.manual_seed(3)
+        fast = batched.collate([batched.per_image(img) for img in images])
+        assert fast.shape == (4, 3, 48, 48) and fast.is_contiguous()
+        assert torch.allclose(fast, reference, atol=1e-5)
