@@ -20,13 +20,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m data_prep.demo_pipeline
+	$(PY) -m clip_pl.demo
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# CPU benchmarks against the reference implementations, measured in the same run (see benchmarks/RESULTS.md).
 bench: setup
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.train_throughput
+	$(PY) -m benchmarks.loader_bench
+	$(PY) -m benchmarks.grad_cache_memory
 
 clean:
-	rm -rf $(VENV) outputs runs .pytest_cache
+	rm -rf $(VENV) outputs runs demo_out .pytest_cache

@@ -1,7 +1,8 @@
 """Train-step throughput: clip_pl's Lightning loop vs OpenCLIP's own ``train_one_epoch``.
 
     python -m benchmarks.train_throughput                      # tiny model, CPU, batch 64
-    python -m benchmarks.train_throughput --model vit_b32 --batch-size 256 --precision bf16-mixed --steps 100
+    python -m benchmarks.train_throughput --model vit_b32 --batch-size 256 --precision bf16-mixed --steps 100 \
+        --accelerator gpu --strategy deepspeed_stage_2                   # see benchmarks/gpu.sh
 
 Same architecture, same initial weights, same synthetic batches, same AdamW, one process each,
 run one after the other in fresh subprocesses. clip_pl runs through its real entry path (Hydra
@@ -52,7 +53,8 @@ def compose(args, tmp: str):
                  f"data.num_samples={args.batch_size * args.steps}", f"trainer.max_steps={args.steps}",
                  f"trainer.precision={args.precision}", f"trainer.accelerator={args.accelerator}", "logger=csv",
                  "scheduler.warmup_steps=1", f"paths.root_dir={tmp}", "run_name=bench",
-                 "callbacks.progress_bar=null", "callbacks.checkpoint.every_n_train_steps=0"]
+                 "callbacks.progress_bar=null", "callbacks.checkpoint.every_n_train_steps=0",
+                 f"strategy={args.strategy}"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
 
@@ -81,7 +83,7 @@ def run_clip_pl(args) -> float:
                      image_size=cfg.model.image_size, context_length=cfg.model.context_length)
     trainer = build_trainer(cfg, Path(tmp) / "runs" / "bench")
     trainer.fit(module, datamodule=data)
-    return samples_per_s(loader_holder["loader"].times, args.batch_size, args.warmup)
+    return samples_per_s(loader_holder["loader"].times, args.batch_size, args.warmup), module.model_config
 
 
 def run_open_clip(args) -> float:
@@ -123,7 +125,7 @@ def run_open_clip(args) -> float:
     train_one_epoch(model, {"train": DataInfo(loader)}, loss, 0, optimizer, scaler, scheduler, None, oc_args)
     if device == "cuda":
         torch.cuda.synchronize()
-    return samples_per_s(loader.times, args.batch_size, args.warmup)
+    return samples_per_s(loader.times, args.batch_size, args.warmup), build_module(cfg).model_config
 
 
 def main() -> None:
@@ -134,11 +136,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precision", default="32")
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--strategy", default="ddp", help="clip_pl's strategy (conf/strategy), e.g. deepspeed_stage_2")
     parser.add_argument("--only", choices=["clip_pl", "open_clip"], help="internal: run one side in this process")
     args = parser.parse_args()
     if args.only:
         fn = run_clip_pl if args.only == "clip_pl" else run_open_clip
-        print("RESULT", json.dumps({args.only: fn(args)}), flush=True)
+        throughput, model_config = fn(args)
+        result = {args.only: throughput}
+        if args.accelerator == "gpu":  # the same MFU formula and memory probe for both sides
+            from clip_pl.telemetry import peak_flops_per_device, train_flops_per_sample
+
+            peak = peak_flops_per_device(torch.cuda.get_device_name(), args.precision)
+            flops = train_flops_per_sample(model_config)["train"]
+            result[f"{args.only}_mfu"] = throughput * flops / peak if peak else None
+            result[f"{args.only}_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        print("RESULT", json.dumps(result), flush=True)
         return
     results = {}
     for side in ("open_clip", "clip_pl"):  # fresh processes: neither inherits the other's warm caches
@@ -149,6 +161,7 @@ def main() -> None:
             sys.exit(f"{side} failed:\n{out.stderr[-4000:]}")
         results.update(json.loads(lines[-1][len("RESULT "):]))
     results.update(model=args.model, batch_size=args.batch_size, steps=args.steps, precision=args.precision,
+                   strategy=args.strategy,
                    device=torch.cuda.get_device_name() if args.accelerator == "gpu" else "cpu",
                    ratio=results["clip_pl"] / results["open_clip"])
     print(json.dumps(results))

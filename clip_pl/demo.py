@@ -1,0 +1,113 @@
+"""The whole pipeline on the bundled digits, on a laptop: `make demo` runs this.
+
+    python -m clip_pl.demo                         # corpus → shards → train → zero-shot → summary
+    python -m clip_pl.demo --steps 150 --root /tmp/demo trainer.log_every_n_steps=5
+
+Each stage is the command a user would type, run as a subprocess, so the demo exercises exactly
+the public entry points:
+  1. python -m data_prep.demo --out ROOT/demo_out/corpus        local HTTP server → img2dataset
+  2. python -m clip_pl.train experiment=demo …                  tiny CLIP, zero-shot every 100 steps
+  3. python -m clip_pl.eval checkpoint=…/last.ckpt eval=demo_digits   held-out digits, prompts
+then plots the curves and prints a summary (also written to ROOT/runs/demo/demo_summary.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from clip_pl.plots import plot_training_curves, read_series
+
+
+def run_stage(title: str, command: list[str], cwd: Path) -> float:
+    print(f"\n=== {title}\n$ {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=cwd, check=True)
+    return time.perf_counter() - start
+
+
+def summarize(root: Path, run_dir: Path, corpus: Path, eval_json: Path, stage_seconds: dict) -> dict:
+    series = read_series(run_dir / "csv" / "metrics.csv")
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    end = events[-1]
+    throughput = [v for step, v in series.get("perf/samples_per_s", []) if step > 0]
+    bad = {k.split("/", 2)[2]: int(v[-1][1]) for k, v in series.items() if k.startswith("data/bad_samples/")}
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    stats = manifest["stats"]
+    results = json.loads(eval_json.read_text())["results"]["demo_digits"]
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*")) if (run_dir / "wandb").is_dir() else []
+    return {
+        "samples_seen": end["global_step"] * end["global_batch_size"],
+        "optimizer_steps": end["global_step"],
+        "throughput_samples_per_s_median": statistics.median(throughput) if throughput else None,
+        "download": {"urls": stats["input"]["rows"], "stored": stats["samples_in_shards"],
+                     "success_rate": stats["success_rate"],
+                     "failures_by_reason": stats["download"]["failures_by_reason"]},
+        "skipped_or_converted_samples": bad,
+        "zero_shot_top1": results["top1"],
+        "zero_shot_top5": results["top5"],
+        "held_out_images": results.get("samples"),
+        "seconds": stage_seconds,
+        "paths": {
+            "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+            "metrics": str(run_dir / "csv" / "metrics.csv"),
+            "curves": str(run_dir / "plots" / "curves.png"),
+            "similarity_heatmaps": str(run_dir / "plots"),
+            "eval_json": str(eval_json),
+            "wandb_offline_run": str(wandb_runs[-1]) if wandb_runs else None,
+        },
+    }
+
+
+def print_summary(summary: dict) -> None:
+    d = summary["download"]
+    print("\n=== clip_pl demo summary")
+    print(f"download       {d['urls']} URLs, {d['stored']} samples stored, success rate {100 * d['success_rate']:.1f} %; "
+          f"failures by reason: {d['failures_by_reason']}")
+    print(f"training       {summary['samples_seen']} samples seen in {summary['optimizer_steps']} steps, "
+          f"median {summary['throughput_samples_per_s_median']:.0f} samples/s")
+    print(f"bad samples    {summary['skipped_or_converted_samples'] or 'none'}")
+    print(f"zero-shot      top-1 {100 * summary['zero_shot_top1']:.1f} %, top-5 {100 * summary['zero_shot_top5']:.1f} % "
+          f"on {summary['held_out_images']} held-out digits (chance: 10 %)")
+    for name, path in summary["paths"].items():
+        print(f"{name:<15}{path}")
+    if summary["paths"]["wandb_offline_run"]:
+        print(f"W&B            offline run; upload it with: wandb sync {summary['paths']['wandb_offline_run']}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=".", help="where demo_out/ and runs/ go (default: here)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: experiment=demo's)")
+    parser.add_argument("--copies", type=int, default=2, help="captioned URLs per training digit")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for training")
+    args = parser.parse_args(argv)
+    root = Path(args.root).resolve()
+    corpus, run_dir = root / "demo_out" / "corpus", root / "runs" / "demo"
+    python = sys.executable
+    seconds = {"corpus": run_stage("1/3 demo corpus: local web server → img2dataset → shards",
+                                   [python, "-m", "data_prep.demo", "--out", str(corpus), "--copies", str(args.copies)],
+                                   root)}
+    train = [python, "-m", "clip_pl.train", "experiment=demo", f"paths.root_dir={root}", f"paths.demo_dir={corpus}"]
+    if args.steps:
+        train.append(f"trainer.max_steps={args.steps}")
+    seconds["train"] = run_stage("2/3 training the tiny CLIP (zero-shot on held-out digits every 100 steps)",
+                                 train + args.overrides, root)
+    eval_json = run_dir / "eval_demo_digits.json"
+    seconds["eval"] = run_stage("3/3 zero-shot evaluation of the final checkpoint",
+                                [python, "-m", "clip_pl.eval", f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}",
+                                 "eval=demo_digits", f"paths.demo_dir={corpus}", f"output_json={eval_json}"], root)
+    plot_training_curves(run_dir / "csv" / "metrics.csv", run_dir / "plots" / "curves.png")
+    summary = summarize(root, run_dir, corpus, eval_json, seconds)
+    (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
