@@ -85,6 +85,6 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         return None
     if cfg.resume == "auto":
         return find_resume_checkpoint(run_dir)
-    if not Path(cfg.resume).is_file():
-        raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file (use resume=auto or resume=none).")
+    if not Path(cfg.resume).exists():  # a file, or a DeepSpeed/sharded-FSDP checkpoint folder
+        raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint (use resume=auto or resume=none).")
     return str(cfg.resume)

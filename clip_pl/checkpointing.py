@@ -40,9 +40,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> str | None:
     """The newest checkpoint of a run: Lightning's SLURM requeue checkpoints (``hpc_ckpt_*.ckpt``,
-    written on SIGUSR1) and our ``checkpoints/last.ckpt``, whichever was written last."""
+    written on SIGUSR1) and our ``checkpoints/last.ckpt``, whichever was written last. Under
+    DeepSpeed (and sharded FSDP) a checkpoint is a folder; it counts the same."""
     candidates = glob.glob(os.path.join(run_dir, "hpc_ckpt_*.ckpt"))
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
-    if os.path.isfile(last):
+    if os.path.exists(last):
         candidates.append(last)
     return max(candidates, key=os.path.getmtime) if candidates else None

@@ -7,6 +7,7 @@ are listed and 256 GPUs have joined a process group.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import re
 from typing import Any
@@ -19,6 +20,7 @@ from clip_pl.model import resolve_model_config
 
 MODEL_KEYS = set(inspect.signature(resolve_model_config).parameters) - {"ignored"} | {
     "grad_checkpointing", "compile", "grad_cache_chunks", "init_checkpoint", "max_logit_scale"}
+log = logging.getLogger(__name__)
 PRECISIONS = {"bf16-mixed", "16-mixed", "32", "32-true", "bf16-true", "16-true", "64", "64-true"}
 
 
@@ -77,6 +79,9 @@ def _check_targets(cfg: DictConfig) -> None:
         nodes += [(f"{group}.{k}", v) for k, v in (cfg.get(group) or {}).items()]
     nodes += [(f"eval.callbacks.{k}", v) for k, v in ((cfg.get("eval") or {}).get("callbacks") or {}).items()]
     for where, node in nodes:
+        if isinstance(node, DictConfig) and "_target_" not in node and "." in where:
+            raise ConfigError(f"{where} has no _target_: an override named a {where.split('.')[0]} entry "
+                              f"that the chosen config does not define (set {where}=null to drop it).")
         if not isinstance(node, DictConfig) or "_target_" not in node:
             continue
         try:
@@ -150,10 +155,10 @@ def _check_schedule(cfg: DictConfig) -> None:
     warmup, max_steps = scheduler.get("warmup_steps", 0), cfg.trainer.max_steps
     if cfg.trainer.fast_dev_run or max_steps is None or max_steps < 0:
         return
-    if warmup >= max_steps:
-        raise ConfigError(f"scheduler.warmup_steps={warmup} is not below trainer.max_steps={max_steps}: the run would "
-                          "end inside the warmup. Lower scheduler.warmup_steps or raise trainer.max_steps.")
     cooldown = scheduler.get("cooldown_steps", 0)
-    if warmup + cooldown > max_steps:
+    if cooldown and warmup + cooldown > max_steps:
         raise ConfigError(f"scheduler.warmup_steps + cooldown_steps = {warmup + cooldown} exceed "
-                          f"trainer.max_steps={max_steps}.")
+                          f"trainer.max_steps={max_steps}; shorten them or raise trainer.max_steps.")
+    if warmup >= max_steps:  # legitimate for a smoke run, a mistake for a real one: say so loudly
+        log.warning("scheduler.warmup_steps=%d is not below trainer.max_steps=%d: the whole run is warmup "
+                    "(the learning rate never reaches optim.lr).", warmup, max_steps)

@@ -2,8 +2,9 @@
 
 Lightning's CSVLogger deletes an existing ``metrics.csv`` when a new trainer opens the same
 folder. Here the file is kept, and when training starts at global step s (a resume), the rows of
-steps >= s are dropped first: the previous attempt ran them after its last checkpoint and this
-attempt is about to run them again, so the file ends as one row per step, start to finish.
+steps > s are dropped first (row k is the step that brought global_step to k): the previous
+attempt ran them after its last checkpoint and this attempt is about to run them again, so the
+file ends as one row per step, start to finish.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class _ContinuingWriter(ExperimentWriter):
         if not self._fs.isfile(self.metrics_file_path):
             return
         with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
-            kept = [row for row in csv.DictReader(handle) if float(row["step"]) < global_step]
+            kept = [row for row in csv.DictReader(handle) if float(row["step"]) <= global_step]
         with self._fs.open(self.metrics_file_path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.metrics_keys)
             writer.writeheader()

@@ -8,6 +8,9 @@
     # open_clip / OpenAI weights file -> clip_pl checkpoint (for clip_pl.load and python -m clip_pl.eval)
     python -m clip_pl.interchange import weights.pt ViT-B-32 converted.ckpt     # or ARCH = a config .json
 
+    # a sharded DeepSpeed (ZeRO) checkpoint folder -> one clip_pl checkpoint file
+    python -m clip_pl.interchange consolidate runs/x/checkpoints/last.ckpt/ last_fp32.ckpt
+
 From Python: ``load_open_clip_weights(model, path)`` initialises a freshly built model (continued
 pre-training, fine-tuning); ``export_open_clip(checkpoint, out_dir)``; ``read_clip_pl_checkpoint``.
 
@@ -224,7 +227,7 @@ def read_clip_pl_checkpoint(path: str | Path) -> ClipPlCheckpoint:
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a directory. A sharded DeepSpeed/FSDP checkpoint must be "
                          f"consolidated into one file first (DeepSpeed: "
-                         f"lightning.pytorch.utilities.deepspeed.convert_zero_checkpoint_to_fp32_state_dict); "
+                         f"python -m clip_pl.interchange consolidate DIR OUT.ckpt); "
                          f"an exported open_clip directory loads with clip_pl.load(directory).")
     checkpoint = _torch_load(path)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
@@ -347,6 +350,9 @@ def main(argv: list[str] | None = None) -> None:
     imp.add_argument("arch", help="open_clip architecture name, e.g. ViT-B-32 (OpenAI: ViT-B-32-quickgelu), "
                                   "or an architecture .json")
     imp.add_argument("out_path")
+    cons = sub.add_parser("consolidate", help="a sharded DeepSpeed checkpoint folder -> one clip_pl .ckpt file")
+    cons.add_argument("checkpoint_dir")
+    cons.add_argument("out_path")
     args = parser.parse_args(argv)
     if args.command == "export":
         result = export_open_clip(args.checkpoint, args.out_dir, name=args.name, safetensors=args.safetensors)
@@ -356,8 +362,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"open_clip.add_model_config({str(result.config_json)!r})\n"
                   f"open_clip.create_model({result.model_name!r}, pretrained={str(result.weights)!r})")
         print(f"or: open_clip.create_model('local-dir:{result.directory}')")
-    else:
+    elif args.command == "import":
         print(import_open_clip(args.weights, args.arch, args.out_path))
+    else:
+        # Lightning's converter gathers the ZeRO partitions into fp32 weights in a .ckpt that keeps
+        # hyper_parameters, so the result loads like any clip_pl checkpoint (clip_pl.load, eval, export).
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        convert_zero_checkpoint_to_fp32_state_dict(args.checkpoint_dir, args.out_path)
+        print(args.out_path)
 
 
 if __name__ == "__main__":

@@ -103,9 +103,10 @@ class CLIPModule(L.LightningModule):
             "train/lr": self._current_lr(),
             "train/global_batch_size": float(batch_size * world_size),
             "train/world_size": float(world_size),
-            # Lightning numbers logger rows by a logged "step": after a mid-step SLURM requeue its
-            # own counter is off by one, the optimizer step is not.
-            "step": float(self.global_step),
+            # Row k of the metrics is the step that brings global_step to k, for every logger,
+            # callback and checkpoint name (step=k.ckpt holds k steps). Lightning's own row counter
+            # is off by one after a mid-step SLURM requeue; the optimizer step is not.
+            "step": float(self.global_step + 1),
         }, batch_size=batch_size)
         if self.model.logit_bias is not None:
             self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=batch_size)

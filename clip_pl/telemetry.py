@@ -188,8 +188,8 @@ class Telemetry(L.Callback):
         self.last_metrics = metrics
         if trainer.global_rank == 0:
             # Straight to the loggers: self.log would hold step 1 back until log_every_n_steps.
-            for logger in trainer.loggers:  # the row of the step just done, as training_step's logs
-                logger.log_metrics(metrics, step=trainer.global_step - 1)
+            for logger in trainer.loggers:  # the row of the step just done (= the optimizer steps so far)
+                logger.log_metrics(metrics, step=trainer.global_step)
         self._reset_window()
 
     @torch.no_grad()

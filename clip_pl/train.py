@@ -18,7 +18,8 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 from clip_pl.assembly import build_module, build_trainer, resume_checkpoint
 from clip_pl.config_checks import prepare_config
@@ -42,6 +43,11 @@ def train(cfg: DictConfig) -> L.Trainer:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    # Lightning's local DDP launcher restarts this script for ranks 1.. with the parent's
+    # hydra.run.dir but not its run_name (a timestamp by default): pin the run directory to
+    # Hydra's, so every rank writes to and resumes from the same one.
+    with open_dict(cfg):
+        cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
     train(cfg)
 
 

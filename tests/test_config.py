@@ -101,11 +101,13 @@ BAD = {
     "loss=siglip": "init_logit_bias",
     "model.grad_cache_chunks=3": "divide data.batch_size",
     "trainer.accumulate_grad_batches=4": "grad_cache_chunks",
-    "scheduler.warmup_steps=100 trainer.max_steps=50": "warmup_steps=100 is not below",
+    "scheduler=const_cooldown scheduler.warmup_steps=40 scheduler.cooldown_steps=20 trainer.max_steps=50":
+        "exceed trainer.max_steps=50",
     "+data.not_a_key=1": "Unknown key",
     "+model.not_a_key=1": "Unknown model keys",
     "model.arch=ViT-Q-99": "not an open_clip architecture",
     "trainer.precision=fp8": "trainer.precision",
+    "+callbacks.mystery.every_n_steps=5": "callbacks.mystery has no _target_",
 }
 
 
@@ -129,3 +131,16 @@ def test_global_batch_size_sets_the_per_device_batch(tmp_path):
     cfg = prepare_config(make_cfg([*CPU_TINY, "global_batch_size=64", "trainer.devices=2", "trainer.num_nodes=2"],
                                   tmp_path))
     assert cfg.data.batch_size == 16
+
+
+def test_a_run_that_is_all_warmup_starts_with_a_warning(tmp_path, caplog):
+    cfg = make_cfg([*CPU_TINY, "scheduler.warmup_steps=100", "trainer.max_steps=50"], tmp_path)
+    prepare_config(cfg)
+    assert "the whole run is warmup" in caplog.text
+
+
+def test_model_options_reach_the_towers(tmp_path):
+    cfg = make_cfg([*CPU_TINY, "model.patch_dropout=0.5", "model.grad_checkpointing=true"], tmp_path)
+    model = build_module(cfg).model
+    assert model.visual.patch_dropout.prob == 0.5
+    assert model.visual.transformer.grad_checkpointing and model.transformer.grad_checkpointing

@@ -52,7 +52,7 @@ def test_a_run_logs_throughput_and_mfu_that_agree(tmp_path):
     train(cfg)
     with open(tmp_path / "runs" / "test" / "csv" / "metrics.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("perf/mfu")]
-    assert [int(r["step"]) for r in rows] == [0, 2, 5]  # step 1 and every 3 steps (0-based rows)
+    assert [int(r["step"]) for r in rows] == [1, 3, 6]  # step 1, then every 3 steps
     flops = train_flops_per_sample(resolve_model_config(**{k: v for k, v in cfg.model.items()}))["train"]
     for row in rows:
         per_device = float(row["perf/samples_per_s_per_device"])

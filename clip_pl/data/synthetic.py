@@ -3,31 +3,42 @@
     python -m clip_pl.train model=tiny data=synthetic trainer.max_steps=20
 
 Each sample is a deterministic function of (seed, index): a random image and a random token
-sequence of random length, so two processes asked for the same index agree exactly (the
-single-process vs multi-process equality tests rely on that).
+sequence of random length. Global batch t holds samples [t·W·b, (t+1)·W·b) and rank r takes rows
+[r·b, (r+1)·b) of it, so W processes with b each see exactly the samples one process sees with
+W·b (the single-process vs multi-process equality tests rely on that).
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 _SOT, _EOT = 49406, 49407  # open_clip's start/end-of-text ids: the text tower pools at the EOT token
 _VOCAB_WORDS = 49405  # ordinary BPE ids live below the special tokens
 
 
-class SyntheticPairs(Dataset):
-    def __init__(self, num_samples: int, image_size: int, context_length: int, seed: int = 0):
-        self.num_samples = num_samples
+class SyntheticPairs(IterableDataset):
+    def __init__(self, num_samples: int, image_size: int, context_length: int, seed: int = 0,
+                 batch_size: int = 1, rank: int = 0, world_size: int = 1):
         self.image_size = image_size
         self.context_length = context_length
         self.seed = seed
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_batches = num_samples // (batch_size * world_size)  # full global batches only
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_batches * self.batch_size
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __iter__(self):
+        worker = get_worker_info()
+        first, step = (worker.id, worker.num_workers) if worker else (0, 1)
+        for t in range(first, self.num_batches, step):  # the DataLoader reads workers round-robin
+            start = (t * self.world_size + self.rank) * self.batch_size
+            for index in range(start, start + self.batch_size):
+                yield self.sample(index)
+
+    def sample(self, index: int) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         image = torch.randn(3, self.image_size, self.image_size, generator=gen)
         length = int(torch.randint(3, self.context_length + 1, (1,), generator=gen))
@@ -39,7 +50,7 @@ class SyntheticPairs(Dataset):
 
 
 class SyntheticDataModule(L.LightningDataModule):
-    """Random pairs; Lightning's DistributedSampler splits them across ranks."""
+    """Random pairs, split across ranks by rows of each global batch."""
 
     def __init__(self, batch_size: int = 32, num_samples: int = 100_000, image_size: int = 224,
                  context_length: int = 77, num_workers: int = 0, seed: int = 0):
@@ -54,9 +65,12 @@ class SyntheticDataModule(L.LightningDataModule):
         self.seed = seed
 
     def train_dataloader(self) -> DataLoader:
-        dataset = SyntheticPairs(self.num_samples, self.image_size, self.context_length, self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        trainer = self.trainer  # None when used without a Trainer (benchmarks, tests)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        dataset = SyntheticPairs(self.num_samples, self.image_size, self.context_length, self.seed,
+                                 batch_size=self.batch_size, rank=rank, world_size=world_size)
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def batches_per_epoch(self, world_size: int = 1) -> int:
         return self.num_samples // (self.batch_size * world_size)
