@@ -9,7 +9,8 @@ run one after the other in fresh subprocesses. clip_pl runs through its real ent
 config → ``build_module``/``build_trainer``, the DDP strategy, telemetry and checkpoint callbacks);
 OpenCLIP through ``open_clip_train.train.train_one_epoch``. Both are timed the same way: the wall
 time between fetching batch ``warmup`` and fetching the last batch, i.e. whole steps only.
-Prints a JSON line with samples/s of each and the ratio clip_pl / OpenCLIP (target ≥ 1.0).
+Each side runs ``--repeats`` times, alternating; prints a JSON line with each side's median
+samples/s (and every run's), and the ratio of the medians clip_pl / OpenCLIP (target ≥ 1.0).
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--precision", default="32")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--strategy", default="ddp", help="clip_pl's strategy (conf/strategy), e.g. deepspeed_stage_2")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side, alternating; the median is reported")
     parser.add_argument("--only", choices=["clip_pl", "open_clip"], help="internal: run one side in this process")
     args = parser.parse_args()
     if args.only:
@@ -152,14 +154,19 @@ def main() -> None:
             result[f"{args.only}_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         print("RESULT", json.dumps(result), flush=True)
         return
+    runs: dict[str, list[dict]] = {"open_clip": [], "clip_pl": []}
+    for _ in range(args.repeats):  # alternate the sides, so slow drifts of the machine hit both
+        for side in ("open_clip", "clip_pl"):  # fresh processes: neither inherits the other's caches
+            out = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", *sys.argv[1:], "--only", side],
+                                 cwd=REPO, capture_output=True, text=True, check=False)
+            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            if not lines:
+                sys.exit(f"{side} failed:\n{out.stderr[-4000:]}")
+            runs[side].append(json.loads(lines[-1][len("RESULT "):]))
     results = {}
-    for side in ("open_clip", "clip_pl"):  # fresh processes: neither inherits the other's warm caches
-        out = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", *sys.argv[1:], "--only", side],
-                             cwd=REPO, capture_output=True, text=True, check=False)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        if not lines:
-            sys.exit(f"{side} failed:\n{out.stderr[-4000:]}")
-        results.update(json.loads(lines[-1][len("RESULT "):]))
+    for side, side_runs in runs.items():  # the median run of each side (by samples/s)
+        results.update(sorted(side_runs, key=lambda r: r[side])[len(side_runs) // 2])
+        results[f"{side}_all"] = [round(r[side], 1) for r in side_runs]
     results.update(model=args.model, batch_size=args.batch_size, steps=args.steps, precision=args.precision,
                    strategy=args.strategy,
                    device=torch.cuda.get_device_name() if args.accelerator == "gpu" else "cpu",

@@ -118,10 +118,11 @@ class CLIPModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if (self.global_step + 1) % self.trainer.log_every_n_steps:
+            return  # only on steps whose metrics reach the loggers: the norm is a pass over all grads
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:  # sharded strategies may hold no full gradients here; they report their own
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            self.log("train/grad_norm", norm)
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def _current_lr(self) -> float:
         if self._trainer is None or not self.trainer.optimizers:
