@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -36,6 +37,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, plus the final step: a run whose ``max_steps`` is not a multiple
+    of ``every_n_train_steps`` still ends with ``step=N.ckpt`` and a ``last.ckpt`` of all N steps
+    (Lightning's own end-of-training save only happens when no ``last`` was ever written)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if (self._every_n_train_steps and not trainer.fast_dev_run and trainer.global_step > 0
+                and self._last_global_step_saved != trainer.global_step):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
 
 
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> str | None:

@@ -67,17 +67,17 @@ def summarize(root: Path, run_dir: Path, corpus: Path, eval_json: Path, stage_se
 def print_summary(summary: dict) -> None:
     d = summary["download"]
     print("\n=== clip_pl demo summary")
-    print(f"download       {d['urls']} URLs, {d['stored']} samples stored, success rate {100 * d['success_rate']:.1f} %; "
+    print(f"download             {d['urls']} URLs, {d['stored']} samples stored, success rate {100 * d['success_rate']:.1f} %; "
           f"failures by reason: {d['failures_by_reason']}")
-    print(f"training       {summary['samples_seen']} samples seen in {summary['optimizer_steps']} steps, "
+    print(f"training             {summary['samples_seen']} samples seen in {summary['optimizer_steps']} steps, "
           f"median {summary['throughput_samples_per_s_median']:.0f} samples/s")
-    print(f"bad samples    {summary['skipped_or_converted_samples'] or 'none'}")
-    print(f"zero-shot      top-1 {100 * summary['zero_shot_top1']:.1f} %, top-5 {100 * summary['zero_shot_top5']:.1f} % "
+    print(f"bad samples          {summary['skipped_or_converted_samples'] or 'none'}")
+    print(f"zero-shot            top-1 {100 * summary['zero_shot_top1']:.1f} %, top-5 {100 * summary['zero_shot_top5']:.1f} % "
           f"on {summary['held_out_images']} held-out digits (chance: 10 %)")
     for name, path in summary["paths"].items():
-        print(f"{name:<15}{path}")
+        print(f"{name:<21}{path}")
     if summary["paths"]["wandb_offline_run"]:
-        print(f"W&B            offline run; upload it with: wandb sync {summary['paths']['wandb_offline_run']}")
+        print(f"W&B                  offline run; upload it with: wandb sync {summary['paths']['wandb_offline_run']}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -81,15 +82,16 @@ def test_every_experiment_runs_a_fast_dev_run_with_the_tiny_model(experiment, tm
 
 
 def test_a_real_run_logs_checkpoints_and_events(tmp_path):
-    cfg = make_cfg([*CPU_TINY, "trainer.max_steps=4", "scheduler.warmup_steps=2", "trainer.log_every_n_steps=2",
+    cfg = make_cfg([*CPU_TINY, "trainer.max_steps=5", "scheduler.warmup_steps=2", "trainer.log_every_n_steps=2",
                     "callbacks.checkpoint.every_n_train_steps=2"], tmp_path)
     train(cfg)
     run_dir = tmp_path / "runs" / "test"
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert (run_dir / "checkpoints" / "step=4.ckpt").is_file()
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step=2.ckpt", "step=4.ckpt", "step=5.ckpt"]  # periodic, and the final step
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["start", "end"]
-    assert events[0]["global_batch_size"] == 4 and events[1]["global_step"] == 4
+    assert events[0]["global_batch_size"] == 4 and events[1]["global_step"] == 5
     metrics = (run_dir / "csv" / "metrics.csv").read_text()
     for column in ["train/loss", "train/lr", "train/temperature", "train/grad_norm", "perf/samples_per_s"]:
         assert column in metrics.splitlines()[0]
