@@ -82,6 +82,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     if cfg.resume in (None, "none"):
+        existing = find_resume_checkpoint(run_dir)
+        if existing:  # a fresh start here would mix two runs' checkpoints and make `last` ambiguous
+            raise FileExistsError(f"resume=none but {run_dir} already holds checkpoints ({existing}): use "
+                                  f"resume=auto to continue that run, or another run_name for a new one.")
         return None
     if cfg.resume == "auto":
         return find_resume_checkpoint(run_dir)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = {"corpus": run_stage("1/3 demo corpus: local web server → img2dataset → shards",
                                    [python, "-m", "data_prep.demo", "--out", str(corpus), "--copies", str(args.copies)],
                                    root)}
+    if run_dir.exists():  # experiment=demo trains from scratch: the previous demo run goes
+        print(f"removing the previous demo run {run_dir}")
+        shutil.rmtree(run_dir)
     train = [python, "-m", "clip_pl.train", "experiment=demo", f"paths.root_dir={root}", f"paths.demo_dir={corpus}"]
     if args.steps:
         train.append(f"trainer.max_steps={args.steps}")

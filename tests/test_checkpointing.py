@@ -43,3 +43,16 @@ def test_the_wandb_run_id_is_stable_per_run_directory(tmp_path):
     a, b = tmp_path / "runs" / "1234", tmp_path / "other" / "1234"
     assert wandb_run_id(a) == wandb_run_id(a)  # a requeued job continues the same W&B run
     assert wandb_run_id(a) != wandb_run_id(b)  # another run directory never collides
+
+
+def test_a_fresh_start_refuses_a_run_directory_that_has_checkpoints(tmp_path):
+    from omegaconf import OmegaConf
+
+    from clip_pl.assembly import resume_checkpoint
+
+    cfg = OmegaConf.create({"resume": "none"})
+    assert resume_checkpoint(cfg, tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="resume=auto"):
+        resume_checkpoint(cfg, tmp_path)

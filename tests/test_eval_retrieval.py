@@ -46,7 +46,7 @@ def captioned(tmp_path_factory):
 
 @torch.no_grad()
 def expected_recall(case, ks):
-    model, config = case["model"], case["config"]
+    model = case["model"]
     preprocess, tokenizer = image_transforms(32)[1], get_tokenizer(16)
     image_features = torch.cat([model.encode_image(preprocess(im)[None], normalize=True) for im in case["images"]])
     texts, owner = [], []
