@@ -17,6 +17,7 @@ to start there (use DDP or ZeRO-1/2, or evaluate the checkpoints with ``python -
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
@@ -50,7 +51,7 @@ def _require_data(data: str | Sequence[str] | None, name: str) -> str | list[str
     return data if isinstance(data, str) else [str(d) for d in data]
 
 
-class _PeriodicEvaluation(pl.Callback):
+class _PeriodicEvaluation(pl.Callback, ABC):
     def __init__(self, name: str, every_n_steps: int, at_train_end: bool):
         if every_n_steps < 0:
             raise ValueError(f"eval callback {name!r}: every_n_steps={every_n_steps} must be >= 0 (0: only at the end).")
@@ -61,9 +62,10 @@ class _PeriodicEvaluation(pl.Callback):
         self.history: list[tuple[int, dict[str, float]]] = []  # (global_step, metrics)
         self._last_step = -1
 
+    @abstractmethod
     def evaluate(self, model: nn.Module, model_config: Mapping[str, Any],
                  autocast: AutocastFactory = no_autocast) -> dict[str, float]:
-        raise NotImplementedError
+        """This task's metrics for ``model``, computed over all ranks (every rank calls it)."""
 
     def _evaluate_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         start = time.perf_counter()
