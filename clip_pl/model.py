@@ -111,10 +111,6 @@ def image_transforms(image_size: int) -> tuple[Callable, Callable]:
     return train, evaluation
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _plain(config: Mapping[str, Any]) -> dict:
     """Turn an OmegaConf node (or any mapping) into plain Python containers."""
     try:
