@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clip_pl.callbacks import StepSleep
 from clip_pl.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
-from clip_pl.config_checks import world_size_of
+from clip_pl.config_checks import uses_deepspeed, world_size_of
 from clip_pl.model import resolve_model_config
 from clip_pl.module import CLIPModule
 
@@ -73,7 +73,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     single_process = world_size_of(cfg) == 1 and cfg.strategy._target_.endswith("DDPStrategy")
     strategy = "auto" if single_process else instantiate(cfg.strategy)
     plugins = []
-    if "DeepSpeed" not in cfg.strategy._target_:  # DeepSpeed writes its own sharded folders
+    if not uses_deepspeed(cfg):  # DeepSpeed writes its own sharded folders
         plugins.append(AtomicCheckpointIO())
     return instantiate(cfg.trainer, strategy=strategy, callbacks=build_callbacks(cfg),
                        logger=build_loggers(cfg, run_dir) or False, plugins=plugins,

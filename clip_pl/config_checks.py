@@ -44,6 +44,10 @@ def world_size_of(cfg: DictConfig) -> int | None:
     return None
 
 
+def uses_deepspeed(cfg: DictConfig) -> bool:
+    return "DeepSpeed" in str(cfg.strategy.get("_target_", ""))
+
+
 def _derive_batch_size(cfg: DictConfig) -> None:
     global_batch = cfg.get("global_batch_size")
     if global_batch is None:
@@ -124,11 +128,10 @@ def _check_precision_and_strategy(cfg: DictConfig) -> None:
     precision = str(cfg.trainer.precision)
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={precision!r}; choose one of {sorted(PRECISIONS)}.")
-    strategy = str(cfg.strategy.get("_target_", ""))
-    if "DeepSpeed" in strategy and not torch.cuda.is_available():
+    if uses_deepspeed(cfg) and not torch.cuda.is_available():
         raise ConfigError("strategy=deepspeed_* needs CUDA GPUs (Lightning runs DeepSpeed only on CUDA); "
                           "on this machine use strategy=ddp or strategy=fsdp.")
-    if "DeepSpeed" in strategy and cfg.model.compile:
+    if uses_deepspeed(cfg) and cfg.model.compile:
         raise ConfigError("model.compile=true is not supported with DeepSpeed here; use strategy=ddp or fsdp.")
     if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
         raise ConfigError(

@@ -32,7 +32,7 @@ def run_stage(title: str, command: list[str], cwd: Path) -> float:
     return time.perf_counter() - start
 
 
-def summarize(root: Path, run_dir: Path, corpus: Path, eval_json: Path, stage_seconds: dict) -> dict:
+def summarize(run_dir: Path, corpus: Path, eval_json: Path, stage_seconds: dict) -> dict:
     series = read_series(run_dir / "csv" / "metrics.csv")
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     end = events[-1]
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 [python, "-m", "clip_pl.eval", f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}",
                                  "eval=demo_digits", f"paths.demo_dir={corpus}", f"output_json={eval_json}"], root)
     plot_training_curves(run_dir / "csv" / "metrics.csv", run_dir / "plots" / "curves.png")
-    summary = summarize(root, run_dir, corpus, eval_json, seconds)
+    summary = summarize(run_dir, corpus, eval_json, seconds)
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary)
     return summary

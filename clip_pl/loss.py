@@ -18,17 +18,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from clip_pl.distributed import rank_and_world_size
 
 # torch 2.14 renamed the tensor collectives (the old names still work, with a warning).
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world_size) of the default group, or (0, 1) when not running distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -58,7 +52,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """All ranks' rows, in rank order, differentiable. Identity outside a process group."""
-    if _distributed()[1] == 1:
+    if rank_and_world_size()[1] == 1:
         return tensor
     return _AllGatherWithGrad.apply(tensor)
 
@@ -73,7 +67,7 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
-        rank, _ = _distributed()
+        rank, _ = rank_and_world_size()
         all_image = all_gather_with_grad(image_features)
         all_text = all_gather_with_grad(text_features)
         logits_per_image = logit_scale * image_features @ all_text.T
@@ -122,7 +116,7 @@ class SigLipLoss(nn.Module):
                 logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
         if logit_bias is None:
             raise ValueError("SigLipLoss needs a learned logit_bias: set model.init_logit_bias (e.g. -10).")
-        rank, world_size = _distributed()
+        rank, world_size = rank_and_world_size()
         loss = self._block_loss(image_features, text_features, logit_scale, logit_bias, positives=True)
         block = text_features
         for _ in range(world_size - 1):

@@ -16,12 +16,15 @@ from typing import Mapping
 
 import torch.distributed as dist
 
+from clip_pl.distributed import rank_and_world_size
+
 
 def sum_over_ranks(counts: Mapping[str, int]) -> dict[str, int]:
     """Sum {reason: count} over all ranks (reason sets may differ per rank). Call it on every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world_size = rank_and_world_size()[1]
+    if world_size == 1:
         return dict(counts)
-    gathered: list = [None] * dist.get_world_size()
+    gathered: list = [None] * world_size
     dist.all_gather_object(gathered, dict(counts))
     total: Counter = Counter()
     for part in gathered:

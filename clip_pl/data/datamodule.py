@@ -21,12 +21,12 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from clip_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from clip_pl.data.shardspec import ShardSet, resolve_shards
 from clip_pl.data.stream import WebDatasetStream
+from clip_pl.distributed import rank_and_world_size
 from clip_pl.model import get_tokenizer, image_transforms
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         trainer = self._trainer_or_none()
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return rank_and_world_size()
 
     def _trainer_or_none(self):
         return getattr(self, "trainer", None)

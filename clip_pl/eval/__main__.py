@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from clip_pl.eval.distributed import world
+from clip_pl.distributed import rank_and_world_size
 from clip_pl.eval.report import format_table, write_json
 from clip_pl.inference import read_model_checkpoint
 from clip_pl.interchange import build_from_checkpoint
@@ -75,8 +75,8 @@ def run(cfg: DictConfig, eval_choice: str = "eval") -> dict[str, Any]:
     autocast = _autocast(cfg.precision, device)
     results = {name: cb.evaluate(model, loaded.model_config, autocast=autocast) for name, cb in callbacks.items()}
     payload = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "arch": loaded.arch, "eval": eval_choice,
-               "world_size": world()[1], "results": results}
-    if world()[0] == 0:
+               "world_size": rank_and_world_size()[1], "results": results}
+    if rank_and_world_size()[0] == 0:
         print(format_table(results))
         checkpoint = Path(cfg.checkpoint)
         output = cfg.output_json or checkpoint.with_name(f"{checkpoint.stem}.eval-{eval_choice}.json")

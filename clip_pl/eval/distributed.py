@@ -9,12 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def world() -> tuple[int, int]:
-    """(rank, world_size) of the default process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from clip_pl.distributed import rank_and_world_size
 
 
 def _comm_device(tensor: torch.Tensor) -> torch.device:
@@ -24,7 +19,7 @@ def _comm_device(tensor: torch.Tensor) -> torch.device:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (returns a new tensor; the input is untouched)."""
-    if world()[1] == 1:
+    if rank_and_world_size()[1] == 1:
         return tensor.clone()
     out = tensor.detach().to(_comm_device(tensor)).clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
@@ -37,7 +32,7 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     all_gather needs equal shapes, so each rank pads to the largest count and the padding is cut
     off again using the gathered counts.
     """
-    rank, world_size = world()
+    rank, world_size = rank_and_world_size()
     if world_size == 1:
         return tensor
     device = _comm_device(tensor)

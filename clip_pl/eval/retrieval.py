@@ -15,9 +15,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from clip_pl.distributed import rank_and_world_size
 from clip_pl.eval import datasets
 from clip_pl.eval.common import AutocastFactory, evaluation_mode, no_autocast, placement
-from clip_pl.eval.distributed import all_reduce_sum, gather_rows, world
+from clip_pl.eval.distributed import all_reduce_sum, gather_rows
 from clip_pl.model import context_length_of, get_tokenizer, image_size_of, image_transforms
 
 RECALL_K = (1, 5, 10)
@@ -89,7 +90,7 @@ def retrieval_evaluate(model: nn.Module, model_config: Mapping[str, Any], data: 
                        caption_separator: str | None = "\n", ks: Sequence[int] = RECALL_K,
                        chunk_size: int = 1024, autocast: AutocastFactory = no_autocast) -> dict[str, float]:
     """Recall@k both ways. Every rank of the default process group must call it (it is collective)."""
-    rank, world_size = world()
+    rank, world_size = rank_and_world_size()
     ks = tuple(int(k) for k in ks)
     transform = image_transforms(image_size_of(model_config))[1]
     tokenizer = get_tokenizer(context_length_of(model_config))

@@ -14,9 +14,10 @@ import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torch import nn
 
+from clip_pl.distributed import rank_and_world_size
 from clip_pl.eval import datasets
 from clip_pl.eval.common import AutocastFactory, evaluation_mode, no_autocast, placement
-from clip_pl.eval.distributed import all_reduce_sum, contiguous_slice, gather_rows, world
+from clip_pl.eval.distributed import all_reduce_sum, contiguous_slice, gather_rows
 from clip_pl.model import context_length_of, get_tokenizer, image_size_of, image_transforms
 
 TOP_K = (1, 5)
@@ -26,7 +27,7 @@ def build_classifier(model: nn.Module, tokenizer: Callable, classnames: Sequence
                      embed_dim: int, classes_per_batch: int = 10,
                      autocast: AutocastFactory = no_autocast) -> torch.Tensor:
     """(D, C) unit class embeddings; each rank encodes a block of classes, all ranks get all."""
-    rank, world_size = world()
+    rank, world_size = rank_and_world_size()
     device, _ = placement(model)
     mine = list(classnames[contiguous_slice(len(classnames), rank, world_size)])
     if mine:
@@ -55,7 +56,7 @@ def zero_shot_evaluate(model: nn.Module, model_config: Mapping[str, Any], data: 
 
     Every rank of the default process group must call it (it is collective); each evaluates its slice.
     """
-    rank, world_size = world()
+    rank, world_size = rank_and_world_size()
     transform = image_transforms(image_size_of(model_config))[1]
     tokenizer = get_tokenizer(context_length_of(model_config))
     if datasets.is_imagefolder(data):
