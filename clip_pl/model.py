@@ -20,7 +20,10 @@ from open_clip.transform import image_transform
 from torch import nn
 
 # Keys of an open_clip model config that describe the architecture (everything CLIP(...) takes).
-_ARCH_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_bias", "custom_text")
+_ARCH_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
+              "custom_text")
+# open_clip's 0-d parameters: the learned temperature (log scale) and, for SigLIP, the logit bias.
+SCALAR_PARAMETERS = ("logit_scale", "logit_bias")
 
 
 def resolve_model_config(
@@ -30,6 +33,7 @@ def resolve_model_config(
     image_size: int | None = None,
     context_length: int | None = None,
     patch_dropout: float | None = None,
+    init_logit_scale: float | None = None,
     init_logit_bias: float | None = None,
     **ignored: Any,
 ) -> dict:
@@ -68,6 +72,8 @@ def resolve_model_config(
         if not 0.0 <= patch_dropout < 1.0:
             raise ValueError(f"model.patch_dropout={patch_dropout} must be in [0, 1).")
         cfg["vision_cfg"]["patch_dropout"] = float(patch_dropout)
+    if init_logit_scale is not None:  # log of the initial temperature: CLIP ln(1/0.07), SigLIP ln(10)
+        cfg["init_logit_scale"] = float(init_logit_scale)
     if init_logit_bias is not None:
         cfg["init_logit_bias"] = float(init_logit_bias)
     if "embed_dim" not in cfg:

@@ -8,7 +8,7 @@ from ``hparams.model_config`` alone.
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections import Counter
 from typing import Any, Callable, Mapping
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clip_pl.model import build_clip
+from clip_pl.model import SCALAR_PARAMETERS, build_clip
 
 # Parameters that get no weight decay beyond ndim < 2 (biases, norm gains, class/positional
 # vectors): norms by name, and the learned temperature and bias of the logits.
@@ -27,6 +27,32 @@ _NO_DECAY_NAME_PARTS = ("bias", "norm", "ln_", ".ln", "bn", "logit_scale", "logi
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or any(part in name for part in _NO_DECAY_NAME_PARTS)
+
+
+class _CapScale(torch.autograd.Function):
+    """``min(scale, cap)`` whose gradient above the cap still lets the scale come back down.
+
+    A plain clamp gives zero gradient above the cap, so once Adam's momentum has carried the raw
+    parameter past it, no gradient ever brings it back (open_clip avoids that with an in-place
+    clamp after each step, which DeepSpeed's fp32 master weights would undo). Here the forward
+    value never exceeds the cap under any strategy, and above it a gradient that would lower the
+    scale passes (as if the scale sat at the cap) while one that would raise it further is dropped.
+    """
+
+    @staticmethod
+    def forward(ctx, scale: torch.Tensor, cap: float) -> torch.Tensor:
+        ctx.save_for_backward(scale >= cap)
+        return scale.clamp(max=cap)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (at_cap,) = ctx.saved_tensors
+        # Gradient descent lowers the scale where grad > 0; block only grad < 0 at the cap.
+        return torch.where(at_cap & (grad < 0), torch.zeros_like(grad), grad), None
+
+
+def cap_logit_scale(scale: torch.Tensor, cap: float) -> torch.Tensor:
+    return _CapScale.apply(scale, cap)
 
 
 class CLIPModule(L.LightningModule):
@@ -56,39 +82,59 @@ class CLIPModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.grad_cache_chunks = grad_cache_chunks
-        self.max_log_scale = math.log(max_logit_scale)
+        self.max_logit_scale = float(max_logit_scale)
         self.bad_sample_counts: Counter[str] = Counter()
-        self._encode_image, self._encode_text = self.model.encode_image, self.model.encode_text
+        # Decided now, on open_clip's own parameters: sharding wrappers may later change names,
+        # shapes or ndim (FSDP1 flattens everything to 1-D), but not which parameter is which.
+        self.no_decay_names = {name for name, p in self.model.named_parameters() if no_weight_decay(name, p)}
         if compile:
-            # Compile the tower functions, not the module, so state-dict keys stay open_clip's.
-            self._encode_image = torch.compile(self.model.encode_image)
-            self._encode_text = torch.compile(self.model.encode_text)
+            # In place (nn.Module.compile): state-dict keys stay open_clip's and module hooks still run.
+            self.model.compile()
+
+    def configure_model(self) -> None:
+        """Sharded strategies (clip_pl.strategies) wrap or adapt the model here, before the optimizer
+        sees any parameter: FSDP2 shards the towers, DeepSpeed needs 1-element scalars."""
+        prepare = getattr(self.trainer.strategy, "prepare_model", None)
+        if prepare is not None:
+            prepare(self.model)
 
     # -- forward -----------------------------------------------------------------------------
-    def encode(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2-normalised image and text features.
+    def encode(self, images: torch.Tensor, texts: torch.Tensor):
+        """The model's forward: L2-normalised image and text features, exp(logit_scale), logit_bias.
 
-        With ``grad_cache_chunks = k > 1`` the towers run on k chunks whose activations are not
-        kept: each chunk is recomputed in the backward pass (GradCache-style feature caching),
-        so tower memory is that of one chunk while the loss still sees all rows of all ranks.
+        Always through ``self.model(...)``: FSDP and ZeRO-3 gather parameters in forward hooks,
+        which methods such as ``encode_text`` alone would bypass. With ``grad_cache_chunks = k > 1``
+        the towers run on k chunks whose activations are not kept: each chunk is recomputed in the
+        backward pass (GradCache-style feature caching), so tower memory is that of one chunk while
+        the loss still sees all rows of all ranks.
         """
         if self.grad_cache_chunks == 1 or not torch.is_grad_enabled():
-            return self._encode_pair(images, texts)
-        chunks = [checkpoint(self._encode_pair, i, t, use_reentrant=False)
+            return self._forward(images, texts)
+        chunks = [checkpoint(self._forward, i, t, use_reentrant=False, context_fn=self._recompute_context)
                   for i, t in zip(images.chunk(self.grad_cache_chunks), texts.chunk(self.grad_cache_chunks))]
-        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        image_features, text_features = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        return image_features, text_features, *chunks[0][2:]
 
-    def _encode_pair(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return F.normalize(self._encode_image(images), dim=-1), F.normalize(self._encode_text(texts), dim=-1)
+    def _forward(self, images: torch.Tensor, texts: torch.Tensor):
+        out = self.model(images, texts)
+        return out if len(out) == 4 else (*out, None)
 
-    def logit_scale(self) -> torch.Tensor:
-        # Capped where it is used, not by an in-place clamp after the step: under DeepSpeed the
-        # fp32 master weights would overwrite such a clamp; this cap holds under every strategy.
-        return self.model.logit_scale.clamp(max=self.max_log_scale).exp()
+    def _recompute_context(self):
+        # The recompute of a chunk must not update BatchNorm running statistics a second time.
+        return contextlib.nullcontext(), _frozen_batchnorm_statistics(self.model)
 
     def contrastive_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        image_features, text_features = self.encode(batch["image"], batch["text"])
-        return self.loss(image_features, text_features, self.logit_scale(), self.model.logit_bias)
+        image_features, text_features, scale, bias = self.encode(batch["image"], batch["text"])
+        # The loss in fp32 under every precision and strategy: features renormalised in fp32 (a
+        # no-op on fp32 unit vectors), fp32 temperature and bias, fp32 logits and cross-entropy.
+        with torch.autocast(image_features.device.type, enabled=False):
+            return self.loss(F.normalize(image_features.float(), dim=-1), F.normalize(text_features.float(), dim=-1),
+                             cap_logit_scale(scale.float().reshape(()), self.max_logit_scale),
+                             None if bias is None else bias.float().reshape(()))
+
+    def temperature(self) -> float:
+        """exp(logit_scale) as the loss uses it (capped), read on any strategy."""
+        return self._scalar_parameter("logit_scale", exp=True)
 
     # -- steps -------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
@@ -99,7 +145,7 @@ class CLIPModule(L.LightningModule):
         # sync_dist: the logged loss is the global-batch loss (the mean of the ranks' shares).
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log_dict({
-            "train/temperature": self.logit_scale().detach(),
+            "train/temperature": self.temperature(),
             "train/lr": self._current_lr(),
             "train/global_batch_size": float(batch_size * world_size),
             "train/world_size": float(world_size),
@@ -109,39 +155,81 @@ class CLIPModule(L.LightningModule):
             "step": float(self.global_step + 1),
         }, batch_size=batch_size)
         if self.model.logit_bias is not None:
-            self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=batch_size)
+            self.log("train/logit_bias", self._scalar_parameter("logit_bias"), batch_size=batch_size)
         return loss
+
+    def _scalar_parameter(self, name: str, exp: bool = False) -> float:
+        """A 0-d parameter's value on every strategy (FSDP shards it as a 1-element DTensor)."""
+        value = getattr(self.model, name).detach()
+        if hasattr(value, "full_tensor"):
+            value = value.full_tensor()
+        value = value.float().reshape(-1)[0]
+        return float(value.exp().clamp(max=self.max_logit_scale) if exp else value)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.contrastive_loss(batch)
         self.log("val/loss", loss, sync_dist=True, batch_size=batch["image"].shape[0])
         return loss
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if (self.global_step + 1) % self.trainer.log_every_n_steps:
-            return  # only on steps whose metrics reach the loggers: the norm is a pass over all grads
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:  # sharded strategies may hold no full gradients here; they report their own
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
-
     def _current_lr(self) -> float:
         if self._trainer is None or not self.trainer.optimizers:
             return 0.0
         return float(self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A full state dict keeps open_clip's 0-d temperature/bias even where FSDP made them 1-D,
+        # so every checkpoint loads into a plain open_clip model. (Sharded folders keep the live
+        # shapes; `python -m clip_pl.interchange consolidate` restores these.)
+        restore_scalar_shapes(checkpoint.get("state_dict", {}), prefix="model.")
 
     # -- optimisation ------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
-                (no_decay if no_weight_decay(name, param) else decay).append(param)
+                (no_decay if _original_name(name) in self.no_decay_names else decay).append(param)
         # The decay group takes the optimizer's own weight_decay (conf/optim); the other gets none.
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.parameter_groups())
+        # Positional: torch's optimizers call it `params`, DeepSpeed's CPU Adam `model_params`.
+        optimizer = self.optimizer_factory(self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# Prefixes that wrappers (FSDP1, activation checkpointing, torch.compile) insert into names.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _original_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def restore_scalar_shapes(state_dict: dict[str, Any], prefix: str = "") -> None:
+    """1-element ``logit_scale``/``logit_bias`` tensors back to open_clip's 0-d shape, in place."""
+    for name in SCALAR_PARAMETERS:
+        value = state_dict.get(prefix + name)
+        if isinstance(value, torch.Tensor) and not hasattr(value, "full_tensor") and value.shape == (1,):
+            state_dict[prefix + name] = value.reshape(())
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_statistics(model: nn.Module):
+    """Restore every BatchNorm's running statistics on exit (they were updated in the forward)."""
+    saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, mean, var, count in saved:
+                module.running_mean.copy_(mean)
+                module.running_var.copy_(var)
+                module.num_batches_tracked.copy_(count)

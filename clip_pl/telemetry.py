@@ -197,7 +197,8 @@ class Telemetry(L.Callback):
         n = min(self.heatmap_size, batch["image"].shape[0])
         was_training = pl_module.training
         pl_module.eval()
-        image_features, text_features = pl_module.encode(batch["image"][:n], batch["text"][:n])
+        # Through the model's forward (pl_module.encode), where FSDP and ZeRO-3 gather their shards.
+        image_features, text_features = pl_module.encode(batch["image"][:n], batch["text"][:n])[:2]
         pl_module.train(was_training)
         if trainer.global_rank != 0:
             return
