@@ -12,7 +12,6 @@ import os
 import re
 from typing import Any
 
-import torch
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -21,7 +20,9 @@ from clip_pl.model import resolve_model_config
 MODEL_KEYS = set(inspect.signature(resolve_model_config).parameters) - {"ignored"} | {
     "grad_checkpointing", "compile", "grad_cache_chunks", "init_checkpoint", "max_logit_scale"}
 log = logging.getLogger(__name__)
-PRECISIONS = {"bf16-mixed", "16-mixed", "32", "32-true", "bf16-true", "16-true", "64", "64-true"}
+# Mixed precision keeps fp32 weights (the temperature among them); "-true" half precisions would
+# store the weights themselves in 16 bits, where small updates and the temperature are lost.
+PRECISIONS = {"bf16-mixed", "16-mixed", "32", "32-true"}
 
 
 class ConfigError(ValueError):
@@ -45,7 +46,11 @@ def world_size_of(cfg: DictConfig) -> int | None:
 
 
 def uses_deepspeed(cfg: DictConfig) -> bool:
-    return "DeepSpeed" in str(cfg.strategy.get("_target_", ""))
+    return "deepspeed" in str(cfg.strategy.get("_target_", "")).lower()
+
+
+def uses_fsdp(cfg: DictConfig) -> bool:
+    return "fsdp" in str(cfg.strategy.get("_target_", "")).lower()
 
 
 def _derive_batch_size(cfg: DictConfig) -> None:
@@ -128,11 +133,17 @@ def _check_precision_and_strategy(cfg: DictConfig) -> None:
     precision = str(cfg.trainer.precision)
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={precision!r}; choose one of {sorted(PRECISIONS)}.")
-    if uses_deepspeed(cfg) and not torch.cuda.is_available():
-        raise ConfigError("strategy=deepspeed_* needs CUDA GPUs (Lightning runs DeepSpeed only on CUDA); "
-                          "on this machine use strategy=ddp or strategy=fsdp.")
-    if uses_deepspeed(cfg) and cfg.model.compile:
-        raise ConfigError("model.compile=true is not supported with DeepSpeed here; use strategy=ddp or fsdp.")
+    if precision == "16-mixed" and (uses_deepspeed(cfg) or uses_fsdp(cfg)):
+        raise ConfigError("trainer.precision=16-mixed needs loss scaling, which clip_pl runs only under DDP; with "
+                          "DeepSpeed or FSDP use trainer.precision=bf16-mixed (no scaling needed) or 32.")
+    offload = cfg.strategy.get("offload_optimizer") or cfg.strategy.get("offload_parameters")
+    if uses_deepspeed(cfg) and offload and "DeepSpeedCPUAdam" not in str(cfg.optim.get("_target_")):
+        raise ConfigError(f"strategy=deepspeed_*_offload moves the optimizer to CPU, where DeepSpeed runs only "
+                          f"its own CPU Adam: use optim=deepspeed_cpu_adamw (the offload strategies select it unless "
+                          f"an override names another optim), not {cfg.optim.get('_target_')}.")
+    if (uses_deepspeed(cfg) or uses_fsdp(cfg)) and cfg.model.compile:
+        raise ConfigError("model.compile=true is only run with strategy=ddp here; DeepSpeed and FSDP have not been "
+                          "tested with torch.compile in clip_pl.")
     if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
         raise ConfigError(
             "trainer.accumulate_grad_batches would contrast each micro-batch only against itself, shrinking the "

@@ -124,9 +124,10 @@ def test_sharded_parameter_strategies_are_refused_before_training():
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
     from clip_pl.eval.callbacks import check_strategy
+    from clip_pl.strategies import FSDP2Strategy
 
     check_strategy(DDPStrategy())
     check_strategy(DeepSpeedStrategy(stage=2))
-    for strategy in (FSDPStrategy(), DeepSpeedStrategy(stage=3)):
+    for strategy in (FSDPStrategy(), FSDP2Strategy(), DeepSpeedStrategy(stage=3)):
         with pytest.raises(ValueError, match="python -m clip_pl.eval"):
             check_strategy(strategy)

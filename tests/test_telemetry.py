@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 
 from clip_pl.model import resolve_model_config
 from clip_pl.telemetry import peak_flops_per_device, train_flops_per_sample
@@ -40,8 +41,24 @@ def test_peak_flops_come_from_the_device_table():
     assert peak_flops_per_device("NVIDIA H100 80GB HBM3", "bf16-mixed") == 989.4e12
     assert peak_flops_per_device("NVIDIA H100 PCIe", "bf16-mixed") == 756.5e12
     assert peak_flops_per_device("NVIDIA A100-SXM4-40GB", "16-mixed") == 312e12
-    assert peak_flops_per_device("NVIDIA H200", "32") in (494.7e12, 66.9e12)  # TF32 or strict fp32
     assert peak_flops_per_device("Some Future Accelerator", "bf16-mixed") is None
+    # Longer names first: an "H200 NVL" (or a GH200) is not the SXM H200.
+    assert peak_flops_per_device("NVIDIA H200", "bf16-mixed") == 989.4e12
+    assert peak_flops_per_device("NVIDIA H200 NVL", "bf16-mixed") == 835.5e12
+    assert peak_flops_per_device("NVIDIA GH200 480GB", "bf16-mixed") == 989.4e12
+
+
+def test_fp32_runs_are_held_to_the_tf32_peak_wherever_tf32_is_allowed(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default: convolutions in TF32
+    torch.set_float32_matmul_precision("highest")
+    assert peak_flops_per_device("NVIDIA H200", "32") == 494.7e12
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert peak_flops_per_device("NVIDIA H200", "32") == 66.9e12
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert peak_flops_per_device("NVIDIA H200", "32-true") == 494.7e12
+    finally:
+        torch.set_float32_matmul_precision("highest")
 
 
 def test_a_run_logs_throughput_and_mfu_that_agree(tmp_path):

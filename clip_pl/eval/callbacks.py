@@ -34,9 +34,11 @@ from clip_pl.telemetry import pause_clock
 
 def check_strategy(strategy: Any) -> None:
     """Refuse, at fit start, strategies whose parameters are sharded outside forward()."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
-    if isinstance(strategy, FSDPStrategy) or (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3):
+    # FSDP2 (ModelParallelStrategy) gathers parameters around forward() only; the evaluators call
+    # encode_image / encode_text on their own.
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3):
         raise ValueError(f"evaluation callbacks cannot run under {type(strategy).__name__} with sharded parameters "
                          f"(FSDP / ZeRO-3 keep each rank's slice only): train with strategy=ddp or "
                          f"deepspeed_stage_1/2, or use eval=none and evaluate the saved checkpoints with "
