@@ -8,7 +8,7 @@
     # open_clip / OpenAI weights file -> clip_pl checkpoint (for clip_pl.load and python -m clip_pl.eval)
     python -m clip_pl.interchange import weights.pt ViT-B-32 converted.ckpt     # or ARCH = a config .json
 
-    # a sharded DeepSpeed (ZeRO) checkpoint folder -> one clip_pl checkpoint file
+    # a sharded checkpoint folder (DeepSpeed ZeRO, or FSDP with state_dict_type=sharded) -> one file
     python -m clip_pl.interchange consolidate runs/x/checkpoints/last.ckpt/ last_fp32.ckpt
 
 From Python: ``load_open_clip_weights(model, path)`` initialises a freshly built model (continued
@@ -40,7 +40,7 @@ import open_clip
 import torch
 from torch import nn
 
-from clip_pl.model import build_clip, resolve_model_config
+from clip_pl.model import SCALAR_PARAMETERS, build_clip, resolve_model_config
 
 log = logging.getLogger(__name__)
 
@@ -221,13 +221,48 @@ def load_open_clip_weights(model: nn.Module, path: str | Path, allow_torchscript
 # --------------------------------------------------------------------------- clip_pl checkpoints
 
 
+def consolidate_checkpoint(checkpoint_dir: str | Path, out_path: str | Path) -> Path:
+    """One clip_pl checkpoint file from a sharded checkpoint folder: DeepSpeed ZeRO (any stage) or
+    FSDP's torch.distributed.checkpoint folder. The file keeps ``hyper_parameters`` and fp32 model
+    weights in open_clip's shapes, so clip_pl.load, evaluation and export read it like any other.
+
+    The whole model is gathered in this process's CPU memory; no process group is needed.
+    """
+    checkpoint_dir, out_path = Path(checkpoint_dir), Path(out_path)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"{str(checkpoint_dir)!r} is not a checkpoint folder (a single-file checkpoint "
+                                f"needs no consolidation).")
+    if (checkpoint_dir / "latest").is_file() or (checkpoint_dir / "checkpoint").is_dir():
+        # Lightning's converter gathers the ZeRO partitions into fp32 weights and keeps the rest.
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        checkpoint = convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, out_path)
+    elif any(checkpoint_dir.glob("*.distcp")):
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        checkpoint = _load_distributed_checkpoint(checkpoint_dir)
+        checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith("optimizer_")}
+    else:
+        raise ValueError(f"{str(checkpoint_dir)!r} holds neither a DeepSpeed checkpoint ('latest', 'checkpoint/') "
+                         f"nor torch.distributed.checkpoint shards (*.distcp).")
+    # Sharded training holds the temperature and bias as 1-element vectors; open_clip's are 0-d.
+    state_dict = checkpoint["state_dict"]
+    for name in SCALAR_PARAMETERS:
+        key = _MODEL_PREFIX + name
+        if key in state_dict and state_dict[key].shape == (1,):
+            state_dict[key] = state_dict[key].reshape(())
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out_path)
+    return out_path
+
+
 def read_clip_pl_checkpoint(path: str | Path) -> ClipPlCheckpoint:
     """Architecture and model weights of a clip_pl (Lightning) checkpoint, read with weights_only=True."""
     path = _require_file(path, "checkpoint")
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a directory. A sharded DeepSpeed/FSDP checkpoint must be "
-                         f"consolidated into one file first (DeepSpeed: "
-                         f"python -m clip_pl.interchange consolidate DIR OUT.ckpt); "
+                         f"consolidated into one file first: "
+                         f"python -m clip_pl.interchange consolidate DIR OUT.ckpt; "
                          f"an exported open_clip directory loads with clip_pl.load(directory).")
     checkpoint = _torch_load(path)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
@@ -350,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     imp.add_argument("arch", help="open_clip architecture name, e.g. ViT-B-32 (OpenAI: ViT-B-32-quickgelu), "
                                   "or an architecture .json")
     imp.add_argument("out_path")
-    cons = sub.add_parser("consolidate", help="a sharded DeepSpeed checkpoint folder -> one clip_pl .ckpt file")
+    cons = sub.add_parser("consolidate", help="a sharded DeepSpeed or FSDP checkpoint folder -> one clip_pl .ckpt file")
     cons.add_argument("checkpoint_dir")
     cons.add_argument("out_path")
     args = parser.parse_args(argv)
@@ -365,12 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "import":
         print(import_open_clip(args.weights, args.arch, args.out_path))
     else:
-        # Lightning's converter gathers the ZeRO partitions into fp32 weights in a .ckpt that keeps
-        # hyper_parameters, so the result loads like any clip_pl checkpoint (clip_pl.load, eval, export).
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-        convert_zero_checkpoint_to_fp32_state_dict(args.checkpoint_dir, args.out_path)
-        print(args.out_path)
+        print(consolidate_checkpoint(args.checkpoint_dir, args.out_path))
 
 
 if __name__ == "__main__":

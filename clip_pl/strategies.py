@@ -174,6 +174,17 @@ def promote_scalar_parameters(model: nn.Module) -> None:
             promoted = True
     if promoted:
         model.register_load_state_dict_pre_hook(_reshape_scalars_on_load)
+        # open_clip's forward returns the logit_bias parameter itself. FSDP2 and ZeRO-3 free the
+        # gathered parameter when forward ends, so the caller would hold freed storage (FSDP2 on
+        # gloo: a segfault in the SigLIP loss). Runs before their own post-forward hooks.
+        model.register_forward_hook(_detach_parameter_outputs, prepend=True)
+
+
+def _detach_parameter_outputs(module: nn.Module, args: Any, output: Any) -> Any:
+    """Outputs that are parameters become copies (differentiable: gradients still reach them)."""
+    if isinstance(output, tuple):
+        return tuple(o.clone() if isinstance(o, nn.Parameter) else o for o in output)
+    return output
 
 
 def _reshape_scalars_on_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

@@ -3,6 +3,7 @@ chunking that keeps the contrastive batch global (single process and 2 gloo rank
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -11,7 +12,7 @@ import torch
 
 from clip_pl.loss import ClipLoss, SigLipLoss
 from clip_pl.model import resolve_model_config
-from clip_pl.module import CLIPModule
+from clip_pl.module import CLIPModule, cap_logit_scale
 from clip_pl.schedule import warmup_const, warmup_const_cooldown, warmup_cosine
 from tests.distributed import run_distributed
 from tests.test_loss import TINY, make_batch
@@ -59,15 +60,39 @@ def test_weight_decay_groups_exclude_biases_norms_and_temperature():
 
 def test_temperature_starts_at_one_over_007_and_is_capped_at_100():
     module = make_module()
-    assert module.logit_scale().item() == pytest.approx(1 / 0.07)
+    assert module.temperature() == pytest.approx(1 / 0.07)
     with torch.no_grad():
         module.model.logit_scale.fill_(math.log(500.0))
-    assert module.logit_scale().item() == pytest.approx(100.0)
-    images, texts = make_batch(4)
-    _, grads = grads_of(module, images, texts)
-    # Beyond the cap the temperature gets no gradient, so no optimizer (nor DeepSpeed's fp32
-    # master copy) can push the effective scale past 100.
-    assert grads["model.logit_scale"].item() == 0.0
+    assert module.temperature() == pytest.approx(100.0)
+    seen = []
+    module.loss.register_forward_pre_hook(lambda _, args: seen.append(args[2].item()))
+    module.contrastive_loss(dict(zip(("image", "text"), make_batch(4))))
+    assert seen == [pytest.approx(100.0)]  # what the loss multiplies the logits by
+
+
+def test_above_the_cap_only_gradients_that_lower_the_temperature_pass():
+    scale = torch.tensor([150.0, 150.0, 50.0], requires_grad=True)
+    capped = cap_logit_scale(scale, 100.0)
+    assert capped.tolist() == [100.0, 100.0, 50.0]
+    capped.backward(torch.tensor([-1.0, 1.0, -1.0]))  # descent raises, lowers, raises
+    # Raising past the cap is blocked; lowering (and anything below the cap) passes unchanged.
+    assert scale.grad.tolist() == [0.0, 1.0, -1.0]
+
+
+def test_a_temperature_pushed_to_the_cap_comes_back_down_when_the_gradient_turns():
+    """The latch the old cap had: 100 steps that push the temperature up, then 100 that pull it
+    down. A plain clamp (zero gradient above the cap) stays at 100 for good; this one returns."""
+    raw = torch.nn.Parameter(torch.tensor(math.log(50.0)))
+    optimizer = torch.optim.AdamW([raw], lr=0.05, weight_decay=0.0)
+    history = []
+    for step in range(200):
+        direction = -1.0 if step < 100 else 1.0  # the loss first wants a larger temperature, then smaller
+        optimizer.zero_grad()
+        (direction * cap_logit_scale(raw.exp(), 100.0)).backward()
+        optimizer.step()
+        history.append(min(raw.exp().item(), 100.0))
+    assert history[99] == pytest.approx(100.0)
+    assert history[-1] < 60.0
 
 
 @pytest.mark.parametrize("loss", [ClipLoss(), SigLipLoss()], ids=["clip", "siglip"])
@@ -121,3 +146,22 @@ def test_schedules_warm_up_linearly_then_follow_their_shape():
     assert const[4] == pytest.approx(1.0) and set(const[4:]) == {1.0}
     cool = lrs(lambda o: warmup_const_cooldown(o, total_steps=100, warmup_steps=10, cooldown_steps=20), 101)
     assert cool[79] == 1.0 and cool[90] == pytest.approx(0.5) and cool[100] == pytest.approx(0.0)
+
+
+def test_grad_cache_recompute_does_not_update_batchnorm_statistics_twice():
+    """ResNet towers: each chunk's forward updates the running statistics once, as without chunks;
+    the recompute in the backward must not update them again."""
+    resnet = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
+              "text_cfg": TINY["text_cfg"]}
+    module = make_module(2, arch_config=resnet)
+    reference = copy.deepcopy(module.model)
+    images, texts = torch.randn(8, 3, 32, 32), make_batch(8)[1]
+    module.contrastive_loss({"image": images, "text": texts}).backward()
+    with torch.no_grad():  # the forward passes alone, chunk by chunk
+        for i, t in zip(images.chunk(2), texts.chunk(2)):
+            reference(i, t)
+    stats = [(n, b) for n, b in module.model.named_buffers() if "running_" in n or "num_batches" in n]
+    assert stats
+    expected = dict(reference.named_buffers())
+    for name, buffer in stats:
+        torch.testing.assert_close(buffer, expected[name], msg=name)
