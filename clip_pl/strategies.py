@@ -197,8 +197,3 @@ def _reshape_scalars_on_load(module: nn.Module, state_dict: dict, prefix: str, *
 
                 value = distribute_tensor(value.to(live.device), live.device_mesh, live.placements)
             state_dict[key] = value
-
-
-def fsdp_strategy(**kwargs: Any) -> FSDP2Strategy:
-    """Hydra target of conf/strategy/fsdp.yaml."""
-    return FSDP2Strategy(**kwargs)

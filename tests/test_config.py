@@ -148,3 +148,12 @@ def test_model_options_reach_the_towers(tmp_path):
     model = build_module(cfg).model
     assert model.visual.patch_dropout.prob == 0.5
     assert model.visual.transformer.grad_checkpointing and model.transformer.grad_checkpointing
+
+
+def test_the_siglip_recipe_starts_at_the_papers_temperature_and_bias(tmp_path):
+    """SigLIP (Zhai et al. 2023): temperature 10 and bias -10 at init, not CLIP's 1/0.07."""
+    cfg = make_cfg(["experiment=siglip_vit_b16", *CPU_TINY], tmp_path)
+    prepare_config(cfg)
+    module = build_module(cfg)
+    assert module.temperature() == pytest.approx(10.0)
+    assert module.model.logit_bias.item() == pytest.approx(-10.0)

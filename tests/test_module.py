@@ -26,9 +26,9 @@ def assert_grads_close(actual: dict, expected: dict) -> None:
                                    msg=name)
 
 
-def make_module(chunks: int = 1, loss=None, **config) -> CLIPModule:
+def make_module(chunks: int = 1, loss=None, arch_config=TINY, **config) -> CLIPModule:
     torch.manual_seed(0)
-    return CLIPModule(model_config=resolve_model_config(arch_config=TINY, **config), loss=loss or ClipLoss(),
+    return CLIPModule(model_config=resolve_model_config(arch_config=arch_config, **config), loss=loss or ClipLoss(),
                       optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.2),
                       grad_cache_chunks=chunks)
 
