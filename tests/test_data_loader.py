@@ -266,13 +266,59 @@ def test_resume_mid_epoch_through_lightning_checkpoint(tmp_path):
     assert set(reference.keys[40:]) == set(epoch0) and reference.keys[40:] != epoch0, "epoch 1 reshuffles"
 
 
-def test_resume_refuses_other_topology(tmp_path):
-    write_shards(str(tmp_path), [20])
-    dm = _datamodule(str(tmp_path), num_workers=1)
-    state = {"epoch": 0, "batches_consumed": 2, "world_size": 1, "batch_size": 4, "num_workers": 2, "seed": 7,
-             "resampled": False, "num_shards": 1, "epoch_samples": 20}
-    with pytest.raises(ValueError, match="same world size"):
-        dm.load_state_dict(state)
+def _shard_dirs(tmp_path):
+    """The saved run's shards, and shards that differ only in identity: other files of the same
+    count and sizes, or the same files with other sizes of the same total."""
+    saved, other, resized = tmp_path / "saved", tmp_path / "other", tmp_path / "resized"
+    write_shards(str(saved), [10, 10])
+    write_shards(str(other), [10, 10])
+    write_shards(str(resized), [10, 10])
+    (resized / "sizes.json").write_text(json.dumps({"00000.tar": 12, "00001.tar": 8}))
+    return saved, other, resized
+
+
+# One changed setting each (and which fingerprint entry must name it); the README promises
+# that every one of them refuses a mid-epoch resume of an exact epoch.
+CHANGED_SETTINGS = {
+    "world_size": ({}, "world_size"),  # the saved state comes from 2 ranks, this is 1
+    "batch_size": ({"batch_size": 2}, "batch_size"),
+    "num_workers": ({"num_workers": 1}, "num_workers"),
+    "seed": ({"seed": 8}, "seed"),
+    "other_shards_same_count": ({"shards": "other"}, "shards_sha256"),
+    "same_shards_other_sizes": ({"shards": "resized"}, "shards_sha256"),
+    "shard_order": ({"shards": "reordered"}, "shards_sha256"),
+    "epoch_length": ({"num_samples": 16}, "epoch_samples"),
+}
+
+
+@pytest.mark.parametrize("case", CHANGED_SETTINGS)
+def test_mid_epoch_resume_refuses_every_changed_setting(tmp_path, case):
+    saved, other, resized = _shard_dirs(tmp_path)
+    state = {"epoch": 0, "batches_consumed": 2, **_datamodule(str(saved))._fingerprint()}
+    same = _datamodule(str(saved))
+    same.load_state_dict(dict(state))  # the same settings resume
+    assert same._resume == {"epoch": 0, "batches_consumed": 2}
+    if case == "world_size":
+        state["world_size"] = 2
+
+    change, key = CHANGED_SETTINGS[case]
+    change = dict(change)
+    spec = {"other": str(other), "resized": str(resized), None: str(saved),
+            "reordered": f"{saved}/00001.tar::{saved}/00000.tar"}[change.pop("shards", None)]
+    changed = _datamodule(spec, **change)
+    with pytest.raises(ValueError, match=f"stopped mid-epoch with other loader settings.*'{key}'"):
+        changed.load_state_dict(dict(state))
+    changed.load_state_dict({**state, "batches_consumed": 0})  # from an epoch's start any setting may change
+    assert changed._resume == {"epoch": 0, "batches_consumed": 0}
+
+
+def test_resampled_resume_is_never_refused(tmp_path):
+    saved, other, _ = _shard_dirs(tmp_path)
+    state = {"epoch": 0, "batches_consumed": 2,
+             **_datamodule(str(saved), resampled=True, num_samples=40)._fingerprint()}
+    resumed = _datamodule(str(other), resampled=True, num_samples=40, num_workers=3)
+    resumed.load_state_dict(state)  # draws with replacement: there is no exact position to lose
+    assert resumed._resume == {"epoch": 0, "batches_consumed": 2}
 
 
 def test_resampled_is_reproducible_differs_per_rank_and_does_not_replay_after_resume(tmp_path):

@@ -14,6 +14,8 @@ batch: sum them over batches and over ranks to get the totals. ``state_dict`` re
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import warnings
@@ -207,10 +209,16 @@ class WebDatasetDataModule(L.LightningDataModule):
 
     # ---- resume ------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
+        """Every setting that decides which samples batch k of an exact epoch holds: a mid-epoch
+        resume is only exact when all of them are unchanged."""
         rank, world = self._topology()
+        shards = self._train_shards()
+        # The shards' identity, not just their number: the resolved URLs in order, with their sizes.
+        listing = json.dumps([[s.url, s.size, s.source] for s in shards.shards])
         return {"world_size": world, "batch_size": self.batch_size, "num_workers": self.num_workers,
-                "seed": self.seed, "resampled": self.resampled,
-                "num_shards": len(self._train_shards().shards), "epoch_samples": self.epoch_samples()}
+                "seed": self.seed, "resampled": self.resampled, "num_shards": len(shards.shards),
+                "shards_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+                "epoch_samples": self.epoch_samples()}
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer_or_none()
@@ -237,7 +245,8 @@ class WebDatasetDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"data: this checkpoint stopped mid-epoch with other loader settings {changed} "
                     "(saved, now). Exact epochs can only continue with the same world size, batch size, "
-                    "num_workers, seed and shards; resume with those, or from an end-of-epoch checkpoint.")
+                    "num_workers, seed, shards (the same files, in the same order, of the same sizes) and epoch "
+                    "length (data.num_samples); resume with those, or from an end-of-epoch checkpoint.")
         self._resume = {"epoch": int(state["epoch"]), "batches_consumed": int(state["batches_consumed"])}
 
     def resume_from(self, epoch: int, batches_consumed: int) -> None:
