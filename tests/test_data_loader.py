@@ -294,10 +294,10 @@ CHANGED_SETTINGS = {
 @pytest.mark.parametrize("case", CHANGED_SETTINGS)
 def test_mid_epoch_resume_refuses_every_changed_setting(tmp_path, case):
     saved, other, resized = _shard_dirs(tmp_path)
-    state = {"epoch": 0, "batches_consumed": 2, **_datamodule(str(saved))._fingerprint()}
+    state = {"epoch": 0, "batches_consumed": 1, **_datamodule(str(saved))._fingerprint()}
     same = _datamodule(str(saved))
     same.load_state_dict(dict(state))  # the same settings resume
-    assert same._resume == {"epoch": 0, "batches_consumed": 2}
+    assert same._resume == {"epoch": 0, "batches_consumed": 1}
     if case == "world_size":
         state["world_size"] = 2
 
@@ -310,6 +310,12 @@ def test_mid_epoch_resume_refuses_every_changed_setting(tmp_path, case):
         changed.load_state_dict(dict(state))
     changed.load_state_dict({**state, "batches_consumed": 0})  # from an epoch's start any setting may change
     assert changed._resume == {"epoch": 0, "batches_consumed": 0}
+    saved_batches = state["epoch_samples"] // (state["world_size"] * state["batch_size"])
+    changed.load_state_dict({**state, "batches_consumed": saved_batches})  # and from its end
+    changed.setup("fit")
+    loader = changed.train_dataloader()
+    assert [len(list(loader)) for _ in range(2)] == [0, changed.batches_per_epoch()], (
+        "resumed after an epoch's last batch: nothing left of it, then the next epoch in full")
 
 
 def test_resampled_resume_is_never_refused(tmp_path):

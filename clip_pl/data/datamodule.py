@@ -38,6 +38,17 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 
 
+# "Every batch of this epoch was trained": the loader then skips all of them, however many there are now.
+EPOCH_DONE = 2**62
+
+
+def _saved_batches_per_epoch(state: dict[str, Any]) -> int | None:
+    try:
+        return int(state["epoch_samples"]) // (int(state["world_size"]) * int(state["batch_size"]))
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
 class EpochAwareLoader(DataLoader):
     """A DataLoader that, each time an epoch starts iterating, publishes (epoch, resume point) to workers."""
 
@@ -94,7 +105,11 @@ class WebDatasetDataModule(L.LightningDataModule):
         self._train_set: ShardSet | None = None
         self._val_set: ShardSet | None = None
         self._resume: dict | None = None
-        self._epochs_iterated = 0  # epoch counter when no Trainer drives the loader
+        # The data epoch (which shuffle) of the pass being iterated, and of the next one. Counted here,
+        # not read from Lightning: resumed from the checkpoint of an epoch's last batch, Lightning
+        # counts that epoch as finished twice, and the data would skip an epoch's order.
+        self._epoch = 0
+        self._next_epoch = 0
         if not self.resampled and train_weights is not None:
             weights = resolve_shards(train_shards, train_weights, sizes_file).weights
             if len(set(weights)) > 1:
@@ -195,17 +210,16 @@ class WebDatasetDataModule(L.LightningDataModule):
                                 pin_memory=self.pin_memory, **extra)
 
     def _train_position(self) -> tuple[int, int]:
-        """(epoch, batches to skip) for the epoch that is starting."""
-        trainer = self._trainer_or_none()
-        if trainer is not None:
-            epoch = self._trainer_epoch(trainer)
+        """(epoch, batches to skip) for the pass over the data that is starting."""
+        resume, self._resume = self._resume, None  # a resume point applies to one pass only
+        if resume is not None:
+            # Resumed after an epoch's last batch, this pass yields nothing: Lightning still runs the
+            # rest of that epoch (none) before the next one starts.
+            epoch, consumed = resume["epoch"], resume["batches_consumed"]
         else:
-            epoch = self._epochs_iterated
-            self._epochs_iterated += 1
-        resume, self._resume = self._resume, None  # a resume point applies to one epoch only
-        if resume is not None and resume["epoch"] == epoch:
-            return epoch, resume["batches_consumed"]
-        return epoch, 0
+            epoch, consumed = self._next_epoch, 0
+        self._epoch, self._next_epoch = epoch, epoch + 1
+        return epoch, consumed
 
     # ---- resume ------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
@@ -227,29 +241,28 @@ class WebDatasetDataModule(L.LightningDataModule):
         # `processed` counts batches whose training step ran, including the one whose
         # on_train_batch_end is saving this checkpoint right now.
         consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self._trainer_epoch(trainer), "batches_consumed": int(consumed), **self._fingerprint()}
-
-    @staticmethod
-    def _trainer_epoch(trainer) -> int:
-        # The epoch Lightning hands to samplers' set_epoch: it stays put when max_steps ends a run mid-epoch,
-        # whereas trainer.current_epoch already counts that epoch as completed.
-        return int(trainer.fit_loop.epoch_progress.current.processed)
+        return {"epoch": self._epoch, "batches_consumed": int(consumed), **self._fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
+        consumed = int(state["batches_consumed"])
+        saved_batches = _saved_batches_per_epoch(state)
+        if saved_batches is not None and consumed >= saved_batches:
+            # Saved at the epoch's last batch: nothing of it is left, whatever the settings are now.
+            self._resume = {"epoch": int(state["epoch"]), "batches_consumed": EPOCH_DONE}
+            return
         if not self.resampled:
             now = self._fingerprint()
             changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
-            if changed and state.get("batches_consumed", 0) > 0:
+            if changed and consumed > 0:
                 raise ValueError(
                     f"data: this checkpoint stopped mid-epoch with other loader settings {changed} "
                     "(saved, now). Exact epochs can only continue with the same world size, batch size, "
                     "num_workers, seed, shards (the same files, in the same order, of the same sizes) and epoch "
                     "length (data.num_samples); resume with those, or from an end-of-epoch checkpoint.")
-        self._resume = {"epoch": int(state["epoch"]), "batches_consumed": int(state["batches_consumed"])}
+        self._resume = {"epoch": int(state["epoch"]), "batches_consumed": consumed}
 
     def resume_from(self, epoch: int, batches_consumed: int) -> None:
         """Continue ``epoch`` after ``batches_consumed`` batches (what load_state_dict does, for loops without Lightning)."""
         self._resume = {"epoch": int(epoch), "batches_consumed": int(batches_consumed)}
-        self._epochs_iterated = int(epoch)

@@ -151,6 +151,8 @@ class WebDatasetStream(IterableDataset):
             yield from self._exact(ctx, to_make, to_skip)
 
     def _exact(self, ctx: "_Context", to_make: int, to_skip: int) -> Iterator[dict[str, Any]]:
+        if to_skip >= to_make:
+            return  # resumed after this worker's last batch of the epoch: nothing to read
         order = self.epoch_order(ctx.epoch)
         b = self.batch_size
         start = (self.rank * self.batches_per_rank
