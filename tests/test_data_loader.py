@@ -344,3 +344,34 @@ def test_resampled_is_reproducible_differs_per_rank_and_does_not_replay_after_re
     resumed, nb_resumed = run(0, resume=3)
     assert nb_resumed == 5
     assert resumed != a[12:], "a resumed stream must not replay what the interrupted run would have drawn"
+
+
+def test_logged_bad_sample_totals_equal_what_the_shards_hold(tmp_path):
+    """Through the entry point: the last ``data/bad_samples/*`` row of metrics.csv holds the whole
+    epoch's totals, reason by reason, as built into the corpus (sums over steps, not the last step's)."""
+    import csv
+
+    from clip_pl.train import train
+    from tests.test_config import make_cfg
+    from tests.test_resume_matrix import SMALLER
+
+    expected = _write_broken_corpus(tmp_path / "shards")  # 48 positions → 12 batches of 4
+    cfg = make_cfg(["model=tiny", *SMALLER, "trainer=cpu", "data=wds", f"data.train_shards={tmp_path / 'shards'}",
+                    "data.batch_size=4", "data.num_workers=2", "data.max_image_pixels=4000000", "logger=csv",
+                    "global_batch_size=null", "trainer.max_steps=12", "trainer.log_every_n_steps=4",
+                    "scheduler.warmup_steps=1", "callbacks.checkpoint.every_n_train_steps=0",
+                    "callbacks.progress_bar=null"], tmp_path)
+    train(cfg)
+    with open(tmp_path / "runs" / "test" / "csv" / "metrics.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("perf/samples_per_s")]
+    assert [int(float(r["step"])) for r in rows] == [1, 4, 8, 12]
+    logged = [{k[len("data/bad_samples/"):]: int(float(v)) for k, v in r.items()
+               if k.startswith("data/bad_samples/") and v} for r in rows]
+    final = Counter(logged[-1])
+    truncated = final.pop("skipped/truncated_tar", 0)
+    assert 1 <= truncated <= 6
+    refilled = final.pop("refilled")
+    assert final == expected, "every reason's total, as the shards hold them"
+    assert refilled == truncated + sum(v for k, v in expected.items() if k.startswith("skipped/"))
+    for earlier, later in zip(logged, logged[1:]):  # running totals never go down
+        assert all(later.get(k, 0) >= v for k, v in earlier.items())
