@@ -375,3 +375,41 @@ def test_logged_bad_sample_totals_equal_what_the_shards_hold(tmp_path):
     assert refilled == truncated + sum(v for k, v in expected.items() if k.startswith("skipped/"))
     for earlier, later in zip(logged, logged[1:]):  # running totals never go down
         assert all(later.get(k, 0) >= v for k, v in earlier.items())
+
+
+# ---- manifests that disagree with the shards, and data that is broken as a whole -----------------
+
+def test_stale_manifest_shards_longer_or_shorter_than_sizes_json(tmp_path):
+    # sizes.json says 8 and 4, the tars hold 10 and 2: exact epochs keep the manifest's positions.
+    write_shards(str(tmp_path), [10, 2])
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 8, "00001.tar": 4}))
+    dm = _datamodule(str(tmp_path))  # 2 workers: each refills from the other's slice
+    (keys, batches, bad, partial), = _run_epochs(dm, 1)
+    assert batches == 3 and not partial
+    assert bad == {"skipped/not_in_manifest": 2, "skipped/shorter_than_manifest": 2, "refilled": 2}
+    assert set(keys) <= {f"00000{i:04d}" for i in range(8)} | {"000010000", "000010001"}
+    assert len(set(keys)) == 10, "the 8 + 2 samples the manifest covers and the tars hold, two of them twice"
+
+
+def test_resampled_data_that_is_bad_as_a_whole_stops_with_an_error(tmp_path, monkeypatch):
+    import clip_pl.data.stream as stream
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    samples = [{"__key__": f"k{i}", "jpg": b"not a jpeg", "txt": b"a caption"} for i in range(5)]
+    for shard in range(2):
+        write_shard(str(broken / f"{shard:05d}.tar"), samples)
+    monkeypatch.setattr(stream, "MAX_CONSECUTIVE_BAD", 7)  # the real limit (20 000) would only take longer
+    dm = _datamodule(str(broken / "{00000..00001}.tar"), resampled=True, num_samples=8, num_workers=0)
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match="8 unusable samples in a row.*skipped/corrupt_image"):
+        next(iter(dm.train_dataloader()))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for shard in range(3):
+        (empty / f"{shard:05d}.tar").write_bytes(b"this is not a tar file")
+    dm = _datamodule(str(empty / "{00000..00002}.tar"), resampled=True, num_samples=8, num_workers=0)
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match="21 shards in a row gave no sample"):
+        next(iter(dm.train_dataloader()))
