@@ -84,14 +84,17 @@ def test_exact_epochs_two_ranks_two_workers_uneven_shards(tmp_path):
     assert per_epoch_rank_keys[0] != per_epoch_rank_keys[1], "the split across ranks changes with the epoch"
 
 
+def _split_rank(rank, world, shard_dir):
+    _allow_dataloader_workers()
+    torch.set_num_threads(1)
+    return _run_epochs(_datamodule(shard_dir), 1)[0]
+
+
 def test_fewer_shards_than_ranks_times_workers_and_left_over(tmp_path):
     # 2 shards for 2 ranks × 2 workers; 42 samples → 5 batches per rank, 2 samples left this epoch.
     write_shards(str(tmp_path), [30, 12])
     seen, counts = [], []
-    for rank in range(2):
-        dm = _datamodule(str(tmp_path))
-        dm._topology = lambda rank=rank: (rank, 2)  # one process plays both ranks: fine for a pure split check
-        (keys, batches, bad, partial), = _run_epochs(dm, 1)
+    for keys, batches, bad, partial in run_distributed(_split_rank, 2, args=(str(tmp_path),)):
         seen += keys
         counts.append(batches)
         assert not partial and bad == {}
@@ -327,21 +330,28 @@ def test_resampled_resume_is_never_refused(tmp_path):
     assert resumed._resume == {"epoch": 0, "batches_consumed": 2}
 
 
-def test_resampled_is_reproducible_differs_per_rank_and_does_not_replay_after_resume(tmp_path):
-    write_shards(str(tmp_path), [10, 6, 8])
-    def run(rank, resume=None):
-        dm = _datamodule(str(tmp_path), resampled=True, num_samples=64, num_workers=1)
-        dm._topology = lambda: (rank, 2)
+def _resampled_rank(rank, world, shard_dir):
+    torch.set_num_threads(1)
+
+    def stream(resume=None):
+        dm = _datamodule(shard_dir, resampled=True, num_samples=64, num_workers=0)
         if resume is not None:
             dm.resume_from(0, resume)
         (keys, batches, bad, partial), = _run_epochs(dm, 1)
         assert not partial and bad == {}
         return keys, batches
 
-    a, nb = run(0)
-    assert nb == 8 and run(0)[0] == a, "same seed, epoch and rank → same stream"
-    assert run(1)[0] != a, "ranks draw different streams"
-    resumed, nb_resumed = run(0, resume=3)
+    return {"fresh": stream(), "again": stream(), "resumed": stream(resume=3)}
+
+
+def test_resampled_is_reproducible_differs_per_rank_and_does_not_replay_after_resume(tmp_path):
+    write_shards(str(tmp_path), [10, 6, 8])
+    ranks = run_distributed(_resampled_rank, 2, args=(str(tmp_path),))
+    (a, nb), (b, _) = ranks[0]["fresh"], ranks[1]["fresh"]
+    assert nb == 8, "64 samples over 2 ranks × 4"
+    assert a != b, "ranks draw different streams"
+    assert ranks[0]["again"][0] == a, "same seed, epoch and rank → same stream"
+    resumed, nb_resumed = ranks[0]["resumed"]
     assert nb_resumed == 5
     assert resumed != a[12:], "a resumed stream must not replay what the interrupted run would have drawn"
 

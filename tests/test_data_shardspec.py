@@ -67,22 +67,28 @@ def test_resampled_follows_source_weights_per_source_not_per_shard(tmp_path, wei
     assert len(shards_a) == 6, "every shard of source a is drawn"
 
 
-def test_val_loader_uses_eval_transform_and_equal_batches(two_sources):
-    a, _ = two_sources
-    batches = []
-    for rank in range(2):
-        dm = WebDatasetDataModule(str(a), val_shards=str(a), batch_size=3, num_workers=0, image_size=32,
-                                  context_length=16, return_keys=True)
-        dm._topology = lambda rank=rank: (rank, 2)
-        dm.setup("validate")
-        batches.append(list(dm.val_dataloader()))
-    assert [len(b) for b in batches] == [2, 2], "15 samples, 2 ranks × 3 → 2 full batches each"
-    again = WebDatasetDataModule(str(a), val_shards=str(a), batch_size=3, num_workers=0, image_size=32,
-                                 context_length=16)
-    again._topology = lambda: (0, 2)
+def _val_rank(rank, world, shards):
+    torch.set_num_threads(1)
+    make = lambda: WebDatasetDataModule(shards, val_shards=shards, batch_size=3, num_workers=0, image_size=32,
+                                        context_length=16, return_keys=True)
+    dm = make()
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    again = make()
     again.setup("validate")
-    first = next(iter(again.val_dataloader()))
-    assert torch.equal(first["image"], batches[0][0]["image"]), "eval: no random crop, same pixels every time"
+    return batches, next(iter(again.val_dataloader()))
+
+
+def test_val_loader_uses_eval_transform_and_equal_batches(two_sources):
+    from tests.distributed import run_distributed
+
+    a, _ = two_sources
+    ranks = run_distributed(_val_rank, 2, args=(str(a),))
+    assert [len(batches) for batches, _ in ranks] == [2, 2], "15 samples, 2 ranks × 3 → 2 full batches each"
+    keys = [k for batches, _ in ranks for batch in batches for k in batch["key"]]
+    assert len(keys) == len(set(keys)) == 12, "the ranks evaluate disjoint samples"
+    for batches, first_again in ranks:
+        assert torch.equal(first_again["image"], batches[0]["image"]), "eval: no random crop, same pixels every time"
 
 
 def test_batched_transform_matches_the_per_image_compose():
