@@ -2,17 +2,18 @@
 
     results = run_distributed(fn, world_size=2, args=(x,))   # fn(rank, world_size, *args) -> picklable
 
-Each worker initialises ``torch.distributed`` over TCP on 127.0.0.1 with a fresh port, runs ``fn``,
-destroys the group, then leaves with ``os._exit(0)``: with torch 2.14.1, spawned gloo workers
-sometimes abort at interpreter exit after ``destroy_process_group`` (see DESIGN.md), which would
-flake the tests although the work is done.
+The parent hosts the rendezvous store (a ``TCPStore`` bound to port 0, so the operating system
+picks a free port and the store holds it from then on: no "find a free port, release it, hope
+nobody takes it before rank 0 binds it" race); each worker joins the gloo process group through
+that store, runs ``fn``, destroys the group, then leaves with ``os._exit(0)``: with torch 2.14.1,
+spawned gloo workers sometimes abort at interpreter exit after ``destroy_process_group`` (see
+DESIGN.md), which would flake the tests although the work is done.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import socket
 import sys
 import traceback
 from typing import Any, Callable
@@ -21,10 +22,11 @@ import torch
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def rendezvous_store():
+    """A TCPStore on 127.0.0.1 bound to a port the OS picks, held open by this (parent) process."""
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -44,11 +46,13 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # W processes share 2 cores; oversubscription makes tests crawl
+    # What a launcher (srun, torchrun) would set; Lightning reads them to see that the process
+    # group exists already. MASTER_PORT is the parent's store, which nobody else can bind.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                                init_method=f"tcp://127.0.0.1:{port}")
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         dist.barrier()
         dist.destroy_process_group()
@@ -66,7 +70,8 @@ def run_distributed(fn: Callable, world_size: int, args: tuple = (), timeout: fl
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
+    store = rendezvous_store()  # kept alive (and its port held) until every worker is done
+    port = store.port
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
              for r in range(world_size)]
     for p in procs:
@@ -86,6 +91,7 @@ def run_distributed(fn: Callable, world_size: int, args: tuple = (), timeout: fl
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+        del store
     if errors:
         raise RuntimeError("distributed worker failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -27,16 +26,63 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path):
     assert os.listdir(path.parent) == ["last.ckpt"]  # no temporary file left behind
 
 
-def test_resume_picks_the_newest_of_last_and_slurm_requeue_checkpoints(tmp_path):
+def _touch(path, mtime: float) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    os.utime(path, (mtime, mtime))  # explicit times: no sleep, no reliance on the file system's clock resolution
+    return str(path)
+
+
+@pytest.mark.parametrize("newest", ["last", "hpc_ckpt_1", "hpc_ckpt_2"])
+def test_resume_picks_the_newest_of_last_and_slurm_requeue_checkpoints(tmp_path, newest):
     assert find_resume_checkpoint(tmp_path) is None
-    (tmp_path / "checkpoints").mkdir()
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    last.write_bytes(b"x")
-    assert find_resume_checkpoint(tmp_path) == str(last)
-    time.sleep(0.01)
-    hpc = tmp_path / "hpc_ckpt_1.ckpt"
-    hpc.write_bytes(b"x")
-    assert find_resume_checkpoint(tmp_path) == str(hpc)
+    times = {"last": 1_000.0, "hpc_ckpt_1": 2_000.0, "hpc_ckpt_2": 3_000.0}
+    times[newest] = 9_000.0  # each candidate in turn is the newest, whatever its name or its place in a listing
+    paths = {"last": _touch(tmp_path / "checkpoints" / "last.ckpt", times["last"]),
+             "hpc_ckpt_1": _touch(tmp_path / "hpc_ckpt_1.ckpt", times["hpc_ckpt_1"]),
+             "hpc_ckpt_2": _touch(tmp_path / "hpc_ckpt_2.ckpt", times["hpc_ckpt_2"])}
+    assert find_resume_checkpoint(tmp_path) == paths[newest]
+
+
+def test_resume_uses_last_when_it_is_the_only_checkpoint(tmp_path):
+    last = _touch(tmp_path / "checkpoints" / "last.ckpt", 5.0)
+    _touch(tmp_path / "checkpoints" / "step=2.ckpt", 9.0)  # periodic ones are not resume candidates
+    assert find_resume_checkpoint(tmp_path) == last
+
+
+def test_the_trainer_writes_checkpoints_through_the_atomic_writer(tmp_path, monkeypatch):
+    """A real run (clip_pl.train.train): every checkpoint file appears by an atomic rename of a
+    fsync'ed temporary file of the same directory, so a crash or a full disk mid-write never
+    leaves a truncated ``last.ckpt`` (Lightning's own writer stages in $TMPDIR, with no fsync,
+    and moves across file systems by copying)."""
+    from clip_pl.train import train
+    from tests.test_config import CPU_TINY, make_cfg
+
+    synced, renamed = set(), []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        renamed.append((str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    cfg = make_cfg([*CPU_TINY, "trainer.max_steps=3", "scheduler.warmup_steps=1",
+                    "callbacks.checkpoint.every_n_train_steps=2"], tmp_path)
+    train(cfg)
+    directory = tmp_path / "runs" / "test" / "checkpoints"
+    files = sorted(p.name for p in directory.iterdir())
+    assert files == ["last.ckpt", "step=2.ckpt", "step=3.ckpt"]  # and no temporary file left
+    targets = {os.path.basename(dst) for src, dst in renamed if os.path.dirname(dst) == str(directory)}
+    assert targets == set(files), "every checkpoint was renamed into place"
+    for src, dst in renamed:
+        assert os.path.dirname(src) == os.path.dirname(dst), "the temporary file sits beside its target"
+        assert src in synced, "and was fsync'ed before the rename"
+    assert torch.load(directory / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
 def test_the_wandb_run_id_is_stable_per_run_directory(tmp_path):

@@ -47,35 +47,104 @@ def test_every_model_builds_from_open_clip_architectures(model, tmp_path):
     assert (size if isinstance(size, int) else size[0]) == cfg.model.image_size
 
 
-def test_every_instantiable_choice_instantiates(tmp_path):
-    for group in ["loss", "data"]:
-        for choice in choices(group):
-            if group == "data" and choice != "synthetic":
-                continue  # webdataset choices need shards: covered by the loader tests
-            cfg = make_cfg([*CPU_TINY, f"{group}={choice}"], tmp_path)
-            assert instantiate(cfg[group]) is not None
+def _hand_losses(image, text, scale, bias):
+    """Textbook formulas on one process: symmetric InfoNCE, and SigLIP's pairwise sigmoid."""
+    import torch.nn.functional as F
+
+    logits = scale * image @ text.T
+    labels = torch.arange(len(image))
+    clip = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    signs = 2 * torch.eye(len(image)) - 1
+    siglip = -F.logsigmoid(signs * (logits + bias)).sum() / len(image)
+    return {"clip": clip, "siglip": siglip}
+
+
+def test_every_instantiable_choice_builds_what_it_names(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from clip_pl.strategies import FSDP2Strategy
+
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    expected = _hand_losses(image, text, torch.tensor(14.0), torch.tensor(-3.0))
+    for choice in choices("loss"):
+        loss = instantiate(make_cfg([*CPU_TINY, f"loss={choice}"], tmp_path).loss)
+        value = loss(image, text, torch.tensor(14.0), torch.tensor(-3.0) if choice == "siglip" else None)
+        assert value.item() == pytest.approx(expected[choice].item(), rel=1e-5), choice
+
+    cfg = make_cfg([*CPU_TINY, "data.batch_size=3"], tmp_path)
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].shape == (3, 3, 64, 64) and batch["text"].shape == (3, 32)  # model=tiny's sizes
+
+    ddp = instantiate(make_cfg([*CPU_TINY, "strategy=ddp"], tmp_path).strategy)
+    assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs == {"find_unused_parameters": False,
+                                                                   "gradient_as_bucket_view": True,
+                                                                   "static_graph": False}
+    fsdp = instantiate(make_cfg([*CPU_TINY, "strategy=fsdp"], tmp_path).strategy)
+    assert isinstance(fsdp, FSDP2Strategy) and fsdp.reshard_after_forward and fsdp.reduce_dtype == torch.float32
     for choice in choices("strategy"):  # each also runs for real in tests/test_strategies.py
-        cfg = make_cfg([*CPU_TINY, f"strategy={choice}"], tmp_path)
-        strategy = instantiate(cfg.strategy)
+        strategy = instantiate(make_cfg([*CPU_TINY, f"strategy={choice}"], tmp_path).strategy)
         if choice.startswith("deepspeed"):
             zero = strategy.config["zero_optimization"]
             assert zero["stage"] == int(choice.split("_")[2])
             assert ("offload_optimizer" in zero) == ("offload" in choice)
+
     for choice in choices("scheduler"):
-        cfg = make_cfg([*CPU_TINY, f"scheduler={choice}"], tmp_path)
-        assert instantiate(cfg.scheduler) is not None
+        cfg = make_cfg([*CPU_TINY, f"scheduler={choice}", "scheduler.warmup_steps=4"], tmp_path)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=100_000)
+        lrs = []
+        for _ in range(5):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert lrs == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0], rel=1e-3), choice  # linear warmup to the base lr
 
 
+@pytest.fixture(scope="module")
+def few_shards(tmp_path_factory) -> Path:
+    from clip_pl.data.fake_shards import write_shards
+
+    directory = tmp_path_factory.mktemp("shards")
+    write_shards(str(directory), [3, 3], image_px=(40, 56))
+    return directory
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", choices("experiment"))
-def test_every_experiment_runs_a_fast_dev_run_with_the_tiny_model(experiment, tmp_path):
-    overrides = [f"experiment={experiment}", *CPU_TINY, "trainer.fast_dev_run=true", "eval=none"]
-    if experiment == "demo":
-        overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "eval=none", "data=synthetic",
-                     "data.num_samples=64"]
+def test_every_experiment_builds_its_own_model_and_data_and_takes_a_step(experiment, tmp_path, few_shards):
+    """The recipe as written (its model, loss, optimiser, schedule, data module), changed only where
+    this machine must: CPU in fp32, 2 pairs per batch from 6 local samples, one step."""
+    overrides = [f"experiment={experiment}", f"data.train_shards={few_shards}", "data.batch_size=2",
+                 "global_batch_size=null", "data.num_workers=0", "trainer.accelerator=cpu", "trainer.precision=32",
+                 "trainer.devices=1", "trainer.fast_dev_run=true", "eval=none", "resume=auto"]
     cfg = make_cfg(overrides, tmp_path)
     trainer = train(cfg)
     assert trainer.global_step == 1
-    assert trainer.lightning_module.model_config["embed_dim"] == 128  # model=tiny won over the recipe's
+    module, datamodule = trainer.lightning_module, trainer.datamodule
+    assert module.hparams.arch == cfg.model.arch
+    size = module.model.visual.image_size
+    assert (size if isinstance(size, int) else size[0]) == cfg.model.image_size
+    assert type(module.loss).__name__ == cfg.loss._target_.rsplit(".", 1)[1]
+    if cfg.model.init_logit_bias is not None:
+        assert module.model.logit_bias.item() == pytest.approx(cfg.model.init_logit_bias, abs=1e-2)
+    decay = trainer.optimizers[0].param_groups[0]
+    assert decay["initial_lr"] == cfg.optim.lr and decay["weight_decay"] == cfg.optim.weight_decay
+    assert tuple(decay["betas"]) == tuple(cfg.optim.betas) and decay["eps"] == cfg.optim.eps
+    assert type(datamodule).__name__ == "WebDatasetDataModule" and datamodule.num_samples == cfg.data.num_samples
+
+
+def test_every_recipe_sets_the_per_device_batch_from_its_global_batch(tmp_path):
+    for experiment in choices("experiment"):
+        cfg = make_cfg([f"experiment={experiment}", "data.train_shards=/nowhere", "trainer.devices=8",
+                        "trainer.num_nodes=4"], tmp_path)
+        global_batch = cfg.global_batch_size
+        prepare_config(cfg)
+        if global_batch is not None:
+            assert cfg.data.batch_size * 32 == global_batch, experiment
 
 
 def test_a_real_run_logs_checkpoints_and_events(tmp_path):

@@ -84,14 +84,17 @@ def test_exact_epochs_two_ranks_two_workers_uneven_shards(tmp_path):
     assert per_epoch_rank_keys[0] != per_epoch_rank_keys[1], "the split across ranks changes with the epoch"
 
 
+def _split_rank(rank, world, shard_dir):
+    _allow_dataloader_workers()
+    torch.set_num_threads(1)
+    return _run_epochs(_datamodule(shard_dir), 1)[0]
+
+
 def test_fewer_shards_than_ranks_times_workers_and_left_over(tmp_path):
     # 2 shards for 2 ranks × 2 workers; 42 samples → 5 batches per rank, 2 samples left this epoch.
     write_shards(str(tmp_path), [30, 12])
     seen, counts = [], []
-    for rank in range(2):
-        dm = _datamodule(str(tmp_path))
-        dm._topology = lambda rank=rank: (rank, 2)  # one process plays both ranks: fine for a pure split check
-        (keys, batches, bad, partial), = _run_epochs(dm, 1)
+    for keys, batches, bad, partial in run_distributed(_split_rank, 2, args=(str(tmp_path),)):
         seen += keys
         counts.append(batches)
         assert not partial and bad == {}
@@ -266,29 +269,157 @@ def test_resume_mid_epoch_through_lightning_checkpoint(tmp_path):
     assert set(reference.keys[40:]) == set(epoch0) and reference.keys[40:] != epoch0, "epoch 1 reshuffles"
 
 
-def test_resume_refuses_other_topology(tmp_path):
-    write_shards(str(tmp_path), [20])
-    dm = _datamodule(str(tmp_path), num_workers=1)
-    state = {"epoch": 0, "batches_consumed": 2, "world_size": 1, "batch_size": 4, "num_workers": 2, "seed": 7,
-             "resampled": False, "num_shards": 1, "epoch_samples": 20}
-    with pytest.raises(ValueError, match="same world size"):
-        dm.load_state_dict(state)
+def _shard_dirs(tmp_path):
+    """The saved run's shards, and shards that differ only in identity: other files of the same
+    count and sizes, or the same files with other sizes of the same total."""
+    saved, other, resized = tmp_path / "saved", tmp_path / "other", tmp_path / "resized"
+    write_shards(str(saved), [10, 10])
+    write_shards(str(other), [10, 10])
+    write_shards(str(resized), [10, 10])
+    (resized / "sizes.json").write_text(json.dumps({"00000.tar": 12, "00001.tar": 8}))
+    return saved, other, resized
 
 
-def test_resampled_is_reproducible_differs_per_rank_and_does_not_replay_after_resume(tmp_path):
-    write_shards(str(tmp_path), [10, 6, 8])
-    def run(rank, resume=None):
-        dm = _datamodule(str(tmp_path), resampled=True, num_samples=64, num_workers=1)
-        dm._topology = lambda: (rank, 2)
+# One changed setting each (and which fingerprint entry must name it); the README promises
+# that every one of them refuses a mid-epoch resume of an exact epoch.
+CHANGED_SETTINGS = {
+    "world_size": ({}, "world_size"),  # the saved state comes from 2 ranks, this is 1
+    "batch_size": ({"batch_size": 2}, "batch_size"),
+    "num_workers": ({"num_workers": 1}, "num_workers"),
+    "seed": ({"seed": 8}, "seed"),
+    "other_shards_same_count": ({"shards": "other"}, "shards_sha256"),
+    "same_shards_other_sizes": ({"shards": "resized"}, "shards_sha256"),
+    "shard_order": ({"shards": "reordered"}, "shards_sha256"),
+    "epoch_length": ({"num_samples": 16}, "epoch_samples"),
+}
+
+
+@pytest.mark.parametrize("case", CHANGED_SETTINGS)
+def test_mid_epoch_resume_refuses_every_changed_setting(tmp_path, case):
+    saved, other, resized = _shard_dirs(tmp_path)
+    state = {"epoch": 0, "batches_consumed": 1, **_datamodule(str(saved))._fingerprint()}
+    same = _datamodule(str(saved))
+    same.load_state_dict(dict(state))  # the same settings resume
+    assert same._resume == {"epoch": 0, "batches_consumed": 1}
+    if case == "world_size":
+        state["world_size"] = 2
+
+    change, key = CHANGED_SETTINGS[case]
+    change = dict(change)
+    spec = {"other": str(other), "resized": str(resized), None: str(saved),
+            "reordered": f"{saved}/00001.tar::{saved}/00000.tar"}[change.pop("shards", None)]
+    changed = _datamodule(spec, **change)
+    with pytest.raises(ValueError, match=f"stopped mid-epoch with other loader settings.*'{key}'"):
+        changed.load_state_dict(dict(state))
+    changed.load_state_dict({**state, "batches_consumed": 0})  # from an epoch's start any setting may change
+    assert changed._resume == {"epoch": 0, "batches_consumed": 0}
+    saved_batches = state["epoch_samples"] // (state["world_size"] * state["batch_size"])
+    changed.load_state_dict({**state, "batches_consumed": saved_batches})  # and from its end
+    changed.setup("fit")
+    loader = changed.train_dataloader()
+    assert [len(list(loader)) for _ in range(2)] == [0, changed.batches_per_epoch()], (
+        "resumed after an epoch's last batch: nothing left of it, then the next epoch in full")
+
+
+def test_resampled_resume_is_never_refused(tmp_path):
+    saved, other, _ = _shard_dirs(tmp_path)
+    state = {"epoch": 0, "batches_consumed": 2,
+             **_datamodule(str(saved), resampled=True, num_samples=40)._fingerprint()}
+    resumed = _datamodule(str(other), resampled=True, num_samples=40, num_workers=3)
+    resumed.load_state_dict(state)  # draws with replacement: there is no exact position to lose
+    assert resumed._resume == {"epoch": 0, "batches_consumed": 2}
+
+
+def _resampled_rank(rank, world, shard_dir):
+    torch.set_num_threads(1)
+
+    def stream(resume=None):
+        dm = _datamodule(shard_dir, resampled=True, num_samples=64, num_workers=0)
         if resume is not None:
             dm.resume_from(0, resume)
         (keys, batches, bad, partial), = _run_epochs(dm, 1)
         assert not partial and bad == {}
         return keys, batches
 
-    a, nb = run(0)
-    assert nb == 8 and run(0)[0] == a, "same seed, epoch and rank → same stream"
-    assert run(1)[0] != a, "ranks draw different streams"
-    resumed, nb_resumed = run(0, resume=3)
+    return {"fresh": stream(), "again": stream(), "resumed": stream(resume=3)}
+
+
+def test_resampled_is_reproducible_differs_per_rank_and_does_not_replay_after_resume(tmp_path):
+    write_shards(str(tmp_path), [10, 6, 8])
+    ranks = run_distributed(_resampled_rank, 2, args=(str(tmp_path),))
+    (a, nb), (b, _) = ranks[0]["fresh"], ranks[1]["fresh"]
+    assert nb == 8, "64 samples over 2 ranks × 4"
+    assert a != b, "ranks draw different streams"
+    assert ranks[0]["again"][0] == a, "same seed, epoch and rank → same stream"
+    resumed, nb_resumed = ranks[0]["resumed"]
     assert nb_resumed == 5
     assert resumed != a[12:], "a resumed stream must not replay what the interrupted run would have drawn"
+
+
+def test_logged_bad_sample_totals_equal_what_the_shards_hold(tmp_path):
+    """Through the entry point: the last ``data/bad_samples/*`` row of metrics.csv holds the whole
+    epoch's totals, reason by reason, as built into the corpus (sums over steps, not the last step's)."""
+    import csv
+
+    from clip_pl.train import train
+    from tests.test_config import make_cfg
+    from tests.test_resume_matrix import SMALLER
+
+    expected = _write_broken_corpus(tmp_path / "shards")  # 48 positions → 12 batches of 4
+    cfg = make_cfg(["model=tiny", *SMALLER, "trainer=cpu", "data=wds", f"data.train_shards={tmp_path / 'shards'}",
+                    "data.batch_size=4", "data.num_workers=2", "data.max_image_pixels=4000000", "logger=csv",
+                    "global_batch_size=null", "trainer.max_steps=12", "trainer.log_every_n_steps=4",
+                    "scheduler.warmup_steps=1", "callbacks.checkpoint.every_n_train_steps=0",
+                    "callbacks.progress_bar=null"], tmp_path)
+    train(cfg)
+    with open(tmp_path / "runs" / "test" / "csv" / "metrics.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("perf/samples_per_s")]
+    assert [int(float(r["step"])) for r in rows] == [1, 4, 8, 12]
+    logged = [{k[len("data/bad_samples/"):]: int(float(v)) for k, v in r.items()
+               if k.startswith("data/bad_samples/") and v} for r in rows]
+    final = Counter(logged[-1])
+    truncated = final.pop("skipped/truncated_tar", 0)
+    assert 1 <= truncated <= 6
+    refilled = final.pop("refilled")
+    assert final == expected, "every reason's total, as the shards hold them"
+    assert refilled == truncated + sum(v for k, v in expected.items() if k.startswith("skipped/"))
+    for earlier, later in zip(logged, logged[1:]):  # running totals never go down
+        assert all(later.get(k, 0) >= v for k, v in earlier.items())
+
+
+# ---- manifests that disagree with the shards, and data that is broken as a whole -----------------
+
+def test_stale_manifest_shards_longer_or_shorter_than_sizes_json(tmp_path):
+    # sizes.json says 8 and 4, the tars hold 10 and 2: exact epochs keep the manifest's positions.
+    write_shards(str(tmp_path), [10, 2])
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 8, "00001.tar": 4}))
+    dm = _datamodule(str(tmp_path))  # 2 workers: each refills from the other's slice
+    (keys, batches, bad, partial), = _run_epochs(dm, 1)
+    assert batches == 3 and not partial
+    assert bad == {"skipped/not_in_manifest": 2, "skipped/shorter_than_manifest": 2, "refilled": 2}
+    assert set(keys) <= {f"00000{i:04d}" for i in range(8)} | {"000010000", "000010001"}
+    assert len(set(keys)) == 10, "the 8 + 2 samples the manifest covers and the tars hold, two of them twice"
+
+
+def test_resampled_data_that_is_bad_as_a_whole_stops_with_an_error(tmp_path, monkeypatch):
+    import clip_pl.data.stream as stream
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    samples = [{"__key__": f"k{i}", "jpg": b"not a jpeg", "txt": b"a caption"} for i in range(5)]
+    for shard in range(2):
+        write_shard(str(broken / f"{shard:05d}.tar"), samples)
+    monkeypatch.setattr(stream, "MAX_CONSECUTIVE_BAD", 7)  # the real limit (20 000) would only take longer
+    dm = _datamodule(str(broken / "{00000..00001}.tar"), resampled=True, num_samples=8, num_workers=0)
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match="8 unusable samples in a row.*skipped/corrupt_image"):
+        next(iter(dm.train_dataloader()))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for shard in range(3):
+        (empty / f"{shard:05d}.tar").write_bytes(b"this is not a tar file")
+    dm = _datamodule(str(empty / "{00000..00002}.tar"), resampled=True, num_samples=8, num_workers=0)
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match="21 shards in a row gave no sample"):
+        next(iter(dm.train_dataloader()))

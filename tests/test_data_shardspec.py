@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -46,35 +48,47 @@ def test_pipe_shards_with_sizes_file_read_exactly_once(two_sources):
     assert sorted(keys) == sorted(f"{s:05d}{i:04d}" for s, n in enumerate([6, 4, 5]) for i in range(n))
 
 
-def test_resampled_follows_source_weights(tmp_path):
+@pytest.mark.parametrize("weights,share", [("1::3", 0.75), ("1::1", 0.5)])
+def test_resampled_follows_source_weights_per_source_not_per_shard(tmp_path, weights, share):
+    # Source a has 6 shards, b only 1: weighting each shard by its source's weight (instead of
+    # splitting the weight over the source's shards) would give b 3/9 or 1/7 of the samples.
     a, b = tmp_path / "a", tmp_path / "b"
-    write_shards(str(a), [5, 5, 5])
-    write_shards(str(b), [5, 5], sample_fn=lambda key, index: make_sample("b" + key, index))
-    dm = WebDatasetDataModule(f"{a}::{b}", train_weights="1::3", resampled=True, num_samples=600, batch_size=50,
-                              num_workers=0, image_size=32, context_length=16, return_keys=True, shuffle_buffer=20)
+    write_shards(str(a), [5] * 6)
+    write_shards(str(b), [5], sample_fn=lambda key, index: make_sample("b" + key, index))
+    dm = WebDatasetDataModule(f"{a}::{b}", train_weights=weights, resampled=True, num_samples=600, batch_size=50,
+                              num_workers=0, image_size=16, context_length=8, return_keys=True, shuffle_buffer=20)
     dm.setup("fit")
     keys = [k for batch in dm.train_dataloader() for k in batch["key"]]
     assert len(keys) == 600
     share_b = sum(k.startswith("b") for k in keys) / len(keys)
-    assert 0.6 < share_b < 0.9, f"source b has weight 3 of 4, got a {share_b:.2f} share"
+    # 120 shard draws: the standard error of the share is <= 0.046; the seeded draw is deterministic.
+    assert abs(share_b - share) < 0.1, f"source b has weight {weights}, got a {share_b:.2f} share"
+    shards_a = Counter(k[:5] for k in keys if not k.startswith("b"))
+    assert len(shards_a) == 6, "every shard of source a is drawn"
+
+
+def _val_rank(rank, world, shards):
+    torch.set_num_threads(1)
+    make = lambda: WebDatasetDataModule(shards, val_shards=shards, batch_size=3, num_workers=0, image_size=32,
+                                        context_length=16, return_keys=True)
+    dm = make()
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    again = make()
+    again.setup("validate")
+    return batches, next(iter(again.val_dataloader()))
 
 
 def test_val_loader_uses_eval_transform_and_equal_batches(two_sources):
+    from tests.distributed import run_distributed
+
     a, _ = two_sources
-    batches = []
-    for rank in range(2):
-        dm = WebDatasetDataModule(str(a), val_shards=str(a), batch_size=3, num_workers=0, image_size=32,
-                                  context_length=16, return_keys=True)
-        dm._topology = lambda rank=rank: (rank, 2)
-        dm.setup("validate")
-        batches.append(list(dm.val_dataloader()))
-    assert [len(b) for b in batches] == [2, 2], "15 samples, 2 ranks × 3 → 2 full batches each"
-    again = WebDatasetDataModule(str(a), val_shards=str(a), batch_size=3, num_workers=0, image_size=32,
-                                 context_length=16)
-    again._topology = lambda: (0, 2)
-    again.setup("validate")
-    first = next(iter(again.val_dataloader()))
-    assert torch.equal(first["image"], batches[0][0]["image"]), "eval: no random crop, same pixels every time"
+    ranks = run_distributed(_val_rank, 2, args=(str(a),))
+    assert [len(batches) for batches, _ in ranks] == [2, 2], "15 samples, 2 ranks × 3 → 2 full batches each"
+    keys = [k for batches, _ in ranks for batch in batches for k in batch["key"]]
+    assert len(keys) == len(set(keys)) == 12, "the ranks evaluate disjoint samples"
+    for batches, first_again in ranks:
+        assert torch.equal(first_again["image"], batches[0]["image"]), "eval: no random crop, same pixels every time"
 
 
 def test_batched_transform_matches_the_per_image_compose():

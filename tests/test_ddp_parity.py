@@ -25,6 +25,7 @@ def loss_curve(tmp_path: Path, devices: int, global_batch: int = 8, steps: int =
     return [float(r["train/loss"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
 
 
+@pytest.mark.slow  # three interpreters (1 + 2 DDP ranks) start the entry point: ~50 s on 2 loaded cores
 def test_ddp_on_two_processes_follows_the_single_process_loss_curve(tmp_path):
     one = loss_curve(tmp_path, devices=1)
     two = loss_curve(tmp_path, devices=2)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from clip_pl.demo import main as run_demo
 
 
+@pytest.mark.slow  # ~190 s on 2 cores: the corpus, 150 training steps, evaluation, figures
 def test_the_demo_pipeline_learns_and_reports(tmp_path, capsys):
     summary = run_demo(["--root", str(tmp_path), "--steps", "150", "trainer.log_every_n_steps=5",
                         "eval.callbacks.demo_digits.every_n_steps=75", "callbacks.telemetry.heatmap_every_n_steps=75"])

@@ -80,4 +80,6 @@ def test_retrieval_callback_checks_its_settings(captioned, tmp_path):
         RetrievalCallback(data=captioned["shards"], ks=(0, 5))
     callback = RetrievalCallback(data=captioned["shards"], ks=[1, 5], batch_size=4, num_workers=0)
     result = callback.evaluate(captioned["model"], captioned["config"])
-    assert set(result) >= {"image_to_text_R@1", "text_to_image_R@5"}
+    expected = expected_recall(captioned, (1, 5))
+    assert set(expected) == {"image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5"}
+    assert {k: result[k] for k in expected} == pytest.approx(expected), "the callback's numbers, not just its keys"

@@ -42,6 +42,13 @@ def tiny_checkpoint(path: Path, arch_config: dict = TINY_VIT, seed: int = 0) -> 
     return save_clip_pl_checkpoint(model, config, path), model, config
 
 
+def assert_same_weights(actual: dict, expected: dict) -> None:
+    """The same parameter and buffer names, each tensor bitwise equal (zip would stop at the shorter)."""
+    assert list(actual) == list(expected), sorted(set(actual) ^ set(expected))[:5]
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
 def random_images(n: int, size: int = 40, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     # Smooth colour fields rather than white noise, so images differ a lot for the random towers.

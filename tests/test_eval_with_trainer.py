@@ -16,7 +16,7 @@ from clip_pl.eval.__main__ import CONF_DIR, run
 from clip_pl.eval.callbacks import ZeroShotCallback
 from clip_pl.inference import load
 from clip_pl.interchange import export_open_clip
-from tests.test_eval_support import random_images, write_imagefolder
+from tests.test_eval_support import assert_same_weights, random_images, write_imagefolder
 
 
 def test_training_checkpoint_loads_evaluates_and_exports(tmp_path):
@@ -43,7 +43,7 @@ def test_training_checkpoint_loads_evaluates_and_exports(tmp_path):
 
     model = load(checkpoint, device="cpu").model
     trained = trainer.lightning_module.model.eval()
-    assert all(torch.equal(a, b) for a, b in zip(model.clip.state_dict().values(), trained.state_dict().values()))
+    assert_same_weights(model.clip.state_dict(), trained.state_dict())
     exported = export_open_clip(checkpoint, tmp_path / "export")
     reference = open_clip.create_model(f"local-dir:{exported.directory}").eval()
     images = torch.randn(2, 3, 64, 64)

@@ -10,8 +10,8 @@ import torch
 
 from clip_pl.inference import CLIPInference, load
 from clip_pl.interchange import ArchitectureMismatchError
-from tests.test_eval_support import (CLASSNAMES, TINY_RESNET, TINY_VIT, oracle_class_order, random_images,
-                                     tiny_checkpoint)
+from tests.test_eval_support import (CLASSNAMES, TINY_RESNET, TINY_VIT, assert_same_weights, oracle_class_order,
+                                     random_images, tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_bare_weights_load_with_an_architecture(loaded, tmp_path):
     _, reference, _, _ = loaded
     torch.save(reference.state_dict(), tmp_path / "weights.pt")
     model = load(tmp_path / "weights.pt", device="cpu", arch=TINY_VIT).model
-    assert all(torch.equal(a, b) for a, b in zip(model.clip.state_dict().values(), reference.state_dict().values()))
+    assert_same_weights(model.clip.state_dict(), reference.state_dict())
     with pytest.raises(ArchitectureMismatchError, match="do not fit"):
         load(tmp_path / "weights.pt", device="cpu", arch=TINY_RESNET)
     with pytest.raises(ValueError, match="arch="):

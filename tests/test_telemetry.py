@@ -1,13 +1,17 @@
-"""Telemetry: the FLOPs count against a hand count, MFU from the per-device table, and the
-logged throughput/MFU of a real (CPU) run being consistent with each other."""
+"""Telemetry: the FLOPs count against a hand count, MFU from the per-device table, and what a real
+(CPU) run logs: throughput and MFU against a hand count of the tiny model, evaluation kept out of
+the throughput window."""
 
 from __future__ import annotations
 
 import csv
+import time
 
+import lightning
 import pytest
 import torch
 
+from clip_pl.eval.callbacks import _PeriodicEvaluation
 from clip_pl.model import resolve_model_config
 from clip_pl.telemetry import peak_flops_per_device, train_flops_per_sample
 from tests.test_config import CPU_TINY, make_cfg
@@ -61,19 +65,63 @@ def test_fp32_runs_are_held_to_the_tf32_peak_wherever_tf32_is_allowed(monkeypatc
         torch.set_float32_matmul_precision("highest")
 
 
-def test_a_run_logs_throughput_and_mfu_that_agree(tmp_path):
+def tiny_train_flops_by_hand() -> int:
+    """conf/model/tiny.yaml counted by hand: 64 px in 8 px patches, widths 128, 3+3 layers, MLP ×2."""
+    patches, width, embed = (64 // 8) ** 2, 128, 128
+    patch_embedding = 2 * patches * (3 * 8 * 8) * width
+    vision = patch_embedding + 3 * transformer_block_flops(patches + 1, width, 2.0) + 2 * width * embed
+    text = 3 * transformer_block_flops(32, width, 2.0) + 2 * width * embed
+    return 3 * (vision + text) - patch_embedding
+
+
+class SlowEvaluation(_PeriodicEvaluation):
+    """An evaluation callback whose evaluation takes a known second (wrapped in pause_clock by the base)."""
+
+    def __init__(self, every_n_steps: int, seconds: float):
+        super().__init__("slow", every_n_steps, at_train_end=False)
+        self.seconds = seconds
+
+    def evaluate(self, model, model_config, autocast=None):
+        time.sleep(self.seconds)
+        return {"done": 1.0}
+
+
+class BatchEndClock(lightning.Callback):
+    """An outside clock: when each step's callbacks (telemetry's log, the evaluation) are done."""
+
+    def __init__(self):
+        self.times: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times[trainer.global_step] = time.perf_counter()
+
+
+def test_a_run_logs_throughput_and_mfu_against_a_hand_count_and_pauses_for_evaluation(tmp_path):
     from clip_pl.train import train
 
+    pause = 1.0
     cfg = make_cfg([*CPU_TINY, "trainer.max_steps=6", "scheduler.warmup_steps=1", "trainer.log_every_n_steps=3",
-                    "callbacks.telemetry.peak_flops_per_device=1e12"], tmp_path)
-    train(cfg)
+                    "callbacks.telemetry.peak_flops_per_device=2e12", "callbacks.checkpoint.every_n_train_steps=0",
+                    f"+callbacks.slow_eval._target_={__name__}.SlowEvaluation", "+callbacks.slow_eval.every_n_steps=4",
+                    f"+callbacks.slow_eval.seconds={pause}", f"+callbacks.clock._target_={__name__}.BatchEndClock"],
+                   tmp_path)
+    trainer = train(cfg)
+    clock = next(c for c in trainer.callbacks if isinstance(c, BatchEndClock))
     with open(tmp_path / "runs" / "test" / "csv" / "metrics.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("perf/mfu")]
     assert [int(r["step"]) for r in rows] == [1, 3, 6]  # step 1, then every 3 steps
-    flops = train_flops_per_sample(resolve_model_config(**{k: v for k, v in cfg.model.items()}))["train"]
-    for row in rows:
+    flops = tiny_train_flops_by_hand()
+    for row, steps_in_window in zip(rows, [1, 2, 3]):
         per_device = float(row["perf/samples_per_s_per_device"])
         assert float(row["perf/samples_per_s"]) == pytest.approx(per_device)  # one process
-        assert float(row["perf/mfu"]) == pytest.approx(per_device * flops / 1e12, rel=1e-6)
-        assert float(row["perf/tflops_per_device"]) == pytest.approx(per_device * flops / 1e12, rel=1e-6)
+        # samples/s × seconds per step × steps = the samples of the window (4 per step)
+        assert per_device * float(row["perf/step_time_s"]) * steps_in_window == pytest.approx(4 * steps_in_window)
+        assert float(row["perf/tflops_per_device"]) == pytest.approx(per_device * flops / 1e12, rel=1e-9)
+        assert float(row["perf/mfu"]) == pytest.approx(per_device * flops / 2e12, rel=1e-9)
         assert 0.0 <= float(row["perf/data_wait_share"]) < 1.0
+    # The window of steps 4-6 holds the 1 s evaluation (after step 4) on the outside clock, not in the
+    # logged time: outside minus logged is the pause (a sleep lasts at least its time).
+    outside = clock.times[6] - clock.times[3]
+    logged = 3 * float(rows[2]["perf/step_time_s"])
+    assert 0 < logged < outside
+    assert outside - logged >= 0.8 * pause, "evaluation time leaked into the throughput window"

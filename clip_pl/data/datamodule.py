@@ -14,6 +14,8 @@ batch: sum them over batches and over ranks to get the totals. ``state_dict`` re
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import warnings
@@ -34,6 +36,17 @@ log = logging.getLogger(__name__)
 # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is
 # exact by construction (each worker makes a known share of the rank's batches).
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
+
+
+# "Every batch of this epoch was trained": the loader then skips all of them, however many there are now.
+EPOCH_DONE = 2**62
+
+
+def _saved_batches_per_epoch(state: dict[str, Any]) -> int | None:
+    try:
+        return int(state["epoch_samples"]) // (int(state["world_size"]) * int(state["batch_size"]))
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
 
 
 class EpochAwareLoader(DataLoader):
@@ -92,7 +105,11 @@ class WebDatasetDataModule(L.LightningDataModule):
         self._train_set: ShardSet | None = None
         self._val_set: ShardSet | None = None
         self._resume: dict | None = None
-        self._epochs_iterated = 0  # epoch counter when no Trainer drives the loader
+        # The data epoch (which shuffle) of the pass being iterated, and of the next one. Counted here,
+        # not read from Lightning: resumed from the checkpoint of an epoch's last batch, Lightning
+        # counts that epoch as finished twice, and the data would skip an epoch's order.
+        self._epoch = 0
+        self._next_epoch = 0
         if not self.resampled and train_weights is not None:
             weights = resolve_shards(train_shards, train_weights, sizes_file).weights
             if len(set(weights)) > 1:
@@ -193,24 +210,29 @@ class WebDatasetDataModule(L.LightningDataModule):
                                 pin_memory=self.pin_memory, **extra)
 
     def _train_position(self) -> tuple[int, int]:
-        """(epoch, batches to skip) for the epoch that is starting."""
-        trainer = self._trainer_or_none()
-        if trainer is not None:
-            epoch = self._trainer_epoch(trainer)
+        """(epoch, batches to skip) for the pass over the data that is starting."""
+        resume, self._resume = self._resume, None  # a resume point applies to one pass only
+        if resume is not None:
+            # Resumed after an epoch's last batch, this pass yields nothing: Lightning still runs the
+            # rest of that epoch (none) before the next one starts.
+            epoch, consumed = resume["epoch"], resume["batches_consumed"]
         else:
-            epoch = self._epochs_iterated
-            self._epochs_iterated += 1
-        resume, self._resume = self._resume, None  # a resume point applies to one epoch only
-        if resume is not None and resume["epoch"] == epoch:
-            return epoch, resume["batches_consumed"]
-        return epoch, 0
+            epoch, consumed = self._next_epoch, 0
+        self._epoch, self._next_epoch = epoch, epoch + 1
+        return epoch, consumed
 
     # ---- resume ------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
+        """Every setting that decides which samples batch k of an exact epoch holds: a mid-epoch
+        resume is only exact when all of them are unchanged."""
         rank, world = self._topology()
+        shards = self._train_shards()
+        # The shards' identity, not just their number: the resolved URLs in order, with their sizes.
+        listing = json.dumps([[s.url, s.size, s.source] for s in shards.shards])
         return {"world_size": world, "batch_size": self.batch_size, "num_workers": self.num_workers,
-                "seed": self.seed, "resampled": self.resampled,
-                "num_shards": len(self._train_shards().shards), "epoch_samples": self.epoch_samples()}
+                "seed": self.seed, "resampled": self.resampled, "num_shards": len(shards.shards),
+                "shards_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+                "epoch_samples": self.epoch_samples()}
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer_or_none()
@@ -219,28 +241,28 @@ class WebDatasetDataModule(L.LightningDataModule):
         # `processed` counts batches whose training step ran, including the one whose
         # on_train_batch_end is saving this checkpoint right now.
         consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self._trainer_epoch(trainer), "batches_consumed": int(consumed), **self._fingerprint()}
-
-    @staticmethod
-    def _trainer_epoch(trainer) -> int:
-        # The epoch Lightning hands to samplers' set_epoch: it stays put when max_steps ends a run mid-epoch,
-        # whereas trainer.current_epoch already counts that epoch as completed.
-        return int(trainer.fit_loop.epoch_progress.current.processed)
+        return {"epoch": self._epoch, "batches_consumed": int(consumed), **self._fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
+        consumed = int(state["batches_consumed"])
+        saved_batches = _saved_batches_per_epoch(state)
+        if saved_batches is not None and consumed >= saved_batches:
+            # Saved at the epoch's last batch: nothing of it is left, whatever the settings are now.
+            self._resume = {"epoch": int(state["epoch"]), "batches_consumed": EPOCH_DONE}
+            return
         if not self.resampled:
             now = self._fingerprint()
             changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
-            if changed and state.get("batches_consumed", 0) > 0:
+            if changed and consumed > 0:
                 raise ValueError(
                     f"data: this checkpoint stopped mid-epoch with other loader settings {changed} "
                     "(saved, now). Exact epochs can only continue with the same world size, batch size, "
-                    "num_workers, seed and shards; resume with those, or from an end-of-epoch checkpoint.")
-        self._resume = {"epoch": int(state["epoch"]), "batches_consumed": int(state["batches_consumed"])}
+                    "num_workers, seed, shards (the same files, in the same order, of the same sizes) and epoch "
+                    "length (data.num_samples); resume with those, or from an end-of-epoch checkpoint.")
+        self._resume = {"epoch": int(state["epoch"]), "batches_consumed": consumed}
 
     def resume_from(self, epoch: int, batches_consumed: int) -> None:
         """Continue ``epoch`` after ``batches_consumed`` batches (what load_state_dict does, for loops without Lightning)."""
         self._resume = {"epoch": int(epoch), "batches_consumed": int(batches_consumed)}
-        self._epochs_iterated = int(epoch)

@@ -151,6 +151,8 @@ class WebDatasetStream(IterableDataset):
             yield from self._exact(ctx, to_make, to_skip)
 
     def _exact(self, ctx: "_Context", to_make: int, to_skip: int) -> Iterator[dict[str, Any]]:
+        if to_skip >= to_make:
+            return  # resumed after this worker's last batch of the epoch: nothing to read
         order = self.epoch_order(ctx.epoch)
         b = self.batch_size
         start = (self.rank * self.batches_per_rank
@@ -275,8 +277,12 @@ def read_positions(order: list[Shard], start: int, stop: int, counts: Counter | 
         lo, hi = max(start, offset), min(stop, offset + size)
         if lo < hi:
             # Only the slice that reads a shard's end counts the shard's surplus, so it is counted once.
-            items = read_shard(shard.url, size, counts if offset + size <= stop else None)
+            reads_end = counts is not None and offset + size <= stop
+            items = read_shard(shard.url, size, counts if reads_end else None)
             yield from islice(items, lo - offset, hi - offset)
+            if reads_end:
+                for _ in items:  # samples beyond sizes.json (stale manifest): read_shard counts them, yields none
+                    pass
         offset += size
         if offset >= stop:
             return
