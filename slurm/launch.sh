@@ -42,7 +42,9 @@ fi
 # Rendezvous: Lightning's SLURMEnvironment reads these; setting them here makes them visible in the log.
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"  # first host of the node list
 export MASTER_ADDR
-export MASTER_PORT="${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}"      # per job: jobs can share a node
+# Per job (jobs can share a node), and below Linux's ephemeral range (32768-60999 by default), where
+# an outgoing connection of any process on the node could already hold the port: 10000-29999.
+export MASTER_PORT="${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}"
 
 # NCCL (ignored by the gloo/CPU runs of the tests):
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING=1  a failed or hung collective aborts the process group and the

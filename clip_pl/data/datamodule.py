@@ -28,6 +28,7 @@ from clip_pl.data.shardspec import ShardSet, resolve_shards
 from clip_pl.data.stream import WebDatasetStream
 from clip_pl.distributed import rank_and_world_size
 from clip_pl.model import get_tokenizer, image_transforms
+from clip_pl.preemption import WorkerInit
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         multiprocessing_context: str | None = "fork",
         return_keys: bool = False,
+        record_keys: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
@@ -88,7 +90,10 @@ class WebDatasetDataModule(L.LightningDataModule):
         # fork: workers start in milliseconds and share the parsed shard list; it is what a rank launched by
         # srun/torchrun gets on Linux anyway, also when the rank itself was spawned (as in the tests).
         self.multiprocessing_context = multiprocessing_context if hasattr(os, "fork") else None
-        self.return_keys = return_keys
+        # record_keys: batches carry their samples' __key__, which clip_pl.data.keys.KeyRecorder
+        # appends to RUN_DIR/keys/rank<r>.jsonl for `python -m clip_pl.data.audit`.
+        self.record_keys = bool(record_keys)
+        self.return_keys = bool(return_keys) or self.record_keys
         self._train_set: ShardSet | None = None
         self._val_set: ShardSet | None = None
         self._resume: dict | None = None
@@ -187,8 +192,10 @@ class WebDatasetDataModule(L.LightningDataModule):
         return self._loader(stream, lambda: (0, 0))
 
     def _loader(self, stream: WebDatasetStream, position_fn) -> DataLoader:
+        # WorkerInit: workers ignore SIGUSR1/SIGTERM (forked, they would run the trainer's handlers).
         extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": True,
-                 "multiprocessing_context": self.multiprocessing_context} if self.num_workers else {}
+                 "multiprocessing_context": self.multiprocessing_context,
+                 "worker_init_fn": WorkerInit(self._topology()[0])} if self.num_workers else {}
         return EpochAwareLoader(stream, position_fn, num_workers=self.num_workers,
                                 pin_memory=self.pin_memory, **extra)
 
