@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from clip_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS
-from clip_pl.data.shardspec import ShardSet, resolve_shards
+from clip_pl.data.shardspec import ShardSet, resolve_shards, resolve_shards_once
 from clip_pl.data.stream import WebDatasetStream
 from clip_pl.distributed import rank_and_world_size
 from clip_pl.model import get_tokenizer, image_transforms
@@ -116,8 +116,8 @@ class WebDatasetDataModule(L.LightningDataModule):
 
     # ---- sizes -------------------------------------------------------------------------------
     def _train_shards(self) -> ShardSet:
-        if self._train_set is None:
-            self._train_set = resolve_shards(self.train_spec, self.train_weights, self.sizes_file)
+        if self._train_set is None:  # first called from setup(), on every rank: rank 0 lists, the others receive
+            self._train_set = resolve_shards_once(self.train_spec, self.train_weights, self.sizes_file)
         return self._train_set
 
     def epoch_samples(self) -> int:
@@ -156,7 +156,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             log.info("data: %d batches per rank per epoch (%d ranks × %d); %d samples of each epoch's order "
                      "left out (resampled=%s)", batches, world, self.batch_size, left, self.resampled)
         if self.val_spec is not None and self._val_set is None:
-            self._val_set = resolve_shards(self.val_spec, None, self.val_sizes_file)
+            self._val_set = resolve_shards_once(self.val_spec, None, self.val_sizes_file)
             if not self._val_set.sizes_known:
                 raise ValueError(f"data.val_shards need sizes.json (missing: {self._val_set.missing_sizes()[:3]}); "
                                  "set data.val_sizes_file.")

@@ -57,6 +57,17 @@ def worker_batches_consumed(rank_batches_consumed: int, num_workers: int, worker
     return (k - worker + num_workers - 1) // num_workers if k > worker else 0
 
 
+def worker_slice(rank: int, worker: int, num_workers: int, batches_per_rank: int, batch_size: int) -> tuple[int, int]:
+    """Positions ``[start, stop)`` of an exact epoch's sample order that ``worker`` of ``rank`` reads.
+
+    The rank's ``batches_per_rank × batch_size`` positions are contiguous, rank after rank, and split
+    among its workers in proportion to the batches each makes: the slices of all ranks and workers
+    tile ``[0, world × batches_per_rank × batch_size)`` once (see clip_pl/data/plan.py)."""
+    before = sum(worker_batches(batches_per_rank, num_workers, v) for v in range(worker))
+    start = (rank * batches_per_rank + before) * batch_size
+    return start, start + worker_batches(batches_per_rank, num_workers, worker) * batch_size
+
+
 def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
     """Deterministic reservoir shuffle: the same input and rng give the same order (needed to resume)."""
     if size <= 1:
@@ -153,9 +164,7 @@ class WebDatasetStream(IterableDataset):
     def _exact(self, ctx: "_Context", to_make: int, to_skip: int) -> Iterator[dict[str, Any]]:
         order = self.epoch_order(ctx.epoch)
         b = self.batch_size
-        start = (self.rank * self.batches_per_rank
-                 + sum(worker_batches(self.batches_per_rank, ctx.num_workers, v) for v in range(ctx.worker))) * b
-        stop = start + to_make * b
+        start, stop = worker_slice(self.rank, ctx.worker, ctx.num_workers, self.batches_per_rank, b)
         counts: Counter = Counter()
         rng = random.Random(derive_seed(self.seed, ctx.epoch, self.rank, ctx.worker, 1))
         raw = shuffle_buffer(read_positions(order, start, stop, counts), self.shuffle_buffer_size, rng)
