@@ -138,7 +138,10 @@ def test_three_preemptions_train_every_sample_once_and_match_the_uninterrupted_r
             ok = int(fields.get("Restarts", 0)) >= restarts and fields.get("JobState") in ("PENDING", "RUNNING")
             return fields if ok else None
         fields = wait_until(f"requeue #{restarts}", settled, timeout=90, diagnose=diagnose)
-        if fields["JobState"] == "PENDING":  # SLURM holds a requeued job ~120 s (BeginTime): start it now
+        if fields["JobState"] == "PENDING":  # SLURM holds a requeued job ~120 s (BeginTime): start it now,
+            # but not within the second of the requeue: slurmd refuses a credential no newer than the
+            # revoked one ("Job credential revoked"), and the job would fail instead of starting.
+            time.sleep(2)
             slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
     def hpc_checkpoints() -> list[Path]:
