@@ -197,3 +197,16 @@ def test_datamodule_loaders_ignore_stop_signals_in_workers(tmp_path):
         for s, h in old.items():
             signal.signal(s, h)
     assert len(pids) == 1 and not marker.exists(), marker.read_text() if marker.exists() else ""
+
+
+def test_evaluation_loaders_ignore_stop_signals_in_workers(tmp_path):
+    from clip_pl.eval.datasets import loader
+
+    marker = tmp_path / "handled.txt"
+    old = {s: signal.signal(s, _marker_handler(marker)) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        pids = list(loader(_SignalSelf(), batch_size=1, num_workers=1, collate_fn=lambda b: b[0]))
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert len(pids) == 1 and not marker.exists()

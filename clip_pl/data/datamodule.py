@@ -97,6 +97,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         self._train_set: ShardSet | None = None
         self._val_set: ShardSet | None = None
         self._resume: dict | None = None
+        self._anchor: tuple[int, int, int | None] = (0, 0, 0)  # (epoch, batches consumed, global step) of the start
         self._epochs_iterated = 0  # epoch counter when no Trainer drives the loader
         if not self.resampled and train_weights is not None:
             weights = resolve_shards(train_shards, train_weights, sizes_file).weights
@@ -203,14 +204,30 @@ class WebDatasetDataModule(L.LightningDataModule):
         """(epoch, batches to skip) for the epoch that is starting."""
         trainer = self._trainer_or_none()
         if trainer is not None:
-            epoch = self._trainer_epoch(trainer)
-        else:
-            epoch = self._epochs_iterated
-            self._epochs_iterated += 1
+            return self._position_at(int(trainer.global_step))
+        epoch = self._epochs_iterated
+        self._epochs_iterated += 1
         resume, self._resume = self._resume, None  # a resume point applies to one epoch only
         if resume is not None and resume["epoch"] == epoch:
             return epoch, resume["batches_consumed"]
         return epoch, 0
+
+    def _position_at(self, global_step: int) -> tuple[int, int]:
+        """(epoch, batches of it consumed) after ``global_step`` optimizer steps.
+
+        Every epoch has exactly ``batches_per_epoch`` batches (one optimizer step each), so the position
+        follows from the step alone, counted from the resume point (``_anchor``: the checkpoint's epoch,
+        batches consumed and step). Not from Lightning's epoch counter: restarted from a checkpoint
+        saved on an epoch's last batch, that counter counts the finished epoch twice and the run would
+        skip an epoch's data order.
+        """
+        epoch, consumed, step = self._anchor
+        if step is None:  # a checkpoint of an older version: its position is that of the restored step
+            step = global_step
+            self._anchor = (epoch, consumed, step)
+        total = consumed + (global_step - step)
+        per_epoch = self.batches_per_epoch()
+        return epoch + total // per_epoch, total % per_epoch
 
     # ---- resume ------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
@@ -223,16 +240,11 @@ class WebDatasetDataModule(L.LightningDataModule):
         trainer = self._trainer_or_none()
         if trainer is None:
             return {}
-        # `processed` counts batches whose training step ran, including the one whose
-        # on_train_batch_end is saving this checkpoint right now.
-        consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self._trainer_epoch(trainer), "batches_consumed": int(consumed), **self._fingerprint()}
-
-    @staticmethod
-    def _trainer_epoch(trainer) -> int:
-        # The epoch Lightning hands to samplers' set_epoch: it stays put when max_steps ends a run mid-epoch,
-        # whereas trainer.current_epoch already counts that epoch as completed.
-        return int(trainer.fit_loop.epoch_progress.current.processed)
+        # global_step already counts the batch whose on_train_batch_end is saving this checkpoint right
+        # now; a checkpoint of an epoch's last batch says (next epoch, 0).
+        step = int(trainer.global_step)
+        epoch, consumed = self._position_at(step)
+        return {"epoch": epoch, "batches_consumed": consumed, "global_step": step, **self._fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -246,6 +258,8 @@ class WebDatasetDataModule(L.LightningDataModule):
                     "(saved, now). Exact epochs can only continue with the same world size, batch size, "
                     "num_workers, seed and shards; resume with those, or from an end-of-epoch checkpoint.")
         self._resume = {"epoch": int(state["epoch"]), "batches_consumed": int(state["batches_consumed"])}
+        step = state.get("global_step")
+        self._anchor = (int(state["epoch"]), int(state["batches_consumed"]), None if step is None else int(step))
 
     def resume_from(self, epoch: int, batches_consumed: int) -> None:
         """Continue ``epoch`` after ``batches_consumed`` batches (what load_state_dict does, for loops without Lightning)."""

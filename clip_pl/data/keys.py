@@ -59,7 +59,10 @@ class KeyRecorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._file is None or not isinstance(batch, dict) or "key" not in batch:
             return
-        record = {"step": trainer.global_step, "epoch": int(trainer.fit_loop.epoch_progress.current.processed),
+        epoch = batch.get("epoch")  # the loader's own epoch (its data order); Lightning's counter as a fallback
+        if epoch is None:
+            epoch = trainer.fit_loop.epoch_progress.current.processed
+        record = {"step": trainer.global_step, "epoch": int(epoch),
                   "keys": list(batch["key"]), "bad": dict(batch.get("bad_samples") or {})}
         self._file.write(json.dumps(record) + "\n")
 

@@ -188,7 +188,7 @@ class WebDatasetStream(IterableDataset):
                 good.append(reservoir.pop() if reservoir else fillers.next())
                 counts["refilled"] += 1
             reservoir = originals
-            yield self._collate(good, counts)
+            yield self._collate(good, counts, ctx.epoch)
 
     def _resampled(self, ctx: "_Context", to_make: int) -> Iterator[dict[str, Any]]:
         counts: Counter = Counter()
@@ -208,7 +208,7 @@ class WebDatasetStream(IterableDataset):
                     continue
                 bad_in_a_row = 0
                 batch.append(decoded)
-            yield self._collate(batch, counts)
+            yield self._collate(batch, counts, ctx.epoch)
 
     def _draw_shards(self, rng: random.Random, counts: Counter) -> Iterator[dict | Missing]:
         shards = self.shards.shards
@@ -253,7 +253,7 @@ class WebDatasetStream(IterableDataset):
             return None
         return tensor, caption, item.get("__key__", "")
 
-    def _collate(self, items: list[tuple], counts: Counter) -> dict[str, Any]:
+    def _collate(self, items: list[tuple], counts: Counter, epoch: int | None = None) -> dict[str, Any]:
         batch: dict[str, Any] = {
             "image": self.transform.collate([t for t, _, _ in items]),
             "text": self.tokenizer([c for _, c, _ in items]),
@@ -261,6 +261,7 @@ class WebDatasetStream(IterableDataset):
         }
         if self.return_keys:
             batch["key"] = [k for _, _, k in items]
+            batch["epoch"] = epoch  # the epoch whose sample order this batch comes from
         counts.clear()
         return batch
 
