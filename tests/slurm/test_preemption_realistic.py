@@ -137,7 +137,8 @@ def test_three_preemptions_train_every_sample_once_and_match_the_uninterrupted_r
             fields = slurm_cluster.job_fields(job)
             ok = int(fields.get("Restarts", 0)) >= restarts and fields.get("JobState") in ("PENDING", "RUNNING")
             return fields if ok else None
-        fields = wait_until(f"requeue #{restarts}", settled, timeout=90, diagnose=diagnose)
+        # generous: on a loaded 2-core box a life can take a minute to reach its next step boundary
+        fields = wait_until(f"requeue #{restarts}", settled, timeout=180, diagnose=diagnose)
         if fields["JobState"] == "PENDING":  # SLURM holds a requeued job ~120 s (BeginTime): start it now,
             # but not within the second of the requeue: slurmd refuses a credential no newer than the
             # revoked one ("Job credential revoked"), and the job would fail instead of starting.
