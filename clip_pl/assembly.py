@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from clip_pl.callbacks import StepSleep
@@ -75,6 +76,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     plugins = []
     if not uses_deepspeed(cfg):  # DeepSpeed writes its own sharded folders
         plugins.append(AtomicCheckpointIO())
+    if SLURMEnvironment.detect():
+        # Lightning's auto-requeue saves inside the signal handler (Lightning #21406); requeue is
+        # clip_pl.preemption.PreemptionCheckpoint's job (callbacks.preemption).
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return instantiate(cfg.trainer, strategy=strategy, callbacks=build_callbacks(cfg),
                        logger=build_loggers(cfg, run_dir) or False, plugins=plugins,
                        default_root_dir=str(run_dir))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
+import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +42,106 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
+def writes_folders(strategy) -> bool:
+    """Whether ``strategy.save_checkpoint`` writes a folder, every rank its part (DeepSpeed, sharded FSDP,
+    distributed ModelParallel) rather than one file from rank 0."""
+    if "DeepSpeed" in type(strategy).__name__:
+        return True
+    if getattr(strategy, "_state_dict_type", None) == "sharded":
+        return True
+    return bool(getattr(strategy, "_save_distributed_checkpoint", False))
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def replace_path(tmp: Path, target: Path) -> None:
+    """Put ``tmp`` (a file or a folder) at ``target``; a reader sees the old or the new one, whole.
+
+    A folder cannot be renamed over a non-empty folder, so an existing target is swapped with the new
+    one atomically where the file system supports it (renameat2 RENAME_EXCHANGE: ext4, xfs, tmpfs,
+    btrfs …); elsewhere it is moved aside to ``.NAME.prev`` first, which :func:`find_resume_checkpoint`
+    also accepts, so even a crash between the two renames leaves a checkpoint to resume from.
+    """
+    tmp, target = Path(tmp), Path(target)
+    if not target.exists() and not target.is_symlink():
+        os.rename(tmp, target)
+        return
+    if _exchange(tmp, target):
+        _remove(tmp)  # now holds the previous checkpoint
+        return
+    previous = target.with_name(f".{target.name}.prev")
+    _remove(previous)
+    os.rename(target, previous)
+    os.rename(tmp, target)
+    _remove(previous)
+
+
+def save_checkpoint_atomically(trainer, path: str | os.PathLike, weights_only: bool | None = None) -> None:
+    """``trainer.save_checkpoint`` on every rank, never leaving a half-written checkpoint at ``path``.
+
+    Single files are made atomic by :class:`AtomicCheckpointIO`. Folder checkpoints (DeepSpeed, sharded
+    FSDP) are written by every rank into ``.NAME.tmp-<step>`` (the same name on all ranks: it comes
+    from the step), and rank 0 swaps that folder in once all ranks are done.
+    """
+    path = Path(path)
+    if not writes_folders(trainer.strategy):
+        trainer.save_checkpoint(str(path), weights_only)
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{trainer.global_step}")
+    if trainer.is_global_zero:
+        _remove(tmp)  # a leftover of a save that was killed
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+    trainer.strategy.barrier("clip_pl.save_checkpoint_atomically.prepare")
+    trainer.save_checkpoint(str(tmp), weights_only)  # collective; ends with a barrier
+    if trainer.is_global_zero:
+        replace_path(tmp, path)
+        for leftover in path.parent.glob(f".{path.name}.tmp-*"):  # of saves that were killed
+            _remove(leftover)
+    trainer.strategy.barrier("clip_pl.save_checkpoint_atomically.commit")
+
+
 class StepCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, plus the final step: a run whose ``max_steps`` is not a multiple
     of ``every_n_train_steps`` still ends with ``step=N.ckpt`` and a ``last.ckpt`` of all N steps
-    (Lightning's own end-of-training save only happens when no ``last`` was ever written)."""
+    (Lightning's own end-of-training save only happens when no ``last`` was ever written).
+
+    A run stopped by preemption (:class:`clip_pl.preemption.PreemptionCheckpoint`) has just saved its
+    ``hpc_ckpt``: no final checkpoint then, the run is not over. Folder checkpoints (DeepSpeed) are
+    written aside and swapped in, so ``last.ckpt`` is never a mix of two steps.
+    """
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        if not writes_folders(trainer.strategy):
+            return super()._save_checkpoint(trainer, filepath)
+        save_checkpoint_atomically(trainer, filepath, self.save_weights_only)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(weakref.proxy(self))
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if any(getattr(cb, "stopped_at_step", None) is not None for cb in trainer.callbacks):
+            return  # preempted: the hpc checkpoint of this step is the resume point
         if (self._every_n_train_steps and not trainer.fast_dev_run and trainer.global_step > 0
                 and self._last_global_step_saved != trainer.global_step):
             candidates = self._monitor_candidates(trainer)
@@ -59,6 +156,9 @@ def find_resume_checkpoint(run_dir: str | os.PathLike) -> str | None:
     DeepSpeed (and sharded FSDP) a checkpoint is a folder; it counts the same."""
     candidates = glob.glob(os.path.join(run_dir, "hpc_ckpt_*.ckpt"))
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    previous = os.path.join(run_dir, "checkpoints", ".last.ckpt.prev")  # see replace_path
     if os.path.exists(last):
         candidates.append(last)
+    elif os.path.exists(previous):
+        candidates.append(previous)
     return max(candidates, key=os.path.getmtime) if candidates else None

@@ -13,6 +13,8 @@ newest checkpoint in its run directory: weights, optimizer, scheduler, step, loa
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -42,13 +44,35 @@ def train(cfg: DictConfig) -> L.Trainer:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     # Lightning's local DDP launcher restarts this script for ranks 1.. with the parent's
     # hydra.run.dir but not its run_name (a timestamp by default): pin the run directory to
     # Hydra's, so every rank writes to and resumes from the same one.
     with open_dict(cfg):
         cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
     train(cfg)
+
+
+def launched_rank() -> int:
+    """This process's global rank as its launcher set it (srun: SLURM_PROCID; torchrun: RANK), before
+    any process group exists; 0 when launched alone."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+# Ranks > 0 leave the shared files of the run directory to rank 0: no .hydra/*.yaml, no train.log
+# (256 ranks writing the same files on a shared file system); their log lines go to the console,
+# i.e. the job's log.
+RANK_NONZERO_OVERRIDES = ["hydra.output_subdir=null", "~hydra.job_logging.handlers.file",
+                          "hydra.job_logging.root.handlers=[console]"]
+
+
+def main() -> None:
+    if launched_rank() > 0:
+        sys.argv += [o for o in RANK_NONZERO_OVERRIDES if o not in sys.argv]
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@
 #   CLIP_PL_VENV    alternatively, a venv to activate first (e.g. $PWD/.venv after `make setup`)
 #   NCCL_* / TORCH_NCCL_*  see "NCCL" below; anything you export before sbatch wins over the defaults.
 #
-# Requeue has ONE owner: Lightning. `#SBATCH --signal=SIGUSR1@120` (no `B:`) makes SLURM send
-# SIGUSR1 to every task of the srun step 120 s before the time limit (and `scancel --signal=USR1`
-# does the same by hand). Lightning's SLURMEnvironment(auto_requeue=True) handler then saves
-# `hpc_ckpt_<n>.ckpt` in trainer.default_root_dir (the run directory) and rank 0 runs
+# Preemption: `#SBATCH --signal=SIGUSR1@120` (no `B:`) makes SLURM send SIGUSR1 to every process of
+# the srun step 120 s before the time limit (`scancel --signal=USR1` does the same by hand); a
+# preempting job sends SIGTERM. clip_pl.preemption.PreemptionCheckpoint (callbacks.preemption) only
+# records the signal in its handler; after the next optimizer step all ranks agree (one all-reduce),
+# save `hpc_ckpt_<step>.ckpt` together in the run directory and stop; for SIGUSR1 rank 0 then runs
 # `scontrol requeue $SLURM_JOB_ID`. The requeued job keeps its job id, so it lands in the same run
-# directory (runs/$SLURM_JOB_ID) and Lightning resumes from the newest hpc checkpoint by itself.
+# directory (runs/$SLURM_JOB_ID) and resume=auto continues from the newest checkpoint there.
 # This script therefore installs no signal trap: do not add one, and do not turn the signal into
 # `B:USR1` (the batch shell would get it instead of the trainer).
 set -euo pipefail
@@ -42,7 +43,9 @@ fi
 # Rendezvous: Lightning's SLURMEnvironment reads these; setting them here makes them visible in the log.
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"  # first host of the node list
 export MASTER_ADDR
-export MASTER_PORT="${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}"      # per job: jobs can share a node
+# Per job (jobs can share a node), and below Linux's ephemeral range (32768-60999 by default), where
+# an outgoing connection of any process on the node could already hold the port: 10000-29999.
+export MASTER_PORT="${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}"
 
 # NCCL (ignored by the gloo/CPU runs of the tests):
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING=1  a failed or hung collective aborts the process group and the

@@ -6,7 +6,7 @@
 #   sbatch --gpus-per-node=4 --ntasks-per-node=4 slurm/train_1node.sh experiment=<name>   # 4 GPUs
 #
 # Topology only; trainer.num_nodes / trainer.devices come from SLURM's environment (slurm/launch.sh,
-# which also documents CLIP_PL_PYTHON / CLIP_PL_VENV and Lightning's ownership of requeue).
+# which also documents CLIP_PL_PYTHON / CLIP_PL_VENV and how preemption saves and requeues).
 #
 #SBATCH --job-name=clip-1node
 #SBATCH --nodes=1

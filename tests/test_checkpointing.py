@@ -102,3 +102,80 @@ def test_a_fresh_start_refuses_a_run_directory_that_has_checkpoints(tmp_path):
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
     with pytest.raises(FileExistsError, match="resume=auto"):
         resume_checkpoint(cfg, tmp_path)
+
+
+# ---- folder checkpoints (DeepSpeed, sharded FSDP): written aside, swapped in -----------------
+
+class FolderStrategy:
+    """Stands in for DeepSpeed's save on one rank: a folder of parts, written part by part;
+    ``fail_after`` parts into a save it raises, as a preempted or crashing writer would stop."""
+
+    _save_distributed_checkpoint = True  # what makes clip_pl.checkpointing.writes_folders say yes
+
+    def __init__(self) -> None:
+        self.fail_after: int | None = None
+
+    def barrier(self, name=None) -> None:
+        pass
+
+
+class FolderTrainer:
+    is_global_zero = True
+
+    def __init__(self, step: int) -> None:
+        self.strategy, self.global_step, self.saved_to = FolderStrategy(), step, []
+
+    def save_checkpoint(self, path, weights_only=None) -> None:
+        self.saved_to.append(path)
+        os.makedirs(path, exist_ok=True)
+        for part in range(4):
+            if self.strategy.fail_after is not None and part == self.strategy.fail_after:
+                raise RuntimeError("killed mid-save")
+            with open(os.path.join(path, f"part{part}"), "w") as f:
+                f.write(str(self.global_step))
+
+
+def _parts(folder) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(folder.iterdir())}
+
+
+def test_a_folder_checkpoint_is_swapped_in_whole_or_not_at_all(tmp_path):
+    from clip_pl.checkpointing import save_checkpoint_atomically
+
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    trainer = FolderTrainer(step=10)
+    save_checkpoint_atomically(trainer, last)
+    assert trainer.saved_to == [str(tmp_path / "checkpoints" / ".last.ckpt.tmp-10")]  # never in place
+    assert _parts(last) == {f"part{i}": "10" for i in range(4)}
+    trainer.global_step, trainer.strategy.fail_after = 20, 2
+    with pytest.raises(RuntimeError, match="killed mid-save"):
+        save_checkpoint_atomically(trainer, last)
+    assert _parts(last) == {f"part{i}": "10" for i in range(4)}  # the previous one, whole
+    trainer.global_step, trainer.strategy.fail_after = 30, None
+    save_checkpoint_atomically(trainer, last)  # over an existing folder and a leftover temporary one
+    assert _parts(last) == {f"part{i}": "30" for i in range(4)}
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    assert find_resume_checkpoint(tmp_path) == str(last)
+
+
+def test_replace_path_without_atomic_exchange_keeps_a_resumable_previous(tmp_path, monkeypatch):
+    import clip_pl.checkpointing as ckpt
+
+    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)  # a file system without renameat2
+    (tmp_path / "checkpoints").mkdir()
+    last, new = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "checkpoints" / ".new"
+    last.mkdir(), new.mkdir()
+    (new / "part0").write_text("new")
+    real_rename = os.rename
+    calls = []
+
+    def crash_on_second(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("killed between the two renames")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", crash_on_second)
+    with pytest.raises(OSError):
+        ckpt.replace_path(new, last)
+    assert find_resume_checkpoint(tmp_path) == str(tmp_path / "checkpoints" / ".last.ckpt.prev")

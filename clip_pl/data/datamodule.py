@@ -26,10 +26,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from clip_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS
-from clip_pl.data.shardspec import ShardSet, resolve_shards
+from clip_pl.data.shardspec import ShardSet, resolve_shards, resolve_shards_once
 from clip_pl.data.stream import WebDatasetStream
 from clip_pl.distributed import rank_and_world_size
 from clip_pl.model import get_tokenizer, image_transforms
+from clip_pl.preemption import WorkerInit
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         multiprocessing_context: str | None = "fork",
         return_keys: bool = False,
+        record_keys: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
@@ -101,7 +103,10 @@ class WebDatasetDataModule(L.LightningDataModule):
         # fork: workers start in milliseconds and share the parsed shard list; it is what a rank launched by
         # srun/torchrun gets on Linux anyway, also when the rank itself was spawned (as in the tests).
         self.multiprocessing_context = multiprocessing_context if hasattr(os, "fork") else None
-        self.return_keys = return_keys
+        # record_keys: batches carry their samples' __key__, which clip_pl.data.keys.KeyRecorder
+        # appends to RUN_DIR/keys/rank<r>.jsonl for `python -m clip_pl.data.audit`.
+        self.record_keys = bool(record_keys)
+        self.return_keys = bool(return_keys) or self.record_keys
         self._train_set: ShardSet | None = None
         self._val_set: ShardSet | None = None
         self._resume: dict | None = None
@@ -128,8 +133,8 @@ class WebDatasetDataModule(L.LightningDataModule):
 
     # ---- sizes -------------------------------------------------------------------------------
     def _train_shards(self) -> ShardSet:
-        if self._train_set is None:
-            self._train_set = resolve_shards(self.train_spec, self.train_weights, self.sizes_file)
+        if self._train_set is None:  # first called from setup(), on every rank: rank 0 lists, the others receive
+            self._train_set = resolve_shards_once(self.train_spec, self.train_weights, self.sizes_file)
         return self._train_set
 
     def epoch_samples(self) -> int:
@@ -168,7 +173,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             log.info("data: %d batches per rank per epoch (%d ranks × %d); %d samples of each epoch's order "
                      "left out (resampled=%s)", batches, world, self.batch_size, left, self.resampled)
         if self.val_spec is not None and self._val_set is None:
-            self._val_set = resolve_shards(self.val_spec, None, self.val_sizes_file)
+            self._val_set = resolve_shards_once(self.val_spec, None, self.val_sizes_file)
             if not self._val_set.sizes_known:
                 raise ValueError(f"data.val_shards need sizes.json (missing: {self._val_set.missing_sizes()[:3]}); "
                                  "set data.val_sizes_file.")
@@ -204,8 +209,10 @@ class WebDatasetDataModule(L.LightningDataModule):
         return self._loader(stream, lambda: (0, 0))
 
     def _loader(self, stream: WebDatasetStream, position_fn) -> DataLoader:
+        # WorkerInit: workers ignore SIGUSR1/SIGTERM (forked, they would run the trainer's handlers).
         extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": True,
-                 "multiprocessing_context": self.multiprocessing_context} if self.num_workers else {}
+                 "multiprocessing_context": self.multiprocessing_context,
+                 "worker_init_fn": WorkerInit(self._topology()[0])} if self.num_workers else {}
         return EpochAwareLoader(stream, position_fn, num_workers=self.num_workers,
                                 pin_memory=self.pin_memory, **extra)
 

@@ -57,6 +57,17 @@ def worker_batches_consumed(rank_batches_consumed: int, num_workers: int, worker
     return (k - worker + num_workers - 1) // num_workers if k > worker else 0
 
 
+def worker_slice(rank: int, worker: int, num_workers: int, batches_per_rank: int, batch_size: int) -> tuple[int, int]:
+    """Positions ``[start, stop)`` of an exact epoch's sample order that ``worker`` of ``rank`` reads.
+
+    The rank's ``batches_per_rank × batch_size`` positions are contiguous, rank after rank, and split
+    among its workers in proportion to the batches each makes: the slices of all ranks and workers
+    tile ``[0, world × batches_per_rank × batch_size)`` once (see clip_pl/data/plan.py)."""
+    before = sum(worker_batches(batches_per_rank, num_workers, v) for v in range(worker))
+    start = (rank * batches_per_rank + before) * batch_size
+    return start, start + worker_batches(batches_per_rank, num_workers, worker) * batch_size
+
+
 def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
     """Deterministic reservoir shuffle: the same input and rng give the same order (needed to resume)."""
     if size <= 1:
@@ -155,9 +166,7 @@ class WebDatasetStream(IterableDataset):
             return  # resumed after this worker's last batch of the epoch: nothing to read
         order = self.epoch_order(ctx.epoch)
         b = self.batch_size
-        start = (self.rank * self.batches_per_rank
-                 + sum(worker_batches(self.batches_per_rank, ctx.num_workers, v) for v in range(ctx.worker))) * b
-        stop = start + to_make * b
+        start, stop = worker_slice(self.rank, ctx.worker, ctx.num_workers, self.batches_per_rank, b)
         counts: Counter = Counter()
         rng = random.Random(derive_seed(self.seed, ctx.epoch, self.rank, ctx.worker, 1))
         raw = shuffle_buffer(read_positions(order, start, stop, counts), self.shuffle_buffer_size, rng)
@@ -181,7 +190,7 @@ class WebDatasetStream(IterableDataset):
                 good.append(reservoir.pop() if reservoir else fillers.next())
                 counts["refilled"] += 1
             reservoir = originals
-            yield self._collate(good, counts)
+            yield self._collate(good, counts, ctx.epoch)
 
     def _resampled(self, ctx: "_Context", to_make: int) -> Iterator[dict[str, Any]]:
         counts: Counter = Counter()
@@ -201,7 +210,7 @@ class WebDatasetStream(IterableDataset):
                     continue
                 bad_in_a_row = 0
                 batch.append(decoded)
-            yield self._collate(batch, counts)
+            yield self._collate(batch, counts, ctx.epoch)
 
     def _draw_shards(self, rng: random.Random, counts: Counter) -> Iterator[dict | Missing]:
         shards = self.shards.shards
@@ -246,7 +255,7 @@ class WebDatasetStream(IterableDataset):
             return None
         return tensor, caption, item.get("__key__", "")
 
-    def _collate(self, items: list[tuple], counts: Counter) -> dict[str, Any]:
+    def _collate(self, items: list[tuple], counts: Counter, epoch: int | None = None) -> dict[str, Any]:
         batch: dict[str, Any] = {
             "image": self.transform.collate([t for t, _, _ in items]),
             "text": self.tokenizer([c for _, c, _ in items]),
@@ -254,6 +263,7 @@ class WebDatasetStream(IterableDataset):
         }
         if self.return_keys:
             batch["key"] = [k for _, _, k in items]
+            batch["epoch"] = epoch  # the epoch whose sample order this batch comes from
         counts.clear()
         return batch
 
