@@ -42,9 +42,10 @@ INIT_LOGIT_SCALE = math.log(100.0) + 2e-3
 
 
 def common_overrides(shards: str) -> list[str]:
-    # One loader worker: random crops are seeded per batch in workers, so a resume re-crops alike.
+    # No loader workers: crops are seeded per batch in the training process too (a resume re-crops
+    # alike), and nothing is forked from processes that DeepSpeed's and gloo's threads run in.
     return ["model=tiny", "trainer=cpu", "trainer.devices=2", "data=wds", f"data.train_shards={shards}",
-            "data.batch_size=8", "data.num_workers=1", "global_batch_size=null", f"trainer.max_steps={STEPS}",
+            "data.batch_size=8", "data.num_workers=0", "global_batch_size=null", f"trainer.max_steps={STEPS}",
             "scheduler.warmup_steps=1", "trainer.log_every_n_steps=1", "trainer.gradient_clip_val=1.0",
             f"model.init_logit_scale={INIT_LOGIT_SCALE}", f"callbacks.checkpoint.every_n_train_steps={RESUME_AT}",
             "callbacks.checkpoint.save_last=false", f"callbacks.telemetry.heatmap_every_n_steps={STEPS}",

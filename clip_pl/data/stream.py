@@ -19,6 +19,7 @@ which is how a resume knows how many batches each worker must skip.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections import Counter
@@ -178,17 +179,17 @@ class WebDatasetStream(IterableDataset):
         fillers = _Fillers(self, order, start, stop, self._epoch_length())
         reservoir: list[tuple] = []
         for index in range(to_skip, to_make):
-            ctx.seed_augmentation(self.seed, self.rank, index)
             chunk = list(islice(raw, b))
             if len(chunk) != b:  # cannot happen with a consistent manifest; fail loudly, never hang
                 raise RuntimeError(f"rank {self.rank} worker {ctx.worker}: slice ended after {len(chunk)} "
                                    f"of {b} samples; sizes.json disagrees with the shards.")
-            good = [d for d in (self._decode(item, counts) for item in chunk) if d is not None]
-            originals = list(good)
-            while len(good) < b:
-                # A duplicate from the previous batch is harmless; within the batch it would be a false negative.
-                good.append(reservoir.pop() if reservoir else fillers.next())
-                counts["refilled"] += 1
+            with ctx.augmentation_rng(self.seed, self.rank, index):  # never across the yield
+                good = [d for d in (self._decode(item, counts) for item in chunk) if d is not None]
+                originals = list(good)
+                while len(good) < b:
+                    # A duplicate from the previous batch is harmless; within the batch it would be a false negative.
+                    good.append(reservoir.pop() if reservoir else fillers.next())
+                    counts["refilled"] += 1
             reservoir = originals
             yield self._collate(good, counts, ctx.epoch)
 
@@ -198,18 +199,18 @@ class WebDatasetStream(IterableDataset):
         raw = iter(shuffle_buffer(self._draw_shards(rng, counts), self.shuffle_buffer_size, rng))
         bad_in_a_row = 0
         for index in range(to_make):
-            ctx.seed_augmentation(self.seed, self.rank, index, ctx.consumed)  # resumed: new crops too
             batch: list[tuple] = []
-            while len(batch) < self.batch_size:
-                decoded = self._decode(next(raw), counts)
-                if decoded is None:
-                    bad_in_a_row += 1
-                    if bad_in_a_row > MAX_CONSECUTIVE_BAD:
-                        raise RuntimeError(f"{bad_in_a_row} unusable samples in a row ({dict(counts)}); "
-                                           "check the shards and data.train_shards.")
-                    continue
-                bad_in_a_row = 0
-                batch.append(decoded)
+            with ctx.augmentation_rng(self.seed, self.rank, index, ctx.consumed):  # resumed: new crops too
+                while len(batch) < self.batch_size:
+                    decoded = self._decode(next(raw), counts)
+                    if decoded is None:
+                        bad_in_a_row += 1
+                        if bad_in_a_row > MAX_CONSECUTIVE_BAD:
+                            raise RuntimeError(f"{bad_in_a_row} unusable samples in a row ({dict(counts)}); "
+                                               "check the shards and data.train_shards.")
+                        continue
+                    bad_in_a_row = 0
+                    batch.append(decoded)
             yield self._collate(batch, counts, ctx.epoch)
 
     def _draw_shards(self, rng: random.Random, counts: Counter) -> Iterator[dict | Missing]:
@@ -273,10 +274,16 @@ class _Context:
         self.epoch, self.worker, self.num_workers, self.consumed = epoch, worker, num_workers, consumed
         self.reseed = reseed
 
-    def seed_augmentation(self, seed: int, rank: int, *batch_id: int) -> None:
-        """Random crops depend on (seed, epoch, rank, worker, batch) only, so a resumed epoch re-crops alike."""
-        if self.reseed:
+    @contextlib.contextmanager
+    def augmentation_rng(self, seed: int, rank: int, *batch_id: int) -> Iterator[None]:
+        """Random crops depend on (seed, epoch, rank, worker, batch) only, so a resumed epoch re-crops
+        alike. A worker reseeds its own RNG; the training process itself (num_workers=0) forks the
+        global RNG for the batch, so the model's random stream is left as it was."""
+        with contextlib.ExitStack() as stack:
+            if not self.reseed:
+                stack.enter_context(torch.random.fork_rng(devices=[]))
             torch.manual_seed(derive_seed(seed, self.epoch, rank, self.worker, *batch_id, 3))
+            yield
 
 
 def read_positions(order: list[Shard], start: int, stop: int, counts: Counter | None) -> Iterator[dict | Missing]:
