@@ -239,8 +239,9 @@ def compose(args, root: str, extra: list[str]):
                  f"trainer.precision={args.precision}", f"trainer.max_steps={total}",
                  f"trainer.benchmark={str(args.device == 'cuda').lower()}", "trainer.enable_model_summary=false",
                  f"scheduler.warmup_steps={min(5, total - 1)}", "logger=csv", "eval=none", "resume=none",
-                 # no checkpoint is written (the default saves one at the last step) and no progress bar
-                 "callbacks.checkpoint=null", "+trainer.enable_checkpointing=false", "callbacks.progress_bar=null",
+                 # No checkpoint is written (the default saves one at the last step). The progress bar
+                 # stays: clip_pl's own, refreshed every 10 steps like OpenCLIP's log (each reads the loss).
+                 "callbacks.checkpoint=null", "+trainer.enable_checkpointing=false",
                  f"paths.root_dir={root}", "run_name=gpu_check", *extra]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
