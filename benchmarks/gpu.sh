@@ -32,5 +32,5 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [[ "$DEVICE" == cuda ]] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
     | tee -a "$OUT/gpu_check.log"
-# The driver's own budget is 420 s; this outer limit only catches a driver that hangs itself.
-timeout -k 10 480 "$PY" -m benchmarks.gpu_check all --device "$DEVICE" --out "$OUT"
+# The driver's own budget is 420 s (runs) + the report; this outer limit only catches a driver that hangs.
+timeout -k 10 450 "$PY" -m benchmarks.gpu_check all --device "$DEVICE" --out "$OUT"
