@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_throughput                      # tiny model, CPU, batch 64
     python -m benchmarks.train_throughput --model vit_b32 --batch-size 256 --precision bf16-mixed --steps 100 \
-        --accelerator gpu --strategy deepspeed_stage_2                   # see benchmarks/gpu.sh
+        --accelerator gpu --strategy deepspeed_stage_2    # on a GPU; the prepared GPU check is benchmarks/gpu.sh
 
 Same architecture, same initial weights, same synthetic batches, same AdamW, one process each,
 run one after the other in fresh subprocesses. clip_pl runs through its real entry path (Hydra

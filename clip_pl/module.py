@@ -134,7 +134,7 @@ class CLIPModule(L.LightningModule):
 
     def temperature(self) -> float:
         """exp(logit_scale) as the loss uses it (capped), read on any strategy."""
-        return self._scalar_parameter("logit_scale", exp=True)
+        return float(self._scalar_parameter("logit_scale", exp=True))
 
     # -- steps -------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
@@ -145,7 +145,9 @@ class CLIPModule(L.LightningModule):
         # sync_dist: the logged loss is the global-batch loss (the mean of the ranks' shares).
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log_dict({
-            "train/temperature": self.temperature(),
+            # A device tensor, not a float: float() would wait for the GPU at every step (a host sync
+            # that stops the CPU from queueing the next step); Lightning reads it on logging steps.
+            "train/temperature": self._scalar_parameter("logit_scale", exp=True),
             "train/lr": self._current_lr(),
             "train/global_batch_size": float(batch_size * world_size),
             "train/world_size": float(world_size),
@@ -158,13 +160,14 @@ class CLIPModule(L.LightningModule):
             self.log("train/logit_bias", self._scalar_parameter("logit_bias"), batch_size=batch_size)
         return loss
 
-    def _scalar_parameter(self, name: str, exp: bool = False) -> float:
-        """A 0-d parameter's value on every strategy (FSDP shards it as a 1-element DTensor)."""
+    def _scalar_parameter(self, name: str, exp: bool = False) -> torch.Tensor:
+        """A 0-d parameter's value on every strategy (FSDP shards it as a 1-element DTensor), as a
+        0-d fp32 tensor on the parameter's device."""
         value = getattr(self.model, name).detach()
         if hasattr(value, "full_tensor"):
             value = value.full_tensor()
-        value = value.float().reshape(-1)[0]
-        return float(value.exp().clamp(max=self.max_logit_scale) if exp else value)
+        value = value.float().reshape(-1)[0].clone()
+        return value.exp().clamp(max=self.max_logit_scale) if exp else value
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.contrastive_loss(batch)

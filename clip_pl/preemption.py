@@ -175,9 +175,12 @@ class PreemptionCheckpoint(L.Callback):
         trainer.should_stop = True
 
     def _agree(self, trainer: L.Trainer) -> list[int]:
+        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            # One process agrees with itself. No device tensor: its round trip (.tolist()) would make
+            # the CPU wait for the GPU at every step, so it could not queue the next step meanwhile.
+            return list(self._asked)
         flags = torch.tensor(self._asked, dtype=torch.int32, device=trainer.strategy.root_device)
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return [int(v) for v in flags.tolist()]
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -3,8 +3,8 @@
 Logged every ``log_every_n_steps`` optimizer steps and at step 1, under ``perf/`` and ``data/``:
 samples/s (global and per device), TFLOP/s per device, MFU (model FLOPs per sample counted once
 with torch's FlopCounterMode on the meta device; peak FLOP/s looked up by device name and
-precision, never assumed), the share of step time spent waiting for data, peak accelerator
-memory, and bad-sample counts summed over ranks. The clock pauses during validation and during
+precision, never assumed), the share of wall time blocked in the DataLoader's ``next()`` (data
+wait: copies, logging and checkpoints are not counted), peak accelerator memory, and bad-sample counts summed over ranks. The clock pauses during validation and during
 any evaluation wrapped in ``pause_clock(trainer)``. Every ``heatmap_every_n_steps`` a batch's
 image-text similarity matrix is saved as a PNG (and sent to W&B when that logger is active).
 """
@@ -34,6 +34,8 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
     ("B200", {"bf16": 2.25e15, "fp16": 2.25e15, "tf32": 1.1e15, "fp32": 80e12}),
     ("GH200", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12}),  # before "H200"
     ("H200 NVL", {"bf16": 835.5e12, "fp16": 835.5e12, "tf32": 417.5e12, "fp32": 60e12}),  # before "H200"
+    # NVIDIA H200 SXM datasheet: BF16 Tensor Core 1 979 TFLOP/s *with sparsity*, i.e. 989.4 dense; the
+    # same Hopper chip and clocks as the H100 SXM (a bf16 8192³ matmul measured ~790 there, KINDS.md).
     ("H200", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12}),
     ("H100 PCIe", {"bf16": 756.5e12, "fp16": 756.5e12, "tf32": 378e12, "fp32": 51.2e12}),
     ("H100 NVL", {"bf16": 835.5e12, "fp16": 835.5e12, "tf32": 417.8e12, "fp32": 60e12}),
@@ -107,7 +109,22 @@ def pause_clock(trainer: L.Trainer) -> Iterator[None]:
                 callback.paused_s += time.perf_counter() - start
 
 
+# Lightning's training loop brackets every fetch from the train DataLoader (the ``next()`` of its
+# iterator, nothing else) with this profiler action; see ``_TrainingEpochLoop._on_before_fetch``.
+FETCH_ACTION = "train_dataloader_next"
+
+
 class Telemetry(L.Callback):
+    """Throughput, MFU, data wait and memory per window of ``log_every_n_steps`` steps.
+
+    **Data wait** is the time the training process spent blocked in the DataLoader's ``next()``,
+    as a share of the window's wall time. It is timed around the fetch alone (through the
+    trainer's profiler hooks, which Lightning calls just around ``next()``), so host-to-device
+    copies, logging, a progress bar's ``.item()`` and checkpoint saves are not data wait. **Step
+    time** is the window's wall time over its steps; on CUDA the window ends with a synchronise, so
+    it covers the kernels the window queued, not only their launch (one sync per window, no more).
+    """
+
     def __init__(self, log_every_n_steps: int = 10, heatmap_every_n_steps: int = 0,
                  heatmap_size: int = 16, peak_flops_per_device: float | None = None):
         self.log_every_n_steps = max(1, log_every_n_steps)
@@ -117,14 +134,12 @@ class Telemetry(L.Callback):
         self.paused_s = 0.0
         self.flops: dict[str, float] = {}
         self.peak_flops: float | None = None
+        self._fetch_started: float | None = None
+        self._timed_profiler: Any = None
         self._reset_window()
-        self._last_batch_end: float | None = None
-        self._paused_at_end = 0.0
-        self._batch_start = 0.0
 
     def _reset_window(self) -> None:
-        self.window = {"start": time.perf_counter(), "samples": 0, "steps": 0, "wait": 0.0,
-                       "compute": 0.0, "paused": self.paused_s}
+        self.window = {"start": time.perf_counter(), "samples": 0, "steps": 0, "wait": 0.0, "paused": self.paused_s}
 
     # -- set-up ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -136,21 +151,51 @@ class Telemetry(L.Callback):
             if self.peak_flops is None:
                 log.warning("MFU not logged: %r is not in clip_pl.telemetry.PEAK_FLOPS; set "
                             "callbacks.telemetry.peak_flops_per_device to its dense peak FLOP/s.", name)
+        self._time_fetches(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._synchronize(trainer)
         self._reset_window()  # set-up and checkpoint loading are not training time
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._untime_fetches()
+
     # -- the clock ------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        if self._last_batch_end is not None:
-            # Time since the previous step ended, less any evaluation that ran in between.
-            self.window["wait"] += max(0.0, now - self._last_batch_end - (self.paused_s - self._paused_at_end))
-        self._batch_start = now
+    def _time_fetches(self, trainer: L.Trainer) -> None:
+        """Wrap the trainer's profiler (any profiler: Lightning calls a pass-through one when none is
+        set) so that the fetch action's start and stop also feed the window's data wait."""
+        if self._timed_profiler is not None:
+            return
+        profiler = self._timed_profiler = trainer.profiler
+        start, stop = profiler.start, profiler.stop
+
+        def timed_start(action_name: str) -> None:
+            start(action_name)
+            if action_name.endswith(FETCH_ACTION):
+                self._fetch_started = time.perf_counter()
+
+        def timed_stop(action_name: str) -> None:
+            if action_name.endswith(FETCH_ACTION) and self._fetch_started is not None:
+                self.window["wait"] += time.perf_counter() - self._fetch_started
+                self._fetch_started = None
+            stop(action_name)
+
+        profiler.start, profiler.stop = timed_start, timed_stop
+
+    def _untime_fetches(self) -> None:
+        if self._timed_profiler is not None:  # back to the class's own methods
+            for name in ("start", "stop"):
+                self._timed_profiler.__dict__.pop(name, None)
+            self._timed_profiler = None
+
+    @staticmethod
+    def _synchronize(trainer: L.Trainer) -> None:
+        # CUDA runs ahead of Python: without this the window would end when the last kernel was
+        # queued, and the time it took would land in whichever window first waits for the GPU.
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        self.window["compute"] += now - self._batch_start
         self.window["samples"] += batch["image"].shape[0]
         self.window["steps"] += 1
         step = trainer.global_step
@@ -159,8 +204,6 @@ class Telemetry(L.Callback):
         if self.heatmap_every_n_steps and step % self.heatmap_every_n_steps == 0:
             with pause_clock(trainer):
                 self._save_heatmap(trainer, pl_module, batch)
-        self._last_batch_end = time.perf_counter()
-        self._paused_at_end = self.paused_s
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._validation_start = time.perf_counter()
@@ -171,6 +214,7 @@ class Telemetry(L.Callback):
     # -- reporting ------------------------------------------------------------------------
     def _log_window(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         w = self.window
+        self._synchronize(trainer)
         elapsed = time.perf_counter() - w["start"] - (self.paused_s - w["paused"])
         if elapsed <= 0 or w["steps"] == 0:
             return
@@ -179,7 +223,7 @@ class Telemetry(L.Callback):
             "perf/samples_per_s": per_device * trainer.world_size,
             "perf/samples_per_s_per_device": per_device,
             "perf/step_time_s": elapsed / w["steps"],
-            "perf/data_wait_share": w["wait"] / max(w["wait"] + w["compute"], 1e-9),
+            "perf/data_wait_share": min(1.0, w["wait"] / elapsed),
             "perf/tflops_per_device": per_device * self.flops.get("train", 0.0) / 1e12,
         }
         if self.peak_flops:

@@ -1,6 +1,6 @@
 """Telemetry: the FLOPs count against a hand count, MFU from the per-device table, and what a real
 (CPU) run logs: throughput and MFU against a hand count of the tiny model, evaluation kept out of
-the throughput window."""
+the throughput window, and a data wait that a slow loader raises and a slow step does not."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import time
 import lightning
 import pytest
 import torch
+from torch.utils.data import DataLoader, default_collate
 
+from clip_pl.data.synthetic import SyntheticDataModule
 from clip_pl.eval.callbacks import _PeriodicEvaluation
 from clip_pl.model import resolve_model_config
+from clip_pl.module import CLIPModule
 from clip_pl.telemetry import peak_flops_per_device, train_flops_per_sample
 from tests.test_config import CPU_TINY, make_cfg
 
@@ -125,3 +128,67 @@ def test_a_run_logs_throughput_and_mfu_against_a_hand_count_and_pauses_for_evalu
     logged = 3 * float(rows[2]["perf/step_time_s"])
     assert 0 < logged < outside
     assert outside - logged >= 0.8 * pause, "evaluation time leaked into the throughput window"
+
+
+# -- data wait: the time blocked in the loader's next(), nothing else ------------------------------------------
+
+SLEEP_S = 0.2
+
+
+class SlowLoaderData(SyntheticDataModule):
+    """Synthetic pairs whose loader takes ``batch_sleep_s`` per batch, in the training process (no workers)."""
+
+    def __init__(self, batch_sleep_s: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.batch_sleep_s = batch_sleep_s
+
+    def train_dataloader(self) -> DataLoader:
+        def slow_collate(samples):
+            time.sleep(self.batch_sleep_s)
+            return default_collate(samples)
+
+        return DataLoader(super().train_dataloader().dataset, batch_size=self.batch_size, collate_fn=slow_collate)
+
+
+_training_step = CLIPModule.training_step
+
+
+def slow_training_step(self, batch, batch_idx):
+    time.sleep(SLEEP_S)
+    return _training_step(self, batch, batch_idx)
+
+
+def data_wait_seconds(tmp_path, overrides: list[str]) -> list[tuple[float, int]]:
+    """(seconds of data wait, steps) of each whole logged window: the share times the window's time."""
+    from clip_pl.train import train
+
+    cfg = make_cfg([*CPU_TINY, "trainer.max_steps=7", "scheduler.warmup_steps=1", "trainer.log_every_n_steps=3",
+                    "callbacks.checkpoint.every_n_train_steps=0", "callbacks.progress_bar=null", *overrides], tmp_path)
+    train(cfg)
+    with open(tmp_path / "runs" / "test" / "csv" / "metrics.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("perf/data_wait_share")]
+    assert [int(r["step"]) for r in rows] == [1, 3, 6]
+    windows = [(rows[1], 2), (rows[2], 3)]  # steps 2-3 and 4-6
+    return [(float(r["perf/data_wait_share"]) * float(r["perf/step_time_s"]) * steps, steps) for r, steps in windows]
+
+
+@pytest.mark.parametrize("slow", ["loader", "training_step", "after_step"])
+def test_data_wait_counts_the_loader_and_nothing_else(slow, tmp_path, monkeypatch):
+    """A slow loader shows as data wait, second for second; a slow step does not, whether the time
+    goes in training_step or after it (a callback that blocks at batch end, like a progress bar's
+    .item() waiting for the GPU, or a checkpoint save). Timing the gap between one step's end and
+    the next step's start, as before, counted the last as data wait.
+
+    In seconds, not shares: on a loaded 2-core box a tiny step takes anywhere from 20 ms to 2 s."""
+    overrides = []
+    if slow == "loader":
+        overrides = [f"data._target_={__name__}.SlowLoaderData", f"+data.batch_sleep_s={SLEEP_S}"]
+    elif slow == "training_step":
+        monkeypatch.setattr(CLIPModule, "training_step", slow_training_step)
+    else:
+        overrides = ["debug=throttle"]  # clip_pl.callbacks.StepSleep: 0.2 s at each batch end, after Telemetry
+    for wait_s, steps in data_wait_seconds(tmp_path, overrides):
+        if slow == "loader":  # every fetch sleeps (a sleep lasts at least its time); a synthetic batch is ms
+            assert SLEEP_S * steps <= wait_s < SLEEP_S * steps + 0.1 * steps, (wait_s, steps)
+        else:
+            assert wait_s < 0.1 * steps, (wait_s, steps)  # the sleeps are not data wait
