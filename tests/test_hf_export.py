@@ -23,12 +23,13 @@ from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from clip_pl.eval.zeroshot import build_classifier, zero_shot_evaluate
-from clip_pl.hf_export import UnsupportedArchitectureError, export_hf, open_clip_text_clean, unsupported_reasons
+from clip_pl.hf_export import (UnsupportedArchitectureError, export_hf, hf_state_dict, open_clip_text_clean,
+                               unsupported_reasons)
 from clip_pl.interchange import main as interchange_main
 from clip_pl.interchange import save_clip_pl_checkpoint
 from clip_pl.model import build_clip, get_tokenizer, image_transforms, resolve_model_config
 from data_prep.demo import digits
-from tests.test_eval_support import TINY_RESNET, TINY_VIT, random_images, tiny_checkpoint
+from tests.test_eval_support import TINY_RESNET, TINY_VIT, random_images, tiny_checkpoint, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
@@ -110,7 +111,7 @@ def test_layer_norm_after_pooling_and_eos_pooling_are_the_same_computation(tmp_p
     check_same_embeddings(model, hf_model, config, CAPTIONS)
 
 
-@pytest.mark.slow  # ~40 s each on 2 cores: 600 MB of weights written and read back
+@pytest.mark.slow  # ~25 s each on 2 busy cores: 600 MB of weights built, written and read back
 @pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-B-32-quickgelu"])
 def test_random_vit_b32_embeddings_match_in_fp32(tmp_path, arch):
     config = resolve_model_config(arch=arch)
@@ -375,3 +376,10 @@ def test_architectures_clip_model_cannot_express_are_named(change, reason):
     assert unsupported_reasons(tiny_config()) == []
     reasons = unsupported_reasons(tiny_config(**change))
     assert len(reasons) == 1 and reason in reasons[0], reasons
+
+
+def test_a_weight_without_a_clip_model_counterpart_is_never_dropped():
+    model, _ = tiny_model()
+    state_dict = {**model.state_dict(), "visual.transformer.resblocks.0.ls_1.gamma": torch.ones(64)}
+    with pytest.raises(ValueError, match="ls_1.gamma"):
+        hf_state_dict(state_dict)
