@@ -22,13 +22,16 @@ Tokenizer: ``CLIPTokenizer`` gives open_clip's ids for ordinary text, but unlike
 not run ``ftfy.fix_text`` nor ``html.unescape`` on its input, and its lower-casing knows no
 word-final sigma. Text with HTML entities (``&amp;``), mojibake, curly quotes, ligatures, full-width
 forms or upper-case Greek is tokenised differently; pass ``open_clip_text_clean(text)`` instead of
-``text`` for open_clip's ids exactly. Padded positions hold end-of-text (49407), not 0 (see PAD_TOKEN).
+``text`` for open_clip's ids exactly. One class stays different: upper-case polytonic Greek, whose
+accents lower-case into combining marks that CLIPTokenizer's NFC recomposes (open_clip's do not).
+Padded positions hold end-of-text (49407), not 0 (see PAD_TOKEN).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,6 +40,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import basic_clean, whitespace_clean
+from safetensors.torch import save_file
 
 from clip_pl.interchange import ClipPlCheckpoint, build_from_checkpoint, read_clip_pl_checkpoint
 
@@ -52,8 +56,6 @@ _SPECIAL_RENAMES = {"<start_of_text>": HF_BOS, "<end_of_text>": HF_EOS}
 # the same, because the text is causal and pooled at the first end-of-text, before any padding.
 PAD_TOKEN = HF_EOS
 _PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as open_clip's eval transform resizes
-# CLIPTextTransformer pools at the first eos_token_id unless eos_token_id == 2 (legacy: argmax).
-# open_clip pools at argmax(ids), which is the first end-of-text token because it has the highest id.
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -64,6 +66,12 @@ class UnsupportedArchitectureError(ValueError):
 class HFExport:
     directory: Path
     config: dict  # config.json as written
+
+
+@lru_cache(maxsize=1)
+def _open_clip_tokenizer() -> open_clip.SimpleTokenizer:
+    """The tokenizer clip_pl trains with (clip_pl.model.get_tokenizer); its vocabulary ships in open_clip."""
+    return open_clip.SimpleTokenizer()
 
 
 # --------------------------------------------------------------------------- what CLIPModel can express
@@ -123,7 +131,7 @@ def _vision_reasons(cfg: CLIPVisionCfg) -> list[str]:
     return reasons
 
 
-def _text_reasons(cfg: CLIPTextCfg, vocab_size: int) -> list[str]:
+def _text_reasons(cfg: CLIPTextCfg, tokenizer: open_clip.SimpleTokenizer) -> list[str]:
     if cfg.hf_model_name:
         return [f"text: Hugging Face text tower {cfg.hf_model_name!r}; CLIPModel's text tower is CLIP's transformer"]
     reasons = _common_tower_reasons("text", cfg)
@@ -131,23 +139,22 @@ def _text_reasons(cfg: CLIPTextCfg, vocab_size: int) -> list[str]:
         reasons.append("text: a learned CLS embedding (embed_cls, as in CoCa); CLIPTextModel has none")
     if cfg.no_causal_mask:
         reasons.append("text: no causal mask; CLIPTextModel always attends causally")
-    eos_pooling = cfg.pool_type == "eos" and cfg.eos_id == vocab_size - 1
+    eos_pooling = cfg.pool_type == "eos" and cfg.eos_id == tokenizer.eot_token_id
     if cfg.pool_type != "argmax" and not eos_pooling:
         reasons.append(f"text: pool_type={cfg.pool_type!r} (eos_id={cfg.eos_id}); CLIPTextModel pools at the "
                        f"end-of-text token (open_clip's 'argmax')")
     if cfg.proj_type != "linear" or cfg.proj_bias:
         reasons.append(f"text: projection proj_type={cfg.proj_type!r}, proj_bias={cfg.proj_bias}; CLIP's "
                        f"text_projection is one bias-free linear map")
-    if cfg.vocab_size != vocab_size:
+    if cfg.vocab_size != tokenizer.vocab_size:
         reasons.append(f"text: vocab_size={cfg.vocab_size}, but the exported tokenizer is open_clip's CLIP BPE "
-                       f"with {vocab_size} tokens")
+                       f"with {tokenizer.vocab_size} tokens")
     return reasons
 
 
 def unsupported_reasons(model_config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None) -> list[str]:
     """Why CLIPModel cannot compute this architecture exactly (an empty list: it can)."""
-    vocab_size = len(open_clip.SimpleTokenizer().encoder)
-    reasons = _vision_reasons(_vision_cfg(model_config)) + _text_reasons(_text_cfg(model_config), vocab_size)
+    reasons = _vision_reasons(_vision_cfg(model_config)) + _text_reasons(_text_cfg(model_config), _open_clip_tokenizer())
     has_bias = model_config.get("init_logit_bias") is not None or (state_dict is not None and "logit_bias" in state_dict)
     if has_bias:
         reasons.append("a learned logit_bias (sigmoid/SigLIP training); CLIPModel's logits have no bias term, so "
@@ -175,7 +182,7 @@ def hf_config(model_config: Mapping[str, Any], logit_scale: float) -> dict:
     vision, text = _vision_cfg(model_config), _text_cfg(model_config)
     embed_dim = int(model_config["embed_dim"])
     hidden_act = "quick_gelu" if model_config.get("quick_gelu", False) else "gelu"  # "gelu" is exact (erf)
-    vocab_size = text.vocab_size
+    tokenizer = _open_clip_tokenizer()
     return {
         "architectures": ["CLIPModel"],
         "model_type": "clip",
@@ -184,7 +191,7 @@ def hf_config(model_config: Mapping[str, Any], logit_scale: float) -> dict:
         "dtype": "float32",
         "text_config": {
             "model_type": "clip_text_model",
-            "vocab_size": vocab_size,
+            "vocab_size": text.vocab_size,
             "hidden_size": text.width,
             "intermediate_size": int(text.width * text.mlp_ratio),  # open_clip: int(d_model * mlp_ratio)
             "num_hidden_layers": text.layers,
@@ -193,11 +200,11 @@ def hf_config(model_config: Mapping[str, Any], logit_scale: float) -> dict:
             "hidden_act": hidden_act,
             "layer_norm_eps": _layer_norm_eps(text),
             "projection_dim": embed_dim,
-            # eos_token_id must not be 2 (transformers then falls back to argmax pooling, wrong once a token
-            # is added); 49407 makes CLIPTextModel pool at the first end-of-text, where open_clip pools.
-            "bos_token_id": vocab_size - 2,
-            "eos_token_id": vocab_size - 1,
-            "pad_token_id": vocab_size - 1,  # the tokenizer's pad token (see PAD_TOKEN)
+            # open_clip pools at argmax(ids): the first end-of-text, the highest id. CLIPTextModel pools at
+            # the first eos_token_id (argmax only for the legacy eos_token_id == 2, wrong once a token is added).
+            "bos_token_id": tokenizer.sot_token_id,
+            "eos_token_id": tokenizer.eot_token_id,
+            "pad_token_id": tokenizer.eot_token_id,  # the tokenizer's pad token (see PAD_TOKEN)
         },
         "vision_config": {
             "model_type": "clip_vision_model",
@@ -226,7 +233,8 @@ def _encoder_layers(source: dict, prefix: str, target: str) -> dict[str, torch.T
         block, layer = f"{prefix}transformer.resblocks.{i}.", f"{target}.encoder.layers.{i}."
         # nn.MultiheadAttention keeps q, k, v stacked in one (3W, W) matrix; CLIPAttention has three Linears.
         for kind in ("weight", "bias"):
-            q, k, v = source.pop(f"{block}attn.in_proj_{kind}").chunk(3, dim=0)
+            # (clone: three views of one storage would be "shared tensors" to safetensors)
+            q, k, v = (t.clone() for t in source.pop(f"{block}attn.in_proj_{kind}").chunk(3, dim=0))
             out.update({f"{layer}self_attn.q_proj.{kind}": q, f"{layer}self_attn.k_proj.{kind}": k,
                         f"{layer}self_attn.v_proj.{kind}": v})
         for old, new in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
@@ -277,7 +285,7 @@ def hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def tokenizer_files(context_length: int) -> dict[str, str]:
     """File name -> text of a CLIPTokenizer equal to open_clip's SimpleTokenizer (ships in open_clip_torch)."""
-    simple = open_clip.SimpleTokenizer()
+    simple = _open_clip_tokenizer()
     vocab = {_SPECIAL_RENAMES.get(token, token): index for token, index in simple.encoder.items()}
     merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.__getitem__)  # line order is the merge rank
     special = {"bos_token": HF_BOS, "eos_token": HF_EOS, "unk_token": HF_EOS, "pad_token": PAD_TOKEN}
@@ -342,8 +350,6 @@ def export_hf(checkpoint: str | Path | ClipPlCheckpoint, out_dir: str | Path) ->
     config = hf_config(checkpoint.model_config, float(weights["logit_scale"]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
     save_file(weights, str(out_dir / HF_WEIGHTS_NAME), metadata={"format": "pt"})  # "pt": transformers checks it
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name, text in tokenizer_files(config["text_config"]["max_position_embeddings"]).items():
