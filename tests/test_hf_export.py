@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from open_clip.tokenizer import basic_clean
 from PIL import Image
-from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+import transformers
+from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from clip_pl.eval.zeroshot import build_classifier, zero_shot_evaluate
 from clip_pl.hf_export import (UnsupportedArchitectureError, export_hf, hf_state_dict, open_clip_text_clean,
@@ -60,7 +61,6 @@ def export(tmp_path: Path, config: dict, seed: int = 0, arch: str | None = None)
     model = build_clip(config).eval()
     checkpoint = save_clip_pl_checkpoint(model, config, tmp_path / "model.ckpt", arch=arch)
     out = export_hf(checkpoint, tmp_path / "hf").directory
-    del checkpoint
     hf_model, info = CLIPModel.from_pretrained(out, output_loading_info=True)
     # Every CLIPModel weight comes from the checkpoint: none left at its random initialisation.
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -249,7 +249,11 @@ def test_tokenizer_gives_open_clip_ids_on_1000_varied_captions(tmp_path):
     checkpoint, _, config = tiny_checkpoint(tmp_path / "tiny.ckpt", arch_config={
         **TINY_VIT, "text_cfg": {**TINY_VIT["text_cfg"], "context_length": 77}})
     out = export_hf(checkpoint, tmp_path / "hf").directory
-    tokenizer = CLIPProcessor.from_pretrained(out).tokenizer  # what users get; transformers 5 has one CLIPTokenizer
+    tokenizer = CLIPProcessor.from_pretrained(out).tokenizer  # what users get
+    # transformers 5 has one CLIP tokenizer (backed by `tokenizers`); "slow" and "fast" name the same class.
+    # Should a separate slow one come back, it must be compared here too.
+    assert transformers.CLIPTokenizerFast is CLIPTokenizer
+    assert type(AutoTokenizer.from_pretrained(out, use_fast=False)) is type(tokenizer) is CLIPTokenizer
     captions = varied_captions()
     assert len(set(captions)) > 950
     ours = open_clip.SimpleTokenizer(context_length=77)(captions)
