@@ -11,9 +11,6 @@
     # a sharded checkpoint folder (DeepSpeed ZeRO, or FSDP with state_dict_type=sharded) -> one file
     python -m clip_pl.interchange consolidate runs/x/checkpoints/last.ckpt/ last_fp32.ckpt
 
-    # clip_pl checkpoint -> Hugging Face transformers CLIPModel + CLIPProcessor directory (clip_pl/hf_export.py)
-    python -m clip_pl.interchange export-hf runs/x/checkpoints/last.ckpt hf_clip/
-
 From Python: ``load_open_clip_weights(model, path)`` initialises a freshly built model (continued
 pre-training, fine-tuning); ``export_open_clip(checkpoint, out_dir)``; ``read_clip_pl_checkpoint``.
 
@@ -400,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
 
         out = export_hf(args.checkpoint, args.out_dir).directory
         print(f"CLIPModel.from_pretrained({str(out)!r}); CLIPProcessor.from_pretrained({str(out)!r})")
-    elif args.command == "export":
+        return
+    if args.command == "export":
         result = export_open_clip(args.checkpoint, args.out_dir, name=args.name, safetensors=args.safetensors)
         if result.named_arch:
             print(f"open_clip.create_model({result.model_name!r}, pretrained={str(result.weights)!r})")
