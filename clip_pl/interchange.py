@@ -388,7 +388,16 @@ def main(argv: list[str] | None = None) -> None:
     cons = sub.add_parser("consolidate", help="a sharded DeepSpeed or FSDP checkpoint folder -> one clip_pl .ckpt file")
     cons.add_argument("checkpoint_dir")
     cons.add_argument("out_path")
+    hf = sub.add_parser("export-hf", help="clip_pl checkpoint -> transformers CLIPModel/CLIPProcessor directory")
+    hf.add_argument("checkpoint")
+    hf.add_argument("out_dir")
     args = parser.parse_args(argv)
+    if args.command == "export-hf":
+        from clip_pl.hf_export import export_hf  # imports this module: import here, not at the top
+
+        out = export_hf(args.checkpoint, args.out_dir).directory
+        print(f"CLIPModel.from_pretrained({str(out)!r}); CLIPProcessor.from_pretrained({str(out)!r})")
+        return
     if args.command == "export":
         result = export_open_clip(args.checkpoint, args.out_dir, name=args.name, safetensors=args.safetensors)
         if result.named_arch:
