@@ -264,3 +264,10 @@ def test_the_recipe_table_states_each_recipes_batch_and_steps():
             assert "not set" in batch or _number(batch) == expected, name
         else:
             assert _number(batch) == expected, name
+
+
+def test_the_strategy_table_has_one_row_per_strategy_choice():
+    text = (REPO / "docs" / "strategies.md").read_text()
+    table = text[text.index("| `strategy=` |"):].split("\n\n")[0]
+    rows = re.findall(r"(?m)^\| `(\w+)`", table)
+    assert sorted(rows) == sorted(_choices("strategy")), "docs/strategies.md"
