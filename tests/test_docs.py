@@ -9,6 +9,7 @@ Defaults are not restated in the docs (``--cfg job`` prints them); what the docs
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shlex
 from functools import lru_cache
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from clip_pl.config_checks import prepare_config
 from clip_pl.config_dir import config_dir
@@ -117,7 +118,7 @@ def _documented_commands():
 
 @pytest.mark.parametrize("doc", CONFIG_DOCS, ids=_ids(CONFIG_DOCS))
 def test_every_documented_command_composes_and_passes_the_config_checks(doc, tmp_path, monkeypatch):
-    for name in [n for n in __import__("os").environ if n.startswith("SLURM_")]:
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
         monkeypatch.delenv(name)  # the topology check reads SLURM's variables
     checked = 0
     for _, line, (config, overrides, multirun) in [c for c in _documented_commands() if c[0] == doc]:
@@ -129,7 +130,7 @@ def test_every_documented_command_composes_and_passes_the_config_checks(doc, tmp
             cfg = _compose(config, [*overrides, f"paths.root_dir={tmp_path}"], hydra=hydra)
             if config == "train":
                 if hydra:
-                    with __import__("omegaconf").open_dict(cfg):
+                    with open_dict(cfg):
                         del cfg["hydra"]
                 prepare_config(cfg)
         except Exception as error:  # noqa: BLE001 - the message names the line
