@@ -27,16 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def peak_step_memory_mb(model: str, batch_size: int, chunks: int, device: str) -> float:
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from hydra.utils import instantiate
 
+    from clip_pl.config_dir import config_dir
     from clip_pl.loss import ClipLoss
-    from clip_pl.model import resolve_model_config
-    from clip_pl.module import CLIPModule
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        model_cfg = OmegaConf.to_container(compose("train", overrides=[f"model={model}"]).model, resolve=True)
-    module = CLIPModule(resolve_model_config(**model_cfg), ClipLoss(),
-                        functools.partial(torch.optim.AdamW), grad_cache_chunks=chunks).to(device)
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        model_cfg = compose("train", overrides=[f"model={model}", f"model.grad_cache_chunks={chunks}"]).model
+    # conf/model's _target_ (CLIPModule.from_options, partial): what clip_pl.train builds.
+    module = instantiate(model_cfg)(loss=ClipLoss(), optimizer=functools.partial(torch.optim.AdamW)).to(device)
     size, length = model_cfg["image_size"], model_cfg["context_length"]
     batch = {"image": torch.randn(batch_size, 3, size, size, device=device),
              "text": torch.randint(1, 49000, (batch_size, length), device=device)}

@@ -50,13 +50,15 @@ def samples_per_s(times: list[float], batch_size: int, warmup: int) -> float:
 def compose(args, tmp: str):
     from hydra import compose as hydra_compose, initialize_config_dir
 
+    from clip_pl.config_dir import config_dir
+
     overrides = [f"model={args.model}", "data=synthetic", f"data.batch_size={args.batch_size}",
                  f"data.num_samples={args.batch_size * args.steps}", f"trainer.max_steps={args.steps}",
                  f"trainer.precision={args.precision}", f"trainer.accelerator={args.accelerator}", "logger=csv",
                  "scheduler.warmup_steps=1", f"paths.root_dir={tmp}", "run_name=bench",
                  "callbacks.progress_bar=null", "callbacks.checkpoint.every_n_train_steps=0",
                  f"strategy={args.strategy}"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
 
 
@@ -137,7 +139,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precision", default="32")
     parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--strategy", default="ddp", help="clip_pl's strategy (conf/strategy), e.g. deepspeed_stage_2")
+    parser.add_argument("--strategy", default="ddp", help="clip_pl's strategy (clip_pl/conf/strategy), e.g. deepspeed_stage_2")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side, alternating; the median is reported")
     parser.add_argument("--only", choices=["clip_pl", "open_clip"], help="internal: run one side in this process")
     args = parser.parse_args()

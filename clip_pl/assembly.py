@@ -17,24 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from clip_pl.callbacks import StepSleep
 from clip_pl.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from clip_pl.config_checks import uses_deepspeed, world_size_of
-from clip_pl.model import resolve_model_config
 from clip_pl.module import CLIPModule
 
 
 def build_module(cfg: DictConfig) -> CLIPModule:
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    return CLIPModule(
-        model_config=resolve_model_config(**model),
-        arch=model["arch"],
-        loss=instantiate(cfg.loss),
-        optimizer=instantiate(cfg.optim),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        grad_checkpointing=model["grad_checkpointing"],
-        grad_cache_chunks=model["grad_cache_chunks"],
-        compile=model["compile"],
-        init_checkpoint=model["init_checkpoint"],
-        max_logit_scale=model["max_logit_scale"],
-    )
+    """conf/model names its builder (``CLIPModule.from_options``, partial); loss and optimizer complete it."""
+    return instantiate(cfg.model)(loss=instantiate(cfg.loss), optimizer=instantiate(cfg.optim),
+                                  scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:

@@ -17,8 +17,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from clip_pl.model import resolve_model_config
 
-MODEL_KEYS = set(inspect.signature(resolve_model_config).parameters) - {"ignored"} | {
-    "grad_checkpointing", "compile", "grad_cache_chunks", "init_checkpoint", "max_logit_scale"}
 log = logging.getLogger(__name__)
 # Mixed precision keeps fp32 weights (the temperature among them); "-true" half precisions would
 # store the weights themselves in 16 bits, where small updates and the temperature are lost.
@@ -32,7 +30,7 @@ class ConfigError(ValueError):
 def prepare_config(cfg: DictConfig) -> DictConfig:
     """Derive what is derived (per-device batch from a global batch), then check everything."""
     _derive_batch_size(cfg)
-    for check in (_check_model_keys, _check_targets, _check_topology, _check_precision_and_strategy,
+    for check in (_check_targets, _check_model_architecture, _check_topology, _check_precision_and_strategy,
                   _check_batch, _check_loss, _check_schedule):
         check(cfg)
     return cfg
@@ -66,16 +64,30 @@ def _derive_batch_size(cfg: DictConfig) -> None:
             f"global_batch_size={global_batch} is not divisible by the {world_size} devices "
             f"({cfg.trainer.num_nodes} nodes × {cfg.trainer.devices}); pick a global batch that is a "
             f"multiple of {world_size}, or set global_batch_size=null and data.batch_size per device.")
+    derived = global_batch // world_size
+    # The data configs' own default is the interpolation ${per_device_batch:…}, which follows the global
+    # batch; a literal is a value someone wrote (command line, experiment file): never overwrite it silently.
+    explicit = not OmegaConf.is_interpolation(cfg.data, "batch_size")
+    batch_size = cfg.data.batch_size
+    if explicit and batch_size is not None and batch_size != derived:  # null: "none of my own", derive it
+        other = f"global_batch_size={batch_size * world_size}, " if isinstance(batch_size, int) else ""
+        raise ConfigError(
+            f"data.batch_size={batch_size!r} conflicts with global_batch_size={global_batch}, which gives {derived} "
+            f"per device over {world_size} devices ({cfg.trainer.num_nodes} nodes × {cfg.trainer.devices}). Keep "
+            f"one: drop the data.batch_size override (or set data.batch_size={derived}), or set {other}or "
+            f"global_batch_size=null to give data.batch_size per device.")
     with open_dict(cfg):
-        cfg.data.batch_size = global_batch // world_size
+        cfg.data.batch_size = derived
 
 
-def _check_model_keys(cfg: DictConfig) -> None:
-    unknown = set(cfg.model) - MODEL_KEYS
-    if unknown:
-        raise ConfigError(f"Unknown model keys {sorted(unknown)}; valid keys: {sorted(MODEL_KEYS)}.")
-    try:  # a bad architecture fails now, not after the data is listed
-        resolve_model_config(**OmegaConf.to_container(cfg.model, resolve=True))
+def _check_model_architecture(cfg: DictConfig) -> None:
+    """A bad architecture fails now, not after the data is listed. (Unknown model keys were refused
+    by ``_check_targets``: the model group's schema is the signature of its ``_target_``.)"""
+    arch_keys = [name for name, p in inspect.signature(resolve_model_config).parameters.items()
+                 if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    try:
+        resolve_model_config(**{k: model[k] for k in arch_keys if k in model})
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
@@ -83,7 +95,7 @@ def _check_model_keys(cfg: DictConfig) -> None:
 def _check_targets(cfg: DictConfig) -> None:
     """Every ``_target_`` must exist and accept the keys its node gives it."""
     nodes: list[tuple[str, Any]] = [(name, cfg.get(name)) for name in
-                                    ("data", "loss", "optim", "scheduler", "trainer", "strategy")]
+                                    ("model", "data", "loss", "optim", "scheduler", "trainer", "strategy")]
     for group in ("logger", "callbacks"):
         nodes += [(f"{group}.{k}", v) for k, v in (cfg.get(group) or {}).items()]
     nodes += [(f"eval.callbacks.{k}", v) for k, v in ((cfg.get("eval") or {}).get("callbacks") or {}).items()]
@@ -91,6 +103,10 @@ def _check_targets(cfg: DictConfig) -> None:
         if isinstance(node, DictConfig) and "_target_" not in node and "." in where:
             raise ConfigError(f"{where} has no _target_: an override named a {where.split('.')[0]} entry "
                               f"that the chosen config does not define (set {where}=null to drop it).")
+        if isinstance(node, DictConfig) and "_target_" not in node:
+            raise ConfigError(f"{where} has no _target_: a {where} config names what builds it, and its keys are "
+                              f"that callable's arguments (see clip_pl/conf/{where}/; a {where} file of your own "
+                              f"can extend one of them through `defaults:`).")
         if not isinstance(node, DictConfig) or "_target_" not in node:
             continue
         try:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clip_pl.model import SCALAR_PARAMETERS, build_clip
+from clip_pl.model import SCALAR_PARAMETERS, build_clip, resolve_model_config
 
 # Parameters that get no weight decay beyond ndim < 2 (biases, norm gains, class/positional
 # vectors): norms by name, and the learned temperature and bias of the logits.
@@ -90,6 +90,41 @@ class CLIPModule(L.LightningModule):
         if compile:
             # In place (nn.Module.compile): state-dict keys stay open_clip's and module hooks still run.
             self.model.compile()
+
+    @classmethod
+    def from_options(
+        cls,
+        loss: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        *,
+        arch: str | None = None,
+        arch_config: Mapping[str, Any] | None = None,
+        image_size: int | None = None,
+        context_length: int | None = None,
+        embed_dim: int | None = None,
+        patch_dropout: float | None = None,
+        init_logit_scale: float | None = None,
+        init_logit_bias: float | None = None,
+        grad_checkpointing: bool = False,
+        grad_cache_chunks: int = 1,
+        compile: bool = False,
+        init_checkpoint: str | None = None,
+        max_logit_scale: float = 100.0,
+    ) -> "CLIPModule":
+        """The ``model`` config group's schema: ``conf/model/_base.yaml`` names this as its ``_target_``
+        (``_partial_: true``), so every key of a model choice is a keyword here, and an unknown key is
+        refused by this signature before anything is built (``clip_pl.config_checks``). The
+        architecture keys become an open_clip config (``resolve_model_config``); the rest are the
+        module's own options. ``clip_pl.assembly.build_module`` adds the loss, optimizer and scheduler.
+        """
+        model_config = resolve_model_config(arch=arch, arch_config=arch_config, embed_dim=embed_dim,
+                                            image_size=image_size, context_length=context_length,
+                                            patch_dropout=patch_dropout, init_logit_scale=init_logit_scale,
+                                            init_logit_bias=init_logit_bias)
+        return cls(model_config, loss, optimizer, scheduler, arch=arch, grad_checkpointing=grad_checkpointing,
+                   grad_cache_chunks=grad_cache_chunks, compile=compile, init_checkpoint=init_checkpoint,
+                   max_logit_scale=max_logit_scale)
 
     def configure_model(self) -> None:
         """Sharded strategies (clip_pl.strategies) wrap or adapt the model here, before the optimizer
@@ -192,7 +227,7 @@ class CLIPModule(L.LightningModule):
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 (no_decay if _original_name(name) in self.no_decay_names else decay).append(param)
-        # The decay group takes the optimizer's own weight_decay (conf/optim); the other gets none.
+        # The decay group takes the optimizer's own weight_decay (clip_pl/conf/optim); the other gets none.
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self):

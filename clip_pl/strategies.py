@@ -1,6 +1,6 @@
 """Strategy builders: what a YAML file cannot say (module classes, CPU shims, the sharding plan).
 
-    strategy=ddp                         Lightning's DDPStrategy (conf/strategy/ddp.yaml)
+    strategy=ddp                         Lightning's DDPStrategy (clip_pl/conf/strategy/ddp.yaml)
     strategy=deepspeed_stage_{1,2,3}     deepspeed_strategy(): Lightning's DeepSpeedStrategy
     strategy=fsdp                        FSDP2Strategy: fully_shard per tower block, via ModelParallelStrategy
 

@@ -1,6 +1,6 @@
 """Train a CLIP model: compose the Hydra config, check it, build, fit.
 
-    python -m clip_pl.train model=tiny data=synthetic trainer=cpu trainer.max_steps=20
+    python -m clip_pl.train debug=smoke          # tiny model, random data, CPU, 20 steps
     python -m clip_pl.train experiment=demo
     python -m clip_pl.train experiment=laion400m_vit_b32 data.train_shards='/data/{00000..41455}.tar'
     clip-pl-train --cfg job                      # print the composed config and exit
@@ -25,6 +25,7 @@ from omegaconf import DictConfig, open_dict
 
 from clip_pl.assembly import build_module, build_trainer, resume_checkpoint
 from clip_pl.config_checks import prepare_config
+from clip_pl.config_dir import config_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def train(cfg: DictConfig) -> L.Trainer:
     return trainer
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     # Lightning's local DDP launcher restarts this script for ranks 1.. with the parent's
     # hydra.run.dir but not its run_name (a timestamp by default): pin the run directory to

@@ -8,7 +8,7 @@
 #   sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1 \
 #       slurm/train_256gpu.sh model=tiny data=synthetic trainer=cpu strategy.process_group_backend=gloo …
 #
-# This file holds topology only; the experiment lives in conf/experiment/. trainer.num_nodes and
+# This file holds topology only; the experiment lives in clip_pl/conf/experiment/. trainer.num_nodes and
 # trainer.devices are filled from SLURM's environment (slurm/launch.sh). Python: see
 # CLIP_PL_PYTHON / CLIP_PL_VENV in slurm/launch.sh. Preemption and requeue: clip_pl/preemption.py (see launch.sh).
 # Run directory: ${paths.root_dir}/runs/$SLURM_JOB_ID, found again by the requeued job (same id).

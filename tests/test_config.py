@@ -14,11 +14,11 @@ from omegaconf import OmegaConf
 
 from clip_pl.assembly import build_module
 from clip_pl.config_checks import ConfigError, prepare_config
+from clip_pl.config_dir import config_dir
 from clip_pl.train import train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-CPU_TINY = ["model=tiny", "trainer=cpu", "data=synthetic", "data.batch_size=4", "data.num_samples=64",
-            "logger=csv", "global_batch_size=null"]
+CONF = Path(config_dir())
+CPU_TINY = ["debug=smoke", "data.batch_size=4", "data.num_samples=64"]  # clip_pl/conf/debug/smoke.yaml, smaller
 
 
 def choices(group: str) -> list[str]:
@@ -34,7 +34,8 @@ def make_cfg(overrides: list[str], tmp_path: Path):
                                    "callbacks", "debug", "paths"])
 def test_every_choice_of_every_group_composes(group, tmp_path):
     for choice in choices(group):
-        cfg = make_cfg([*CPU_TINY, f"{group}={choice}"], tmp_path)
+        base = [o for o in CPU_TINY if not o.startswith("debug=")] if group == "debug" else CPU_TINY
+        cfg = make_cfg([*base, f"{group}={choice}"], tmp_path)
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 
@@ -177,10 +178,11 @@ BAD = {
     "scheduler=const_cooldown scheduler.warmup_steps=40 scheduler.cooldown_steps=20 trainer.max_steps=50":
         "exceed trainer.max_steps=50",
     "+data.not_a_key=1": "Unknown key",
-    "+model.not_a_key=1": "Unknown model keys",
+    "+model.not_a_key=1": r"Unknown key\(s\) \['not_a_key'\] for model \(clip_pl.module.CLIPModule.from_options\)",
     "model.arch=ViT-Q-99": "not an open_clip architecture",
     "trainer.precision=fp8": "trainer.precision",
     "+callbacks.mystery.every_n_steps=5": "callbacks.mystery has no _target_",
+    "~model._target_": "model has no _target_",
 }
 
 
@@ -189,6 +191,39 @@ def test_bad_configs_are_refused_before_anything_is_built(override, message, tmp
     cfg = make_cfg([*CPU_TINY, *override.split()], tmp_path)
     with pytest.raises(ConfigError, match=message):
         prepare_config(cfg)
+
+
+def test_a_misspelt_model_key_stops_train_before_anything_is_built(tmp_path):
+    """conf/model's keys are CLIPModule.from_options' keywords: its signature is the schema."""
+    cfg = make_cfg([*CPU_TINY, "+model.grad_cache_chunk=2"], tmp_path)  # grad_cache_chunks, misspelt
+    with pytest.raises(ConfigError) as refused:
+        train(cfg)
+    message = str(refused.value)
+    assert "Unknown key(s) ['grad_cache_chunk'] for model (clip_pl.module.CLIPModule.from_options)" in message
+    assert "'grad_cache_chunks'" in message  # the valid keys are listed
+    assert not (tmp_path / "runs").exists()  # no run directory, no model, no data
+
+
+# Groups whose choice is one object built from its _target_; groups of named entries, each built from its
+# own _target_ (eval: under eval.callbacks); groups that are settings or overlays, never built.
+BUILT_GROUPS = {"model", "data", "loss", "optim", "scheduler", "trainer", "strategy"}
+COLLECTION_GROUPS = {"logger", "callbacks", "eval"}
+SETTINGS_GROUPS = {"paths", "debug", "experiment", "hydra"}
+
+
+def test_every_config_group_names_what_builds_it(tmp_path):
+    groups = {p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("__")}
+    assert groups == BUILT_GROUPS | COLLECTION_GROUPS | SETTINGS_GROUPS, "classify the new group above"
+    for group in sorted(BUILT_GROUPS | COLLECTION_GROUPS):
+        for choice in choices(group):
+            node = make_cfg([*CPU_TINY, f"{group}={choice}"], tmp_path)[group]
+            if group in BUILT_GROUPS:
+                assert "_target_" in node, f"{group}={choice} has no _target_"
+                continue
+            entries = node.get("callbacks") if group == "eval" else node
+            assert set(node) <= ({"callbacks"} if group == "eval" else set(node)), f"{group}={choice}: {set(node)}"
+            for name, entry in entries.items():
+                assert "_target_" in entry, f"{group}={choice}: {name} has no _target_"
 
 
 def test_devices_must_match_slurm_tasks_per_node(tmp_path, monkeypatch):
@@ -201,9 +236,34 @@ def test_devices_must_match_slurm_tasks_per_node(tmp_path, monkeypatch):
 
 
 def test_global_batch_size_sets_the_per_device_batch(tmp_path):
-    cfg = prepare_config(make_cfg([*CPU_TINY, "global_batch_size=64", "trainer.devices=2", "trainer.num_nodes=2"],
-                                  tmp_path))
-    assert cfg.data.batch_size == 16
+    for data in ("synthetic", "wds", "demo"):  # each data config's default follows the global batch
+        shards = [] if data == "synthetic" else ["data.train_shards=/nowhere"]
+        cfg = make_cfg(["debug=smoke", f"data={data}", *shards, "global_batch_size=64",
+                        "trainer.devices=2", "trainer.num_nodes=2"], tmp_path)
+        assert cfg.data.batch_size == 16, data  # already in the composed config (--cfg job --resolve)
+        assert prepare_config(cfg).data.batch_size == 16, data
+    cfg = make_cfg(["debug=smoke", "global_batch_size=64", "trainer.devices=2", "data.batch_size=32"], tmp_path)
+    assert prepare_config(cfg).data.batch_size == 32  # an explicit value that agrees is fine
+
+
+@pytest.mark.parametrize("where", ["command line", "experiment file"])
+def test_an_explicit_per_device_batch_that_contradicts_the_global_batch_is_refused(where, tmp_path):
+    """Every GPU recipe sets global_batch_size; data.batch_size=… must not be overwritten without a word."""
+    if where == "command line":
+        overrides = ["experiment=cc3m_rn50", "data.train_shards=/nowhere", "trainer.devices=8", "data.batch_size=64"]
+    else:  # an experiment of one's own that sets both
+        own = tmp_path / "conf" / "experiment"
+        own.mkdir(parents=True)
+        (own / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - override /data: synthetic\n"
+                                       "global_batch_size: 1024\ndata:\n  batch_size: 64\n")
+        overrides = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=mine", "trainer.devices=8"]
+    cfg = make_cfg(overrides, tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        prepare_config(cfg)
+    message = str(refused.value)
+    assert "data.batch_size=64 conflicts with global_batch_size=1024" in message
+    assert "128 per device over 8 devices" in message and "global_batch_size=null" in message
+    assert "global_batch_size=512" in message  # the other way to agree
 
 
 def test_a_run_that_is_all_warmup_starts_with_a_warning(tmp_path, caplog):

@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from clip_pl.eval.__main__ import CONF_DIR, run
+from clip_pl.config_dir import config_dir
+from clip_pl.eval.__main__ import run
 from tests.test_eval_support import (CLASSNAMES, TEMPLATES, labels_with_known_accuracy, oracle_class_order,
                                      random_images, tiny_checkpoint, write_imagefolder)
 
@@ -49,7 +50,7 @@ def test_demo_digits_evaluation_prints_a_table_and_writes_json(tmp_path):
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose("eval_app", overrides=list(overrides))
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from clip_pl.eval.__main__ import CONF_DIR, run
+from clip_pl.config_dir import config_dir
+from clip_pl.eval.__main__ import run
 from clip_pl.eval.callbacks import ZeroShotCallback
 from clip_pl.inference import load
 from clip_pl.interchange import export_open_clip
@@ -27,10 +28,9 @@ def test_training_checkpoint_loads_evaluates_and_exports(tmp_path):
     (test_dir / "classnames.txt").write_text("\n".join(str(i) for i in range(10)) + "\n")
     (test_dir / "templates.txt").write_text("a photo of the number {}.\na handwritten {}\n")
     demo = [f"paths.demo_dir={tmp_path / 'demo'}", "eval=demo_digits", "eval.callbacks.demo_digits.num_workers=0"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["model=tiny", "data=synthetic", "trainer=cpu", "trainer.max_steps=3",
-                                          "scheduler.warmup_steps=1", "data.batch_size=4", "logger=csv",
-                                          f"paths.root_dir={tmp_path}", "run_name=run",
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["debug=smoke", "trainer.max_steps=3", "scheduler.warmup_steps=1",
+                                          "data.batch_size=4", f"paths.root_dir={tmp_path}", "run_name=run",
                                           "eval.callbacks.demo_digits.every_n_steps=2", *demo])
         trainer = train(cfg)
         eval_cfg = compose("eval_app", overrides=[f"checkpoint={tmp_path / 'runs/run/checkpoints/last.ckpt'}", *demo])

@@ -55,7 +55,9 @@ def common_overrides(shards: str) -> list[str]:
 def compose(overrides: list[str], root: Path, run_name: str):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    from clip_pl.config_dir import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return hydra_compose("train", overrides=[f"paths.root_dir={root}", f"run_name={run_name}", *overrides])
 
 

@@ -69,7 +69,7 @@ def test_fp32_runs_are_held_to_the_tf32_peak_wherever_tf32_is_allowed(monkeypatc
 
 
 def tiny_train_flops_by_hand() -> int:
-    """conf/model/tiny.yaml counted by hand: 64 px in 8 px patches, widths 128, 3+3 layers, MLP ×2."""
+    """clip_pl/conf/model/tiny.yaml counted by hand: 64 px in 8 px patches, widths 128, 3+3 layers, MLP ×2."""
     patches, width, embed = (64 // 8) ** 2, 128, 128
     patch_embedding = 2 * patches * (3 * 8 * 8) * width
     vision = patch_embedding + 3 * transformer_block_flops(patches + 1, width, 2.0) + 2 * width * embed

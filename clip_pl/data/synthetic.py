@@ -1,6 +1,6 @@
 """Synthetic image-text pairs for smoke runs, tests and throughput benchmarks.
 
-    python -m clip_pl.train model=tiny data=synthetic trainer.max_steps=20
+    python -m clip_pl.train debug=smoke      # model=tiny data=synthetic trainer=cpu, 20 steps
 
 Each sample is a deterministic function of (seed, index): a random image and a random token
 sequence of random length. Global batch t holds samples [t·W·b, (t+1)·W·b) and rank r takes rows

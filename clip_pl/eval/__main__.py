@@ -6,7 +6,7 @@
     python -m clip_pl.eval checkpoint=ViT-B-32.pt arch=ViT-B-32-quickgelu eval=imagenet_zeroshot   # OpenAI weights
     torchrun --nproc-per-node 8 -m clip_pl.eval checkpoint=… eval=…       # sharded over 8 GPUs
 
-The config is conf/eval_app.yaml; every task is a callback under ``eval.callbacks`` (the same ones
+The config is clip_pl/conf/eval_app.yaml; every task is a callback under ``eval.callbacks`` (the same ones
 training runs), evaluated once here. JSON goes to ``output_json`` (default: next to the checkpoint,
 ``<checkpoint stem>.eval-<eval choice>.json``).
 """
@@ -25,12 +25,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from clip_pl.config_dir import config_dir
 from clip_pl.distributed import rank_and_world_size
 from clip_pl.eval.report import format_table, write_json
 from clip_pl.inference import read_model_checkpoint
 from clip_pl.interchange import build_from_checkpoint
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = config_dir()  # clip_pl/conf, inside the package
 
 
 def _device(name: str) -> torch.device:

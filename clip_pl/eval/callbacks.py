@@ -1,6 +1,6 @@
 """Evaluation during training, on every rank at once (no rank-0-only loop for others to wait on).
 
-Configured in ``conf/eval/*.yaml`` under ``callbacks:``; the training config instantiates them:
+Configured in ``clip_pl/conf/eval/*.yaml`` under ``callbacks:``; the training config instantiates them:
 
     python -m clip_pl.train eval=demo_digits                  # zero-shot on the demo's held-out digits
     python -m clip_pl.train eval=imagenet_zeroshot eval.callbacks.imagenet.every_n_steps=2000

@@ -1,4 +1,4 @@
-"""conf/hydra/launcher/submitit_slurm.yaml runs a real two-point sweep on the loopback cluster.
+"""clip_pl/conf/hydra/launcher/submitit_slurm.yaml runs a real two-point sweep on the loopback cluster.
 
     pytest tests/slurm/test_sweep_launcher.py
 """

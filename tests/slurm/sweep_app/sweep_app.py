@@ -1,4 +1,4 @@
-"""A one-line Hydra task that the sweep test runs through conf/hydra/launcher/submitit_slurm.yaml.
+"""A one-line Hydra task that the sweep test runs through clip_pl/conf/hydra/launcher/submitit_slurm.yaml.
 
     python tests/slurm/sweep_app/sweep_app.py -m hydra/launcher=submitit_slurm x=1,2 [launcher overrides]
 
