@@ -18,11 +18,13 @@ from clip_pl.callbacks import StepSleep
 from clip_pl.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from clip_pl.config_checks import uses_deepspeed, world_size_of
 from clip_pl.module import CLIPModule
+from clip_pl.towers import split_tower_lr
 
 
 def build_module(cfg: DictConfig) -> CLIPModule:
     """conf/model names its builder (``CLIPModule.from_options``, partial); loss and optimizer complete it."""
-    return instantiate(cfg.model)(loss=instantiate(cfg.loss), optimizer=instantiate(cfg.optim),
+    optim, tower_lr = split_tower_lr(OmegaConf.to_container(cfg.optim, resolve=True))  # conf/optim's tower LR keys are the module's, not the optimizer's
+    return instantiate(cfg.model)(loss=instantiate(cfg.loss), optimizer=instantiate(optim), tower_lr=tower_lr,
                                   scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
 
 

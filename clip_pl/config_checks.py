@@ -16,6 +16,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from clip_pl.model import resolve_model_config
+from clip_pl.towers import LOCK_KEYS, TOWER_LR_KEYS, check_tower_options, split_tower_lr
 
 log = logging.getLogger(__name__)
 # Mixed precision keeps fp32 weights (the temperature among them); "-true" half precisions would
@@ -31,7 +32,7 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
     """Derive what is derived (per-device batch from a global batch), then check everything."""
     _derive_batch_size(cfg)
     for check in (_check_targets, _check_model_architecture, _check_topology, _check_precision_and_strategy,
-                  _check_batch, _check_loss, _check_schedule):
+                  _check_batch, _check_loss, _check_schedule, _check_towers_and_ema):
         check(cfg)
     return cfg
 
@@ -117,6 +118,8 @@ def _check_targets(cfg: DictConfig) -> None:
         if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
             continue
         unknown = {k for k in node if not k.startswith("_")} - set(signature.parameters)
+        if where == "optim":  # the tower LR keys are CLIPModule's (clip_pl.towers), taken off before instantiation
+            unknown -= set(TOWER_LR_KEYS)
         if unknown:
             valid = sorted(set(signature.parameters) - {"self"})
             raise ConfigError(f"Unknown key(s) {sorted(unknown)} for {where} ({node._target_}); valid: {valid}.")
@@ -192,3 +195,24 @@ def _check_schedule(cfg: DictConfig) -> None:
     if warmup >= max_steps:  # legitimate for a smoke run, a mistake for a real one: say so loudly
         log.warning("scheduler.warmup_steps=%d is not below trainer.max_steps=%d: the whole run is warmup "
                     "(the learning rate never reaches optim.lr).", warmup, max_steps)
+
+
+def _check_towers_and_ema(cfg: DictConfig) -> None:
+    """Tower locks (model.lock_*), tower LRs (optim.*_lr_scale, *_layer_decay) and callbacks.ema."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    arch_keys = [k for k in inspect.signature(resolve_model_config).parameters if k != "ignored"]
+    sharded = cfg.strategy._target_ if uses_deepspeed(cfg) or uses_fsdp(cfg) else None
+    try:
+        check_tower_options(resolve_model_config(**{k: model[k] for k in arch_keys if k in model}),
+                            {k: model[k] for k in LOCK_KEYS if k in model},
+                            split_tower_lr(OmegaConf.to_container(cfg.optim, resolve=True))[1], sharded)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    ema = (cfg.get("callbacks") or {}).get("ema")
+    if ema is not None and ema.get("enabled"):
+        from clip_pl.ema import check_ema_options
+
+        try:
+            check_ema_options(ema.get("decay"), ema.get("start_step"), sharded)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None

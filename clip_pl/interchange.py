@@ -256,8 +256,9 @@ def consolidate_checkpoint(checkpoint_dir: str | Path, out_path: str | Path) -> 
     return out_path
 
 
-def read_clip_pl_checkpoint(path: str | Path) -> ClipPlCheckpoint:
-    """Architecture and model weights of a clip_pl (Lightning) checkpoint, read with weights_only=True."""
+def read_clip_pl_checkpoint(path: str | Path, ema: bool = False) -> ClipPlCheckpoint:
+    """Architecture and model weights of a clip_pl (Lightning) checkpoint, read with weights_only=True.
+    ``ema``: the EMA weights that callbacks.ema kept in the checkpoint (clip_pl.ema) instead."""
     path = _require_file(path, "checkpoint")
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a directory. A sharded DeepSpeed/FSDP checkpoint must be "
@@ -271,6 +272,10 @@ def read_clip_pl_checkpoint(path: str | Path) -> ClipPlCheckpoint:
             f"{str(path)!r} is not a clip_pl training checkpoint (no hyper_parameters.model_config). "
             f"For an open_clip/OpenAI weights file give the architecture: clip_pl.load(path, arch='ViT-B-32'), "
             f"or convert it: python -m clip_pl.interchange import {path} ARCH out.ckpt")
+    if ema:
+        from clip_pl.ema import ema_state_dict
+
+        checkpoint["state_dict"] = ema_state_dict(checkpoint, prefix=_MODEL_PREFIX)
     return ClipPlCheckpoint(model_config=copy.deepcopy(dict(hparams["model_config"])),
                             arch=hparams.get("arch"),
                             state_dict=_clip_pl_model_weights(checkpoint["state_dict"]))
@@ -380,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("out_dir")
     exp.add_argument("--name", default=None, help="model name for custom architectures")
     exp.add_argument("--safetensors", action="store_true")
+    exp.add_argument("--ema", action="store_true", help="the EMA weights (callbacks.ema) instead of the trained ones")
     imp = sub.add_parser("import", help="open_clip/OpenAI weights -> clip_pl checkpoint")
     imp.add_argument("weights")
     imp.add_argument("arch", help="open_clip architecture name, e.g. ViT-B-32 (OpenAI: ViT-B-32-quickgelu), "
@@ -391,7 +397,10 @@ def main(argv: list[str] | None = None) -> None:
     hf = sub.add_parser("export-hf", help="clip_pl checkpoint -> transformers CLIPModel/CLIPProcessor directory")
     hf.add_argument("checkpoint")
     hf.add_argument("out_dir")
+    hf.add_argument("--ema", action="store_true", help="the EMA weights (callbacks.ema) instead of the trained ones")
     args = parser.parse_args(argv)
+    if getattr(args, "ema", False):
+        args.checkpoint = read_clip_pl_checkpoint(args.checkpoint, ema=True)
     if args.command == "export-hf":
         from clip_pl.hf_export import export_hf  # imports this module: import here, not at the top
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clip_pl.model import SCALAR_PARAMETERS, build_clip, resolve_model_config
+from clip_pl.towers import TOWER_LR_DEFAULTS, apply_lr_scales, lock_towers, tower_parameter_groups
 
 # Parameters that get no weight decay beyond ndim < 2 (biases, norm gains, class/positional
 # vectors): norms by name, and the learned temperature and bias of the logits.
@@ -68,6 +69,8 @@ class CLIPModule(L.LightningModule):
         compile: bool = False,
         init_checkpoint: str | None = None,
         max_logit_scale: float = 100.0,
+        lock: Mapping[str, Any] | None = None,
+        tower_lr: Mapping[str, float] | None = None,
     ):
         super().__init__()
         # Only plain values go into the checkpoint, so it loads with torch.load(weights_only=True).
@@ -78,6 +81,9 @@ class CLIPModule(L.LightningModule):
             from clip_pl.interchange import load_open_clip_weights
 
             load_open_clip_weights(self.model, init_checkpoint)
+        # Tower locking and per-tower / layer-wise learning rates: clip_pl.towers.
+        self.tower_lr = {**TOWER_LR_DEFAULTS, **(tower_lr or {})}
+        lock_towers(self.model, lock or {})
         self.loss = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -97,6 +103,7 @@ class CLIPModule(L.LightningModule):
         loss: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        tower_lr: Mapping[str, float] | None = None,  # conf/optim's tower keys (clip_pl.towers), from assembly
         *,
         arch: str | None = None,
         arch_config: Mapping[str, Any] | None = None,
@@ -111,6 +118,10 @@ class CLIPModule(L.LightningModule):
         compile: bool = False,
         init_checkpoint: str | None = None,
         max_logit_scale: float = 100.0,
+        lock_image: bool = False,
+        lock_image_unlocked_groups: int = 0,
+        lock_text: bool = False,
+        lock_text_unlocked_layers: int = 0,
     ) -> "CLIPModule":
         """The ``model`` config group's schema: ``conf/model/_base.yaml`` names this as its ``_target_``
         (``_partial_: true``), so every key of a model choice is a keyword here, and an unknown key is
@@ -124,7 +135,10 @@ class CLIPModule(L.LightningModule):
                                             init_logit_bias=init_logit_bias)
         return cls(model_config, loss, optimizer, scheduler, arch=arch, grad_checkpointing=grad_checkpointing,
                    grad_cache_chunks=grad_cache_chunks, compile=compile, init_checkpoint=init_checkpoint,
-                   max_logit_scale=max_logit_scale)
+                   max_logit_scale=max_logit_scale,
+                   lock=dict(lock_image=lock_image, lock_image_unlocked_groups=lock_image_unlocked_groups,
+                             lock_text=lock_text, lock_text_unlocked_layers=lock_text_unlocked_layers),
+                   tower_lr=tower_lr)
 
     def configure_model(self) -> None:
         """Sharded strategies (clip_pl.strategies) wrap or adapt the model here, before the optimizer
@@ -223,6 +237,9 @@ class CLIPModule(L.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:
+        if self.tower_lr != TOWER_LR_DEFAULTS:  # per-tower / per-depth groups, each with its lr_scale
+            return tower_parameter_groups(self.model, ((_original_name(n), p) for n, p in self.model.named_parameters()),
+                                          self.no_decay_names, self.tower_lr)
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
@@ -233,6 +250,7 @@ class CLIPModule(L.LightningModule):
     def configure_optimizers(self):
         # Positional: torch's optimizers call it `params`, DeepSpeed's CPU Adam `model_params`.
         optimizer = self.optimizer_factory(self.parameter_groups())
+        apply_lr_scales(optimizer)  # before the scheduler records each group's initial lr
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)

@@ -29,6 +29,7 @@ from clip_pl.eval.common import AutocastFactory, no_autocast
 from clip_pl.eval.labels import load_classnames, load_templates
 from clip_pl.eval.retrieval import RECALL_K, retrieval_evaluate
 from clip_pl.eval.zeroshot import zero_shot_evaluate
+from clip_pl.ema import evaluation_weights
 from clip_pl.telemetry import pause_clock
 
 
@@ -71,7 +72,7 @@ class _PeriodicEvaluation(pl.Callback, ABC):
 
     def _evaluate_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         start = time.perf_counter()
-        with pause_clock(trainer):  # evaluation time is not training throughput or data wait
+        with pause_clock(trainer), evaluation_weights(trainer, pl_module):  # EMA weights if callbacks.ema asks
             metrics = self.evaluate(pl_module.model, pl_module.model_config,
                                     autocast=trainer.precision_plugin.forward_context)
         metrics["seconds"] = time.perf_counter() - start
