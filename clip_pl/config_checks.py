@@ -208,6 +208,9 @@ def _check_towers_and_ema(cfg: DictConfig) -> None:
                             split_tower_lr(OmegaConf.to_container(cfg.optim, resolve=True))[1], sharded)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if (model.get("lock_image") or model.get("lock_text")) and not model.get("init_checkpoint"):
+        log.warning("model.lock_image/lock_text with no model.init_checkpoint: the locked tower keeps its random "
+                    "initialisation (LiT locks a pre-trained tower: set model.init_checkpoint=FILE).")
     ema = (cfg.get("callbacks") or {}).get("ema")
     if ema is not None and ema.get("enabled"):
         from clip_pl.ema import check_ema_options

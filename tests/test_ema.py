@@ -117,7 +117,6 @@ def _fit_ranks(rank: int, world_size: int, root: str) -> dict:
     return {"weights": snapshot(module), "ema": {n: t.cpu() for n, t in ema.ema.items()}}
 
 
-@pytest.mark.slow  # 2 gloo processes running Lightning DDP: ~15 s on 2 loaded cores
 def test_one_and_two_ddp_ranks_give_the_same_weights_and_ema(tmp_path):
     initial = snapshot(make_module())
     one = _fit_ranks(0, 1, str(tmp_path / "one"))
