@@ -231,6 +231,8 @@ def compose(args, root: str, extra: list[str]):
     """clip_pl's Hydra config for this run; the OpenCLIP side reads the model and optimiser from it too."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
+    from clip_pl.config_dir import config_dir
+
     total = args.warmup + args.steps + args.profile_steps
     overrides = [f"model={args.model}", "data=synthetic", f"data.batch_size={args.batch_size}",
                  f"data.num_samples={args.batch_size * total}", "global_batch_size=null",
@@ -242,7 +244,7 @@ def compose(args, root: str, extra: list[str]):
                  # stays: clip_pl's own, refreshed every 10 steps like OpenCLIP's log (each reads the loss).
                  "callbacks.checkpoint=null", "+trainer.enable_checkpointing=false",
                  f"paths.root_dir={root}", "run_name=gpu_check", *extra]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
 
 

@@ -30,7 +30,7 @@ CONFIG_DOCS = [d for d in DOCS if d.parent.name != "data_prep"]  # data_prep's k
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 # Backticked words that look like config keys but are not: a Python attribute, generic examples.
 NOT_CONFIG_KEYS = {"trainer.save_checkpoint", "group=choice", "experiment=mine"}
-FILE_SUFFIXES = (".py", ".sh", ".md", ".yaml", ".json", ".jsonl", ".ckpt", ".csv", ".txt", ".tar", ".png", ".log")
+FILE_SUFFIXES = (".py", ".sh", ".md", ".yaml", ".json", ".jsonl", ".ckpt", ".csv", ".txt", ".tar", ".png", ".log", ".safetensors")
 
 
 def _ids(paths):
@@ -151,6 +151,8 @@ def test_every_override_and_key_named_in_prose_exists(doc):
     groups = set(GROUPS) | {"hydra/launcher"}
     missing = []
     for token in _backticked(doc.read_text()):
+        if re.match(r"[\w.]+\(", token):
+            continue  # a Python call such as `processor(text, padding="max_length")`, not overrides
         for word in token.split():
             word = word.strip(",;:()")
             key, eq, value = word.partition("=")
@@ -205,6 +207,8 @@ def _anchors(markdown: str) -> set[str]:
 def test_every_clip_pl_name_mentioned_exists(doc):
     missing = []
     for token in _backticked(doc.read_text()):
+        if re.match(r"[\w.]+\(", token):
+            continue  # a Python call such as `processor(text, padding="max_length")`, not overrides
         for word in token.split():
             word = word.strip(",;:()")
             if not re.fullmatch(r"clip_pl(\.\w+)+", word):

@@ -23,6 +23,7 @@ from PIL import Image
 import transformers
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+from clip_pl.config_dir import config_dir
 from clip_pl.eval.zeroshot import build_classifier, zero_shot_evaluate
 from clip_pl.hf_export import (UnsupportedArchitectureError, export_hf, hf_state_dict, open_clip_text_clean,
                                unsupported_reasons)
@@ -32,7 +33,6 @@ from clip_pl.model import build_clip, get_tokenizer, image_transforms, resolve_m
 from data_prep.demo import digits
 from tests.test_eval_support import TINY_RESNET, TINY_VIT, random_images, tiny_checkpoint, tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
 
 
@@ -45,8 +45,8 @@ def offline(monkeypatch):
 
 
 def tiny_config(**arch_overrides) -> dict:
-    """clip_pl's `model=tiny` (conf/model/tiny.yaml), optionally with open_clip config changes."""
-    choice = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/tiny.yaml"))
+    """clip_pl's `model=tiny` (clip_pl/conf/model/tiny.yaml), optionally with open_clip config changes."""
+    choice = OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "model" / "tiny.yaml"))
     arch = choice["arch_config"]
     # The choice's image_size/context_length repeat arch_config's; not passed, so overrides here win.
     assert (arch["vision_cfg"]["image_size"], arch["text_cfg"]["context_length"]) == \
