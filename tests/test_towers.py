@@ -74,7 +74,9 @@ def is_text(name: str) -> bool:
 def test_locked_towers_stay_bitwise_still_and_own_no_optimizer_state():
     # Image tower all locked; text tower locked but for its last 2 groups (open_clip's groups: the
     # embeddings, each block but the last, the last block + final norm, the projection).
-    module = make_module(lock=dict(lock_image=True, lock_text=True, lock_text_unlocked_layers=2))
+    # (with layer-wise decay on the text tower, so its per-depth groups are built too)
+    module = make_module(lock=dict(lock_image=True, lock_text=True, lock_text_unlocked_layers=2),
+                         tower_lr=dict(text_layer_decay=0.8))
     before = snapshot(module)
     trainer = fit(module, steps=50)
     after = snapshot(module)
@@ -96,6 +98,8 @@ def test_locked_towers_stay_bitwise_still_and_own_no_optimizer_state():
 
 def test_unlocked_groups_follow_open_clip_meanings():
     names = lambda m: {n for n, p in m.model.named_parameters() if p.requires_grad and n.startswith("visual.")}
+    locked = make_module(lock=dict(lock_image=True))  # the plain two groups leave locked parameters out too
+    assert all(p.requires_grad for g in locked.parameter_groups() for p in g["params"])
     assert names(make_module(lock=dict(lock_image=True, lock_image_unlocked_groups=1))) == {"visual.proj"}
     last_two = names(make_module(lock=dict(lock_image=True, lock_image_unlocked_groups=2)))
     assert last_two == {"visual.proj", "visual.ln_post.weight", "visual.ln_post.bias"} | {
