@@ -1,10 +1,27 @@
-"""Data: WebDataset shards → decoded, tokenized batches for CLIP training (see datamodule.py)."""
+"""Data: WebDataset shards → decoded, tokenized batches for CLIP training (see datamodule.py).
 
-from .accounting import sum_over_ranks
-from .datamodule import EpochAwareLoader, WebDatasetDataModule
-from .shardspec import ShardSet, resolve_shards
-from .stream import WebDatasetStream
-from .synthetic import SyntheticDataModule
+Names are imported lazily: ``clip_pl.data.shardspec`` or ``clip_pl.data.tarstream`` alone (evaluation,
+the audit, the planner) do not pay for Lightning and the whole pipeline.
+"""
 
-__all__ = ["WebDatasetDataModule", "EpochAwareLoader", "WebDatasetStream", "ShardSet", "resolve_shards",
-           "SyntheticDataModule", "sum_over_ranks"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "WebDatasetDataModule": "clip_pl.data.datamodule",
+    "EpochAwareLoader": "clip_pl.data.datamodule",
+    "WebDatasetStream": "clip_pl.data.stream",
+    "ShardSet": "clip_pl.data.shardspec",
+    "resolve_shards": "clip_pl.data.shardspec",
+    "SyntheticDataModule": "clip_pl.data.synthetic",
+    "sum_over_ranks": "clip_pl.data.accounting",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'clip_pl.data' has no attribute {name!r}")
