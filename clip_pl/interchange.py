@@ -40,7 +40,7 @@ import open_clip
 import torch
 from torch import nn
 
-from clip_pl.model import SCALAR_PARAMETERS, build_clip, resolve_model_config
+from clip_pl.model import build_clip, resolve_model_config, restore_scalar_shapes
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +246,7 @@ def consolidate_checkpoint(checkpoint_dir: str | Path, out_path: str | Path) -> 
         raise ValueError(f"{str(checkpoint_dir)!r} holds neither a DeepSpeed checkpoint ('latest', 'checkpoint/') "
                          f"nor torch.distributed.checkpoint shards (*.distcp).")
     # Sharded training holds the temperature and bias as 1-element vectors; open_clip's are 0-d.
-    state_dict = checkpoint["state_dict"]
-    for name in SCALAR_PARAMETERS:
-        key = _MODEL_PREFIX + name
-        if key in state_dict and state_dict[key].shape == (1,):
-            state_dict[key] = state_dict[key].reshape(())
+    restore_scalar_shapes(checkpoint["state_dict"], prefix=_MODEL_PREFIX)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, out_path)
     return out_path

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clip_pl.model import SCALAR_PARAMETERS, build_clip
+from clip_pl.model import build_clip, restore_scalar_shapes
 
 # Parameters that get no weight decay beyond ndim < 2 (biases, norm gains, class/positional
 # vectors): norms by name, and the learned temperature and bias of the logits.
@@ -210,14 +210,6 @@ def _original_name(name: str) -> str:
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
-
-
-def restore_scalar_shapes(state_dict: dict[str, Any], prefix: str = "") -> None:
-    """1-element ``logit_scale``/``logit_bias`` tensors back to open_clip's 0-d shape, in place."""
-    for name in SCALAR_PARAMETERS:
-        value = state_dict.get(prefix + name)
-        if isinstance(value, torch.Tensor) and not hasattr(value, "full_tensor") and value.shape == (1,):
-            state_dict[prefix + name] = value.reshape(())
 
 
 @contextlib.contextmanager
