@@ -15,6 +15,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from clip_pl.strategies import is_deepspeed
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file in the same directory, fsync, then rename over the target.
@@ -45,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def writes_folders(strategy) -> bool:
     """Whether ``strategy.save_checkpoint`` writes a folder, every rank its part (DeepSpeed, sharded FSDP,
     distributed ModelParallel) rather than one file from rank 0."""
-    if "DeepSpeed" in type(strategy).__name__:
+    if is_deepspeed(strategy):
         return True
     if getattr(strategy, "_state_dict_type", None) == "sharded":
         return True
