@@ -1,7 +1,8 @@
 """The LightningModule: encode both towers, contrast over the global batch, step AdamW.
 
 Built by ``clip_pl.train`` from the Hydra config (``model``, ``loss``, ``optim``, ``scheduler``);
-it holds no config parsing and touches no files. The open_clip model is ``self.model`` so its
+it holds no config parsing. The one file it may read is ``init_checkpoint`` (starting weights), and
+only through ``clip_pl.interchange``, which owns every weights format. The open_clip model is ``self.model`` so its
 state-dict keys in a checkpoint are ``model.<open_clip key>`` and ``clip_pl.load`` rebuilds it
 from ``hparams.model_config`` alone.
 """
