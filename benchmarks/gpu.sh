@@ -2,7 +2,7 @@
 # The GPU check (one GPU, a few minutes; not part of `make test`): ViT-B/32 and ViT-B/16, bf16,
 # synthetic data, ~100 steps each, clip_pl with ddp and deepspeed_stage_2 next to OpenCLIP's own
 # train_one_epoch in the same run. Prints one JSON line per configuration (samples/s, MFU from
-# clip_pl.telemetry's device table, peak memory, and the ratio clip_pl / OpenCLIP).
+# clip_pl.callbacks.telemetry's device table, peak memory, and the ratio clip_pl / OpenCLIP).
 #   bash benchmarks/gpu.sh                 # from the repository root, in the project's venv
 #   STEPS=50 BATCH=128 bash benchmarks/gpu.sh
 set -euo pipefail

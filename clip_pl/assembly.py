@@ -16,7 +16,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from clip_pl.callbacks import StepSleep
+from clip_pl.callbacks.loop import StepSleep
 from clip_pl.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from clip_pl.config_checks import instantiates, uses_deepspeed, world_size_of
 from clip_pl.model import resolve_model_config
@@ -80,7 +80,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         plugins.append(AtomicCheckpointIO())
     if SLURMEnvironment.detect():
         # Lightning's auto-requeue saves inside the signal handler (Lightning #21406); requeue is
-        # clip_pl.preemption.PreemptionCheckpoint's job (callbacks.preemption).
+        # clip_pl.callbacks.preemption.PreemptionCheckpoint's job (callbacks.preemption).
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return instantiate(cfg.trainer, strategy=strategy, callbacks=build_callbacks(cfg),
                        logger=build_loggers(cfg, run_dir) or False, plugins=plugins,

@@ -10,7 +10,6 @@ from ``hparams.model_config`` alone.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from typing import Any, Callable, Mapping
 
 import lightning as L
@@ -84,7 +83,6 @@ class CLIPModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.grad_cache_chunks = grad_cache_chunks
         self.max_logit_scale = float(max_logit_scale)
-        self.bad_sample_counts: Counter[str] = Counter()
         # Decided now, on open_clip's own parameters: sharding wrappers may later change names,
         # shapes or ndim (FSDP1 flattens everything to 1-D), but not which parameter is which.
         self.no_decay_names = {name for name, p in self.model.named_parameters() if no_weight_decay(name, p)}
@@ -139,7 +137,6 @@ class CLIPModule(L.LightningModule):
 
     # -- steps -------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        self.bad_sample_counts.update(batch.get("bad_samples") or {})
         loss = self.contrastive_loss(batch)
         batch_size = batch["image"].shape[0]
         world_size = self.trainer.world_size if self._trainer is not None else 1

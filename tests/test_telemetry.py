@@ -11,9 +11,9 @@ import lightning
 import pytest
 import torch
 
-from clip_pl.eval.callbacks import _PeriodicEvaluation
+from clip_pl.callbacks.evaluation import _PeriodicEvaluation
 from clip_pl.model import resolve_model_config
-from clip_pl.telemetry import peak_flops_per_device, train_flops_per_sample
+from clip_pl.callbacks.telemetry import peak_flops_per_device, train_flops_per_sample
 from tests.test_config import CPU_TINY, make_cfg
 
 

@@ -30,7 +30,7 @@ from clip_pl.data.shardspec import ShardSet, resolve_shards, resolve_shards_once
 from clip_pl.data.stream import WebDatasetStream
 from clip_pl.distributed import rank_and_world_size
 from clip_pl.model import get_tokenizer, image_transforms
-from clip_pl.preemption import WorkerInit
+from clip_pl.data.workers import WorkerInit
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         # fork: workers start in milliseconds and share the parsed shard list; it is what a rank launched by
         # srun/torchrun gets on Linux anyway, also when the rank itself was spawned (as in the tests).
         self.multiprocessing_context = multiprocessing_context if hasattr(os, "fork") else None
-        # record_keys: batches carry their samples' __key__, which clip_pl.data.keys.KeyRecorder
+        # record_keys: batches carry their samples' __key__, which clip_pl.callbacks.keys.KeyRecorder
         # appends to RUN_DIR/keys/rank<r>.jsonl for `python -m clip_pl.data.audit`.
         self.record_keys = bool(record_keys)
         self.return_keys = bool(return_keys) or self.record_keys

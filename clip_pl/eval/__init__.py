@@ -1,4 +1,4 @@
-"""Zero-shot classification and retrieval evaluation, standalone and as training callbacks.
+"""Zero-shot classification and retrieval evaluation (their training callbacks: clip_pl.callbacks.evaluation).
 
     python -m clip_pl.eval checkpoint=runs/x/checkpoints/last.ckpt eval=demo_digits
     python -m clip_pl.eval checkpoint=last.ckpt eval=imagenet_zeroshot paths.imagenet_val_dir=/data/imagenet/val
@@ -12,8 +12,6 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ZeroShotCallback": "clip_pl.eval.callbacks",
-    "RetrievalCallback": "clip_pl.eval.callbacks",
     "zero_shot_evaluate": "clip_pl.eval.zeroshot",
     "build_classifier": "clip_pl.eval.zeroshot",
     "retrieval_evaluate": "clip_pl.eval.retrieval",

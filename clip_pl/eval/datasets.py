@@ -175,7 +175,7 @@ def collate_captioned(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[t
 def loader(dataset: Any, batch_size: int, num_workers: int, collate_fn: Callable | None = None) -> DataLoader:
     if batch_size <= 0:
         raise ValueError(f"evaluation batch_size={batch_size} must be positive.")
-    from clip_pl.preemption import WorkerInit  # workers ignore SIGUSR1/SIGTERM (evaluation runs inside training)
+    from clip_pl.data.workers import WorkerInit  # workers ignore SIGUSR1/SIGTERM (evaluation runs inside training)
 
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
                       collate_fn=collate_fn, drop_last=False, worker_init_fn=WorkerInit() if num_workers else None)
