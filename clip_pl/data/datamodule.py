@@ -173,7 +173,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             log.info("data: %d batches per rank per epoch (%d ranks × %d); %d samples of each epoch's order "
                      "left out (resampled=%s)", batches, world, self.batch_size, left, self.resampled)
         if self.val_spec is not None and self._val_set is None:
-            self._val_set = resolve_shards_once(self.val_spec, None, self.val_sizes_file)
+            self._val_set = resolve_shards_once(self.val_spec, None, self.val_sizes_file, "data.val_shards")
             if not self._val_set.sizes_known:
                 raise ValueError(f"data.val_shards need sizes.json (missing: {self._val_set.missing_sizes()[:3]}); "
                                  "set data.val_sizes_file.")
