@@ -16,27 +16,15 @@ imported lazily, so importing one callback does not import the others.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from clip_pl._lazy import lazy_exports
 
-_EXPORTS = {
-    "StepCheckpoint": "clip_pl.callbacks.checkpoint",
-    "PreemptionCheckpoint": "clip_pl.callbacks.preemption",
-    "Telemetry": "clip_pl.callbacks.telemetry",
-    "pause_clock": "clip_pl.callbacks.telemetry",
-    "ThroughputProgressBar": "clip_pl.callbacks.progress",
-    "ContinueMetrics": "clip_pl.callbacks.metrics_continuity",
-    "KeyRecorder": "clip_pl.callbacks.keys",
-    "ZeroShotCallback": "clip_pl.callbacks.evaluation",
-    "RetrievalCallback": "clip_pl.callbacks.evaluation",
-    "RunEvents": "clip_pl.callbacks.loop",
-    "GradNorm": "clip_pl.callbacks.loop",
-    "StepSleep": "clip_pl.callbacks.loop",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'clip_pl.callbacks' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, {
+    "checkpoint": ["StepCheckpoint"],
+    "preemption": ["PreemptionCheckpoint"],
+    "telemetry": ["Telemetry", "pause_clock"],
+    "progress": ["ThroughputProgressBar"],
+    "metrics_continuity": ["ContinueMetrics"],
+    "keys": ["KeyRecorder"],
+    "evaluation": ["ZeroShotCallback", "RetrievalCallback"],
+    "loop": ["RunEvents", "GradNorm", "StepSleep"],
+})

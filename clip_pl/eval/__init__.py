@@ -8,21 +8,9 @@ Names are imported lazily so ``clip_pl.load`` does not pay for Lightning.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from clip_pl._lazy import lazy_exports
 
-_EXPORTS = {
-    "zero_shot_evaluate": "clip_pl.eval.zeroshot",
-    "build_classifier": "clip_pl.eval.zeroshot",
-    "retrieval_evaluate": "clip_pl.eval.retrieval",
-    "retrieval_recall": "clip_pl.eval.retrieval",
-    "load_classnames": "clip_pl.eval.labels",
-    "load_templates": "clip_pl.eval.labels",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'clip_pl.eval' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, {
+    "zeroshot": ["zero_shot_evaluate", "build_classifier"], "retrieval": ["retrieval_evaluate", "retrieval_recall"],
+    "labels": ["load_classnames", "load_templates"],
+})
