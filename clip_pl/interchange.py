@@ -12,7 +12,9 @@
     python -m clip_pl.interchange consolidate runs/x/checkpoints/last.ckpt/ last_fp32.ckpt
 
 From Python: ``load_open_clip_weights(model, path)`` initialises a freshly built model (continued
-pre-training, fine-tuning); ``export_open_clip(checkpoint, out_dir)``; ``read_clip_pl_checkpoint``.
+pre-training, fine-tuning); ``export_open_clip(checkpoint, out_dir)``; ``read_clip_pl_checkpoint``;
+``read_model_checkpoint`` (any of the formats below, or an exported directory, into architecture + weights).
+This module owns every checkpoint and weights format; ``clip_pl.inference`` and ``clip_pl.eval`` read through it.
 
 Weight files that are read (everything through ``torch.load(weights_only=True)`` or safetensors):
   * open_clip's saved ``model.state_dict()`` (``.pt``/``.bin``/``.pth``) or ``.safetensors``;
@@ -40,7 +42,7 @@ import open_clip
 import torch
 from torch import nn
 
-from clip_pl.model import SCALAR_PARAMETERS, build_clip, resolve_model_config
+from clip_pl.model import build_clip, resolve_model_config, restore_scalar_shapes
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +248,7 @@ def consolidate_checkpoint(checkpoint_dir: str | Path, out_path: str | Path) -> 
         raise ValueError(f"{str(checkpoint_dir)!r} holds neither a DeepSpeed checkpoint ('latest', 'checkpoint/') "
                          f"nor torch.distributed.checkpoint shards (*.distcp).")
     # Sharded training holds the temperature and bias as 1-element vectors; open_clip's are 0-d.
-    state_dict = checkpoint["state_dict"]
-    for name in SCALAR_PARAMETERS:
-        key = _MODEL_PREFIX + name
-        if key in state_dict and state_dict[key].shape == (1,):
-            state_dict[key] = state_dict[key].reshape(())
+    restore_scalar_shapes(checkpoint["state_dict"], prefix=_MODEL_PREFIX)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, out_path)
     return out_path
@@ -274,6 +272,19 @@ def read_clip_pl_checkpoint(path: str | Path) -> ClipPlCheckpoint:
     return ClipPlCheckpoint(model_config=copy.deepcopy(dict(hparams["model_config"])),
                             arch=hparams.get("arch"),
                             state_dict=_clip_pl_model_weights(checkpoint["state_dict"]))
+
+
+def read_model_checkpoint(checkpoint: str | Path, arch: str | Mapping[str, Any] | None = None) -> ClipPlCheckpoint:
+    """Architecture + weights from a clip_pl checkpoint, an exported directory, or weights + ``arch``."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir() and (path / OPEN_CLIP_DIR_CONFIG).is_file() and arch is None:
+        model_config = json.loads((path / OPEN_CLIP_DIR_CONFIG).read_text())["model_cfg"]
+        return ClipPlCheckpoint(model_config, None, read_state_dict(path))
+    if arch is None:
+        return read_clip_pl_checkpoint(path)
+    if isinstance(arch, str):
+        return ClipPlCheckpoint(resolve_model_config(arch=arch), arch, read_state_dict(path))
+    return ClipPlCheckpoint(resolve_model_config(arch_config=arch), None, read_state_dict(path))
 
 
 def build_from_checkpoint(checkpoint: ClipPlCheckpoint) -> nn.Module:

@@ -107,7 +107,7 @@ def test_every_instantiable_choice_builds_what_it_names(tmp_path):
 
 @pytest.fixture(scope="module")
 def few_shards(tmp_path_factory) -> Path:
-    from clip_pl.data.fake_shards import write_shards
+    from tests.fake_shards import write_shards
 
     directory = tmp_path_factory.mktemp("shards")
     write_shards(str(directory), [3, 3], image_px=(40, 56))

@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 
 from clip_pl.data.audit import audit, main
-from clip_pl.data.keys import KeyRecorder, read_lines
+from clip_pl.callbacks.keys import KeyRecorder
+from clip_pl.data.keys import read_lines
 
 N = 10
 

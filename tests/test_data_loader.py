@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from clip_pl.data import WebDatasetDataModule
-from clip_pl.data.fake_shards import jpeg_bytes, make_sample, synthetic_image, write_shard, write_shards
+from tests.fake_shards import jpeg_bytes, make_sample, synthetic_image, write_shard, write_shards
 from tests.distributed import run_distributed
 
 IMAGE_SIZE, CONTEXT = 32, 16

@@ -48,7 +48,7 @@ def _setup_and_count(rank: int, world_size: int, root: str, spec: str) -> dict:
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
-    from clip_pl.data.fake_shards import write_shards
+    from tests.fake_shards import write_shards
 
     root = tmp_path_factory.mktemp("shards")
     write_shards(str(root), [5] * SHARDS)

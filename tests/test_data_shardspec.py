@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from clip_pl.data import WebDatasetDataModule, resolve_shards
-from clip_pl.data.fake_shards import make_sample, write_shards
+from tests.fake_shards import make_sample, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_val_loader_uses_eval_transform_and_equal_batches(two_sources):
 
 def test_batched_transform_matches_the_per_image_compose():
     from clip_pl.data.batch_transform import BatchedImageTransform
-    from clip_pl.data.fake_shards import synthetic_image
+    from tests.fake_shards import synthetic_image
     from clip_pl.model import image_transforms
 
     images = [synthetic_image(i, 70 + 9 * i, 90 - 5 * i) for i in range(4)]

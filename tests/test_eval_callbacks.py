@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
-from clip_pl.eval.callbacks import RetrievalCallback, ZeroShotCallback
+from clip_pl.callbacks.evaluation import RetrievalCallback, ZeroShotCallback
 from clip_pl.eval.zeroshot import zero_shot_evaluate
 from clip_pl.model import build_clip, resolve_model_config
 from tests.distributed import run_distributed
@@ -123,7 +123,7 @@ def test_callbacks_under_ddp_shard_and_agree(tmp_path):
 def test_sharded_parameter_strategies_are_refused_before_training():
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
-    from clip_pl.eval.callbacks import check_strategy
+    from clip_pl.callbacks.evaluation import check_strategy
     from clip_pl.strategies import FSDP2Strategy
 
     check_strategy(DDPStrategy())

@@ -73,7 +73,7 @@ def test_every_eval_choice_composes(choice, tmp_path):
     cfg = _compose("checkpoint=x.ckpt", f"eval={choice}")
     assert set(cfg.eval) == {"callbacks"}
     for name, node in cfg.eval.callbacks.items():
-        assert node._target_.startswith("clip_pl.eval.")
+        assert node._target_.startswith("clip_pl.callbacks.")
         if choice in ("imagenet_zeroshot", "retrieval") and node.data is None:
             with pytest.raises(InstantiationException, match="no evaluation data given"):
                 instantiate(node)

@@ -11,7 +11,7 @@ import torch
 
 from clip_pl.eval.retrieval import retrieval_evaluate
 from clip_pl.eval.zeroshot import build_classifier, zero_shot_evaluate
-from clip_pl.inference import read_model_checkpoint
+from clip_pl.interchange import read_model_checkpoint
 from clip_pl.interchange import build_from_checkpoint
 from clip_pl.model import get_tokenizer
 from tests.distributed import run_distributed

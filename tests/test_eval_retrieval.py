@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_pl.eval.callbacks import RetrievalCallback
+from clip_pl.callbacks.evaluation import RetrievalCallback
 from clip_pl.eval.retrieval import retrieval_evaluate, retrieval_recall
 from clip_pl.model import get_tokenizer, image_transforms
 from tests.test_eval_support import caption_samples, random_images, tiny_model, write_shards

@@ -1,7 +1,8 @@
 """Helpers shared by the evaluation / inference / interchange tests (no tests here).
 
 Tiny open_clip architectures, a clip_pl checkpoint writer, and small on-disk datasets built from
-random images: an ImageFolder, labelled WebDataset shards and image-caption shards.
+random images: an ImageFolder, labelled WebDataset shards and image-caption shards (written by
+tests/fake_shards.py, the one shard writer).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
 from clip_pl.interchange import save_clip_pl_checkpoint
 from clip_pl.model import build_clip, resolve_model_config
+from tests.fake_shards import write_sample_shards
 
 TINY_VIT = {
     "embed_dim": 32,
@@ -74,17 +75,10 @@ def write_imagefolder(root: Path, images: Sequence[Image.Image], labels: Sequenc
 
 
 def write_shards(directory: Path, samples: Sequence[dict], num_shards: int) -> list[str]:
-    """Split ``samples`` (dicts of extension -> value) round-robin-free into contiguous shards."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
+    """Split ``samples`` (dicts of extension -> bytes) into ``num_shards`` contiguous shards, keys 000000 …"""
     bounds = np.linspace(0, len(samples), num_shards + 1).astype(int)
-    for shard in range(num_shards):
-        path = directory / f"{shard:05d}.tar"
-        with wds.TarWriter(str(path)) as sink:
-            for i in range(bounds[shard], bounds[shard + 1]):
-                sink.write({"__key__": f"{i:06d}", **samples[i]})
-        paths.append(str(path))
-    return paths
+    keyed = [{"__key__": f"{i:06d}", **sample} for i, sample in enumerate(samples)]
+    return write_sample_shards(directory, [keyed[bounds[s]:bounds[s + 1]] for s in range(num_shards)])
 
 
 def labelled_samples(images: Sequence[Image.Image], labels: Sequence[int]) -> list[dict]:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from clip_pl.callbacks.evaluation import ZeroShotCallback
 from clip_pl.config_dir import config_dir
 from clip_pl.eval.__main__ import run
-from clip_pl.eval.callbacks import ZeroShotCallback
 from clip_pl.inference import load
 from clip_pl.interchange import export_open_clip
 from tests.test_eval_support import assert_same_weights, random_images, write_imagefolder

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from clip_pl.eval.callbacks import ZeroShotCallback
+from clip_pl.callbacks.evaluation import ZeroShotCallback
 from clip_pl.eval.zeroshot import zero_shot_evaluate
 from tests.test_eval_support import (CLASSNAMES, TEMPLATES, labelled_samples, labels_with_known_accuracy,
                                      oracle_class_order, random_images, tiny_checkpoint, write_imagefolder,

@@ -1,4 +1,4 @@
-"""Preemption on real gloo ranks (clip_pl/preemption.py): a signal only sets a flag; the ranks agree at
+"""Preemption on real gloo ranks (clip_pl/callbacks/preemption.py): a signal only sets a flag; the ranks agree at
 the step boundary, save together at the same step, and only rank 0 requeues, only for SIGUSR1.
 
     pytest tests/test_preemption.py          # ~1 min on 2 cores
@@ -20,8 +20,9 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torch.utils.data import DataLoader, IterableDataset
 
-from clip_pl.checkpointing import StepCheckpoint
-from clip_pl.preemption import PreemptionCheckpoint, WorkerInit
+from clip_pl.callbacks.checkpoint import StepCheckpoint
+from clip_pl.callbacks.preemption import PreemptionCheckpoint
+from clip_pl.data.workers import WorkerInit
 from tests.distributed import run_distributed
 
 MAX_STEPS = 12

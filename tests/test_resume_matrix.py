@@ -22,7 +22,7 @@ import lightning as L
 import pytest
 import torch
 
-from clip_pl.data.fake_shards import write_shards
+from tests.fake_shards import write_shards
 from tests.distributed import run_distributed
 
 BATCH = 2

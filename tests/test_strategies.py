@@ -157,7 +157,7 @@ def _strategy_matrix(rank: int, world_size: int, shards: str, root: str) -> dict
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
-    from clip_pl.data.fake_shards import write_shards
+    from tests.fake_shards import write_shards
 
     shards = tmp_path_factory.mktemp("shards")
     write_shards(str(shards), sizes=[36, 36, 36, 36], image_px=(64, 80))  # 144 samples: 9 global batches of 16

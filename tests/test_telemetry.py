@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate
 
+from clip_pl.callbacks.evaluation import _PeriodicEvaluation
+from clip_pl.callbacks.telemetry import peak_flops_per_device, train_flops_per_sample
 from clip_pl.data.synthetic import SyntheticDataModule
-from clip_pl.eval.callbacks import _PeriodicEvaluation
 from clip_pl.model import resolve_model_config
 from clip_pl.module import CLIPModule
-from clip_pl.telemetry import peak_flops_per_device, train_flops_per_sample
 from tests.test_config import CPU_TINY, make_cfg
 
 

@@ -29,7 +29,7 @@ from clip_pl.eval.common import AutocastFactory, no_autocast
 from clip_pl.eval.labels import load_classnames, load_templates
 from clip_pl.eval.retrieval import RECALL_K, retrieval_evaluate
 from clip_pl.eval.zeroshot import zero_shot_evaluate
-from clip_pl.telemetry import pause_clock
+from clip_pl.callbacks.telemetry import pause_clock
 
 
 def check_strategy(strategy: Any) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy
+
+from clip_pl.strategies import is_deepspeed
 
 
 class RunEvents(L.Callback):
@@ -78,7 +79,7 @@ class GradNorm(L.Callback):
 
 
 def _deepspeed_engine(trainer: L.Trainer):
-    return trainer.strategy.deepspeed_engine if isinstance(trainer.strategy, DeepSpeedStrategy) else None
+    return trainer.strategy.deepspeed_engine if is_deepspeed(trainer.strategy) else None
 
 
 class StepSleep(L.Callback):

@@ -24,8 +24,8 @@ time limit) or a checkpoint from the middle of an optimizer step. Its SIGTERM ha
    a higher-priority job preempts this one (its PreemptMode decides whether the job is requeued) and
    also what ``scancel`` sends, which must cancel, not requeue.
 
-DataLoader workers ignore both signals (:func:`ignore_stop_signals`, their ``worker_init_fn``): a
-forked worker inherits the parent's Python handlers, and SLURM signals every process of the step.
+DataLoader workers ignore both signals (``clip_pl.data.workers.WorkerInit``, their ``worker_init_fn``):
+a forked worker inherits the parent's Python handlers, and SLURM signals every process of the step.
 """
 
 from __future__ import annotations
@@ -48,31 +48,6 @@ from clip_pl.checkpointing import save_checkpoint_atomically
 log = logging.getLogger(__name__)
 
 _INDEX = {"requeue": 0, "stop": 1}
-
-
-def ignore_stop_signals() -> None:
-    """For DataLoader workers: SIGUSR1 and SIGTERM are the training process's business.
-
-    A worker that ran the inherited handler would take part in a save or a requeue; one killed by
-    SIGTERM would crash the rank ("DataLoader worker exited unexpectedly") before it can save. The
-    main process ends its workers itself, and SLURM's SIGKILL ends everything at the job's end.
-    """
-    for signum in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
-
-
-class WorkerInit:
-    """``worker_init_fn`` of the training loaders: ignore the stop signals, then seed as Lightning
-    would (``seed_everything(workers=True)`` only adds its own ``worker_init_fn`` where there is none)."""
-
-    def __init__(self, rank: int = 0) -> None:
-        self.rank = rank
-
-    def __call__(self, worker_id: int) -> None:
-        ignore_stop_signals()
-        if int(os.environ.get("PL_SEED_WORKERS", 0)):
-            from lightning.fabric.utilities.seed import pl_worker_init_function
-            pl_worker_init_function(worker_id, rank=self.rank)
 
 
 def slurm_job_id() -> str | None:

@@ -1,9 +1,12 @@
-"""Write small img2dataset-style shards (``{key}.jpg + .txt + .json`` per sample, plus ``sizes.json``).
+"""The one writer of small WebDataset shards for tests and benchmarks (no download).
 
-For tests and benchmarks only: synthetic pictures with a caption that names them, no download.
+Training-style shards, img2dataset's layout (``{key}.jpg + .txt + .json`` per sample, plus
+``sizes.json``), with synthetic pictures and a caption that names them:
 
-    from clip_pl.data.fake_shards import write_shards
+    from tests.fake_shards import write_shards
     write_shards("/tmp/shards", sizes=[10, 3, 7], image_px=(64, 96))
+
+Any other samples (labelled ``.png + .cls``, several captions …): ``write_sample_shards``.
 """
 
 from __future__ import annotations
@@ -65,22 +68,31 @@ def make_sample(key: str, index: int, image_px: tuple[int, int] = (64, 96), rng:
             "txt": text.encode(), "json": json.dumps({"key": key, "caption": text}).encode()}
 
 
+def write_sample_shards(directory: str | os.PathLike, shards: Sequence[Sequence[dict[str, bytes]]]) -> list[str]:
+    """Write ``shards[i]`` (samples: ``__key__`` plus extension → bytes) as ``0000i.tar``, and a
+    ``sizes.json`` counting them; return the paths."""
+    os.makedirs(directory, exist_ok=True)
+    paths, manifest = [], {}
+    for shard_id, samples in enumerate(shards):
+        name = f"{shard_id:05d}.tar"
+        path = os.path.join(directory, name)
+        write_shard(path, samples)
+        paths.append(path)
+        manifest[name] = len(samples)
+    with open(os.path.join(directory, "sizes.json"), "w") as f:
+        json.dump(manifest, f)
+    return paths
+
+
 def write_shards(directory: str, sizes: Sequence[int], image_px: tuple[int, int] = (64, 96),
                  sample_fn: Callable[[str, int], dict[str, bytes]] | None = None) -> list[str]:
     """Write ``len(sizes)`` shards ``00000.tar …`` with globally unique keys and a sizes.json; return paths."""
-    os.makedirs(directory, exist_ok=True)
-    paths, manifest, index = [], {}, 0
+    shards, index = [], 0
     for shard_id, size in enumerate(sizes):
-        name = f"{shard_id:05d}.tar"
         samples = []
         for i in range(size):
             key = f"{shard_id:05d}{i:04d}"
             samples.append(sample_fn(key, index) if sample_fn else make_sample(key, index, image_px))
             index += 1
-        path = os.path.join(directory, name)
-        write_shard(path, samples)
-        paths.append(path)
-        manifest[name] = size
-    with open(os.path.join(directory, "sizes.json"), "w") as f:
-        json.dump(manifest, f)
-    return paths
+        shards.append(samples)
+    return write_sample_shards(directory, shards)

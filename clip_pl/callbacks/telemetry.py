@@ -4,9 +4,12 @@ Logged every ``log_every_n_steps`` optimizer steps and at step 1, under ``perf/`
 samples/s (global and per device), TFLOP/s per device, MFU (model FLOPs per sample counted once
 with torch's FlopCounterMode on the meta device; peak FLOP/s looked up by device name and
 precision, never assumed), the share of wall time blocked in the DataLoader's ``next()`` (data
-wait: copies, logging and checkpoints are not counted), peak accelerator memory, and bad-sample counts summed over ranks. The clock pauses during validation and during
+wait: copies, logging and checkpoints are not counted), peak accelerator memory, and bad-sample
+counts summed over ranks. The clock pauses during validation and during
 any evaluation wrapped in ``pause_clock(trainer)``. Every ``heatmap_every_n_steps`` a batch's
-image-text similarity matrix is saved as a PNG (and sent to W&B when that logger is active).
+image-text similarity matrix is saved as a PNG (``clip_pl.callbacks.heatmap``; also sent to W&B).
+The bad-sample counts come from the batches themselves (``batch["bad_samples"]``, see
+``clip_pl.data.accounting``). The progress bar that shows these numbers is ``clip_pl.callbacks.progress``.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from pathlib import Path
+from collections import Counter
 from typing import Any, Iterator, Mapping
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.flop_counter import FlopCounterMode
 
+from clip_pl.callbacks.heatmap import save_similarity_heatmap
 from clip_pl.data.accounting import sum_over_ranks
 from clip_pl.model import build_clip, context_length_of, image_size_of
 
@@ -132,6 +135,7 @@ class Telemetry(L.Callback):
         self.heatmap_size = heatmap_size
         self.peak_override = peak_flops_per_device
         self.paused_s = 0.0
+        self.bad_samples: Counter[str] = Counter()  # this rank's totals since the callback was built
         self.flops: dict[str, float] = {}
         self.peak_flops: float | None = None
         self._fetch_started: float | None = None
@@ -149,7 +153,7 @@ class Telemetry(L.Callback):
             name = torch.cuda.get_device_name(trainer.strategy.root_device)
             self.peak_flops = peak_flops_per_device(name, str(trainer.precision))
             if self.peak_flops is None:
-                log.warning("MFU not logged: %r is not in clip_pl.telemetry.PEAK_FLOPS; set "
+                log.warning("MFU not logged: %r is not in clip_pl.callbacks.telemetry.PEAK_FLOPS; set "
                             "callbacks.telemetry.peak_flops_per_device to its dense peak FLOP/s.", name)
         self._time_fetches(trainer)
 
@@ -197,13 +201,15 @@ class Telemetry(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.window["samples"] += batch["image"].shape[0]
+        # What the loader worker that made this batch skipped or converted since its previous batch.
+        self.bad_samples.update(batch.get("bad_samples") or {})
         self.window["steps"] += 1
         step = trainer.global_step
         if step == 1 or step % self.log_every_n_steps == 0:
             self._log_window(trainer, pl_module)
         if self.heatmap_every_n_steps and step % self.heatmap_every_n_steps == 0:
             with pause_clock(trainer):
-                self._save_heatmap(trainer, pl_module, batch)
+                save_similarity_heatmap(trainer, pl_module, batch, self.heatmap_size)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._validation_start = time.perf_counter()
@@ -231,7 +237,7 @@ class Telemetry(L.Callback):
         if trainer.strategy.root_device.type == "cuda":
             metrics["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
         # Every rank calls the gather (no rank waits alone); reason sets may differ per rank.
-        for reason, count in sum_over_ranks(getattr(pl_module, "bad_sample_counts", {})).items():
+        for reason, count in sum_over_ranks(self.bad_samples).items():
             metrics[f"data/bad_samples/{reason}"] = float(count)
         self.last_metrics = metrics
         if trainer.global_rank == 0:
@@ -239,46 +245,3 @@ class Telemetry(L.Callback):
             for logger in trainer.loggers:  # the row of the step just done (= the optimizer steps so far)
                 logger.log_metrics(metrics, step=trainer.global_step)
         self._reset_window()
-
-    @torch.no_grad()
-    def _save_heatmap(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Mapping[str, Any]) -> None:
-        n = min(self.heatmap_size, batch["image"].shape[0])
-        was_training = pl_module.training
-        pl_module.eval()
-        # Through the model's forward (pl_module.encode), where FSDP and ZeRO-3 gather their shards.
-        image_features, text_features = pl_module.encode(batch["image"][:n], batch["text"][:n])[:2]
-        pl_module.train(was_training)
-        if trainer.global_rank != 0:
-            return
-        similarity = (image_features @ text_features.T).float().cpu().numpy()
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(4, 4))
-        ax.imshow(similarity, vmin=-1, vmax=1, cmap="RdBu_r")
-        ax.set(title=f"cosine similarity, step {trainer.global_step}", xlabel="text", ylabel="image")
-        path = Path(trainer.default_root_dir) / "plots" / f"similarity_step{trainer.global_step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=80, bbox_inches="tight")
-        plt.close(fig)
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="train/similarity", images=[str(path)], step=trainer.global_step)
-
-
-class ThroughputProgressBar(TQDMProgressBar):
-    """Lightning's progress bar, plus samples/s and the time left to ``max_steps``."""
-
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)
-        items.pop("v_num", None)
-        telemetry = next((c for c in trainer.callbacks if isinstance(c, Telemetry)), None)
-        metrics = getattr(telemetry, "last_metrics", None)
-        if metrics:
-            items["samples/s"] = f"{metrics['perf/samples_per_s']:.0f}"
-            if trainer.max_steps > 0:
-                eta_s = (trainer.max_steps - trainer.global_step) * metrics["perf/step_time_s"]
-                items["eta"] = time.strftime("%H:%M:%S", time.gmtime(max(0.0, eta_s)))
-        return items
