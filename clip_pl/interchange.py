@@ -42,6 +42,7 @@ import open_clip
 import torch
 from torch import nn
 
+from clip_pl import hf_export
 from clip_pl.model import build_clip, resolve_model_config, restore_scalar_shapes
 
 log = logging.getLogger(__name__)
@@ -383,6 +384,15 @@ def import_open_clip(weights: str | Path, arch: str, out_path: str | Path) -> Pa
     return save_clip_pl_checkpoint(model, model_config, out_path, arch=arch_name)
 
 
+def export_hf(checkpoint: str | Path | ClipPlCheckpoint, out_dir: str | Path) -> hf_export.HFExport:
+    """A clip_pl checkpoint as a transformers CLIPModel/CLIPProcessor directory (``clip_pl.hf_export``)."""
+    if not isinstance(checkpoint, ClipPlCheckpoint):
+        checkpoint = read_clip_pl_checkpoint(checkpoint)
+    hf_export.check_exportable(checkpoint.model_config, checkpoint.state_dict)  # before building the model
+    model = build_from_checkpoint(checkpoint)  # strict: the weights fit the architecture
+    return hf_export.write_hf_directory(checkpoint.model_config, model, out_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m clip_pl.interchange", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -404,8 +414,6 @@ def main(argv: list[str] | None = None) -> None:
     hf.add_argument("out_dir")
     args = parser.parse_args(argv)
     if args.command == "export-hf":
-        from clip_pl.hf_export import export_hf  # imports this module: import here, not at the top
-
         out = export_hf(args.checkpoint, args.out_dir).directory
         print(f"CLIPModel.from_pretrained({str(out)!r}); CLIPProcessor.from_pretrained({str(out)!r})")
         return

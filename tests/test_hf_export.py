@@ -25,8 +25,9 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, CLIPPr
 
 from clip_pl.config_dir import config_dir
 from clip_pl.eval.zeroshot import build_classifier, zero_shot_evaluate
-from clip_pl.hf_export import (UnsupportedArchitectureError, export_hf, hf_state_dict, open_clip_text_clean,
+from clip_pl.hf_export import (UnsupportedArchitectureError, hf_state_dict, open_clip_text_clean,
                                unsupported_reasons)
+from clip_pl.interchange import export_hf
 from clip_pl.interchange import main as interchange_main
 from clip_pl.interchange import save_clip_pl_checkpoint
 from clip_pl.model import build_clip, get_tokenizer, image_transforms, resolve_model_config

@@ -28,12 +28,13 @@ LAYERS: list[tuple[int, tuple[str, ...], str]] = [
     (0, ("clip_pl._lazy", "clip_pl.distributed", "clip_pl.model", "clip_pl.loss", "clip_pl.schedule"),
      "foundations: towers, tokenizer, transforms, losses, LR schedules, rank/world size; plain torch and "
      "open_clip, no Lightning, no files"),
-    (1, ("clip_pl.interchange",
+    (1, ("clip_pl.interchange", "clip_pl.hf_export", "clip_pl.config_dir",
          "clip_pl.data.shardspec", "clip_pl.data.tarstream", "clip_pl.data.reader", "clip_pl.data.decode",
          "clip_pl.data.batch_transform", "clip_pl.data.accounting", "clip_pl.data.keys", "clip_pl.data.workers",
          "clip_pl.eval.labels", "clip_pl.eval.report", "clip_pl.eval.common", "clip_pl.eval.distributed"),
-     "formats and primitives: every file format (checkpoints, shard specs, tars, samples, key files, "
-     "class lists, reports) and the small pieces the engines share; built on the foundations only"),
+     "formats and primitives: every file format (checkpoints, transformers directories, the packaged "
+     "configs, shard specs, tars, samples, key files, class lists, reports) and the small pieces the "
+     "engines share; built on the foundations only"),
     (2, ("clip_pl.module", "clip_pl.strategies", "clip_pl.checkpointing", "clip_pl.csv_metrics", "clip_pl.inference",
          "clip_pl.data.stream", "clip_pl.data.datamodule", "clip_pl.data.synthetic",
          "clip_pl.eval.datasets", "clip_pl.eval.zeroshot", "clip_pl.eval.retrieval"),
