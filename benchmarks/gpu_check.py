@@ -434,7 +434,7 @@ def run_side(args) -> dict[str, Any]:
 
 
 def _write_shard(job: tuple[str, int, int, tuple[int, int]]) -> None:
-    from tests.fake_shards import make_sample, write_shard
+    from tests.support.fake_shards import make_sample, write_shard
 
     path, first, count, image_px = job
     stem = Path(path).stem

@@ -7,7 +7,7 @@ from omegaconf import open_dict
 
 from clip_pl.config_checks import ConfigError, prepare_config, target_class, uses_deepspeed, uses_fsdp
 from clip_pl.loss import SigLipLoss
-from tests.test_config import CPU_TINY, choices, make_cfg
+from tests.support.config import CPU_TINY, choices, make_cfg
 
 
 class Sigmoid(SigLipLoss):

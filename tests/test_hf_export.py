@@ -32,7 +32,7 @@ from clip_pl.interchange import main as interchange_main
 from clip_pl.interchange import save_clip_pl_checkpoint
 from clip_pl.model import build_clip, get_tokenizer, image_transforms, resolve_model_config
 from data_prep.demo import digits
-from tests.test_eval_support import TINY_RESNET, TINY_VIT, random_images, tiny_checkpoint, tiny_model
+from tests.support.eval import TINY_RESNET, TINY_VIT, random_images, tiny_checkpoint, tiny_model
 
 ATOL = 1e-5
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from clip_pl.data import WebDatasetDataModule
-from tests.fake_shards import write_shards
+from tests.support.fake_shards import write_shards
 from clip_pl.callbacks.preemption import PreemptionCheckpoint
 
 BATCH, SAMPLES = 4, 26  # 6 steps per epoch on one rank, 2 samples left out

@@ -1,6 +1,6 @@
 """The standalone evaluator, run as a user runs it: ``python -m clip_pl.eval checkpoint=… eval=…``.
 
-    pytest tests/test_eval_cli.py
+    pytest tests/eval/test_cli.py
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from hydra.utils import instantiate
 
 from clip_pl.config_dir import config_dir
 from clip_pl.eval.__main__ import run
-from tests.test_eval_support import (CLASSNAMES, TEMPLATES, labels_with_known_accuracy, oracle_class_order,
+from tests.support.eval import (CLASSNAMES, TEMPLATES, labels_with_known_accuracy, oracle_class_order,
                                      random_images, tiny_checkpoint, write_imagefolder)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:

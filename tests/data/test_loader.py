@@ -1,6 +1,6 @@
 """The WebDataset loader on real tar shards: exact epochs across real gloo ranks, bad data, resume.
 
-    python -m pytest tests/test_data_loader.py -q
+    python -m pytest tests/data/test_loader.py -q
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from clip_pl.data import WebDatasetDataModule
-from tests.fake_shards import jpeg_bytes, make_sample, synthetic_image, write_shard, write_shards
-from tests.distributed import run_distributed
+from tests.support.fake_shards import jpeg_bytes, make_sample, synthetic_image, write_shard, write_shards
+from tests.support.distributed import run_distributed
 
 IMAGE_SIZE, CONTEXT = 32, 16
 
@@ -49,7 +49,7 @@ def _run_epochs(dm: WebDatasetDataModule, epochs: int):
 # ---- exact epochs on 2 gloo ranks × 2 workers ---------------------------------------------------
 
 def _allow_dataloader_workers() -> None:
-    """tests/distributed.py starts ranks as daemon processes, which multiprocessing forbids to have
+    """tests/support/distributed.py starts ranks as daemon processes, which multiprocessing forbids to have
     children; a rank of a real job is not a daemon, so lift the flag to let DataLoader workers start."""
     import multiprocessing
 
@@ -362,8 +362,8 @@ def test_logged_bad_sample_totals_equal_what_the_shards_hold(tmp_path):
     import csv
 
     from clip_pl.train import train
-    from tests.test_config import make_cfg
-    from tests.test_resume_matrix import SMALLER
+    from tests.support.config import make_cfg
+    from tests.support.config import SMALLER
 
     expected = _write_broken_corpus(tmp_path / "shards")  # 48 positions → 12 batches of 4
     cfg = make_cfg(["model=tiny", *SMALLER, "trainer=cpu", "data=wds", f"data.train_shards={tmp_path / 'shards'}",

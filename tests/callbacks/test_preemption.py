@@ -1,7 +1,7 @@
 """Preemption on real gloo ranks (clip_pl/callbacks/preemption.py): a signal only sets a flag; the ranks agree at
 the step boundary, save together at the same step, and only rank 0 requeues, only for SIGUSR1.
 
-    pytest tests/test_preemption.py          # ~1 min on 2 cores
+    pytest tests/callbacks/test_preemption.py          # ~1 min on 2 cores
 
 Each case signals the ranks at different steps (or only one rank, or one rank in the middle of a
 checkpoint save), as on a real job where no two ranks are at the same line when SIGUSR1 lands.
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from clip_pl.callbacks.checkpoint import StepCheckpoint
 from clip_pl.callbacks.preemption import PreemptionCheckpoint
 from clip_pl.data.workers import WorkerInit
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 MAX_STEPS = 12
 

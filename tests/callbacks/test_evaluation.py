@@ -1,7 +1,7 @@
 """Evaluation callbacks inside a real Lightning fit: when they run, what they log, and that under
 DDP (2 gloo processes) every rank takes part and gets the single-process numbers.
 
-    pytest tests/test_eval_callbacks.py
+    pytest tests/callbacks/test_evaluation.py
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 from clip_pl.callbacks.evaluation import RetrievalCallback, ZeroShotCallback
 from clip_pl.eval.zeroshot import zero_shot_evaluate
 from clip_pl.model import build_clip, resolve_model_config
-from tests.distributed import run_distributed
-from tests.test_eval_retrieval import captions_for
-from tests.test_eval_support import (CLASSNAMES, TEMPLATES, TINY_VIT, caption_samples, random_images,
+from tests.support.distributed import run_distributed
+from tests.support.eval import captions_for
+from tests.support.eval import (CLASSNAMES, TEMPLATES, TINY_VIT, caption_samples, random_images,
                                      write_imagefolder, write_shards)
 
 

@@ -1,6 +1,6 @@
 """The exactly-once audit (clip_pl/data/audit.py) on crafted key files, and the key recorder's trim.
 
-    pytest tests/test_data_audit.py
+    pytest tests/data/test_audit.py
 
 Each case is a small run: 2 ranks × batch 2, 10 samples per epoch → 2 steps per epoch, 2 samples
 of each epoch's order left out (the remainder).
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import pytest
 
 from clip_pl.data.audit import audit, main
 from clip_pl.callbacks.keys import KeyRecorder

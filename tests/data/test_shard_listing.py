@@ -1,6 +1,6 @@
 """Start-up at scale: one rank lists and stats the shards, the others receive the result.
 
-    pytest tests/test_data_shard_listing.py      # ~15 s (2 gloo ranks)
+    pytest tests/data/test_shard_listing.py      # ~15 s (2 gloo ranks)
 
 The file-system calls under the shard folder are counted on each rank while the datamodule sets
 up: rank 0 makes them all, rank 1 none. With LAION-400M on 256 GPUs that is 41 456 calls instead of
@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 SHARDS = 12
 
@@ -48,7 +48,7 @@ def _setup_and_count(rank: int, world_size: int, root: str, spec: str) -> dict:
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
-    from tests.fake_shards import write_shards
+    from tests.support.fake_shards import write_shards
 
     root = tmp_path_factory.mktemp("shards")
     write_shards(str(root), [5] * SHARDS)

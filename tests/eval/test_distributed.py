@@ -2,7 +2,7 @@
 for uneven slices (13 images over 2 ranks, 3 shards over 2 ranks, 1 shard split by sample)
 and for a rank that receives nothing at all.
 
-    pytest tests/test_eval_distributed.py
+    pytest tests/eval/test_distributed.py
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from clip_pl.eval.zeroshot import build_classifier, zero_shot_evaluate
 from clip_pl.interchange import read_model_checkpoint
 from clip_pl.interchange import build_from_checkpoint
 from clip_pl.model import get_tokenizer
-from tests.distributed import run_distributed
-from tests.test_eval_retrieval import captions_for
-from tests.test_eval_support import (CLASSNAMES, TEMPLATES, caption_samples, labelled_samples, random_images,
+from tests.support.distributed import run_distributed
+from tests.support.eval import captions_for
+from tests.support.eval import (CLASSNAMES, TEMPLATES, caption_samples, labelled_samples, random_images,
                                      tiny_checkpoint, write_imagefolder, write_shards)
 
 

@@ -3,7 +3,7 @@
 The labels are chosen from an independent per-image computation of the model's class ranking
 (best / 3rd best / worst class), so top-1 and top-5 are known exactly before evaluating.
 
-    pytest tests/test_eval_zeroshot.py
+    pytest tests/eval/test_zeroshot.py
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from clip_pl.callbacks.evaluation import ZeroShotCallback
 from clip_pl.eval.zeroshot import zero_shot_evaluate
-from tests.test_eval_support import (CLASSNAMES, TEMPLATES, labelled_samples, labels_with_known_accuracy,
+from tests.support.eval import (CLASSNAMES, TEMPLATES, labelled_samples, labels_with_known_accuracy,
                                      oracle_class_order, random_images, tiny_checkpoint, write_imagefolder,
                                      write_shards)
 

@@ -1,6 +1,6 @@
 """The sequential tar reader agrees with Python's tarfile on every format it may meet, and fails loudly.
 
-    python -m pytest tests/test_data_tarstream.py -q
+    python -m pytest tests/data/test_tarstream.py -q
 """
 
 from __future__ import annotations

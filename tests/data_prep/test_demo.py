@@ -1,7 +1,7 @@
 """The demo corpus end to end on a small slice of the digits: layout, faults injected vs counted,
 held-out split, clean server shutdown.
 
-    pytest tests/test_data_prep_demo.py
+    pytest tests/data_prep/test_demo.py
 """
 
 from __future__ import annotations

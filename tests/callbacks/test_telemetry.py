@@ -17,7 +17,7 @@ from clip_pl.callbacks.telemetry import peak_flops_per_device, train_flops_per_s
 from clip_pl.data.synthetic import SyntheticDataModule
 from clip_pl.model import resolve_model_config
 from clip_pl.module import CLIPModule
-from tests.test_config import CPU_TINY, make_cfg
+from tests.support.config import CPU_TINY, make_cfg
 
 
 def transformer_block_flops(tokens: int, width: int, mlp_ratio: float) -> int:

@@ -1,6 +1,6 @@
 """Retrieval evaluation end to end on image-caption shards, against embeddings computed one by one.
 
-    pytest tests/test_eval_retrieval.py
+    pytest tests/eval/test_retrieval.py
 """
 
 from __future__ import annotations
@@ -14,22 +14,7 @@ from PIL import Image
 from clip_pl.callbacks.evaluation import RetrievalCallback
 from clip_pl.eval.retrieval import retrieval_evaluate, retrieval_recall
 from clip_pl.model import get_tokenizer, image_transforms
-from tests.test_eval_support import caption_samples, random_images, tiny_model, write_shards
-
-# Captions per image; image 3 has none (it is only a gallery item), image 4 has three.
-CAPTION_COUNTS = [2, 1, 1, 0, 3, 1, 2, 1, 1, 1]
-WORDS = ["cat", "dog", "red", "blue", "tree", "boat", "sky", "cup", "ball", "road", "car", "hat"]
-
-
-def captions_for(counts=CAPTION_COUNTS) -> list[list[str]]:
-    out, w = [], 0
-    for count in counts:
-        caps = []
-        for _ in range(count):
-            caps.append(f"a {WORDS[w % len(WORDS)]} and a {WORDS[(3 * w + 1) % len(WORDS)]}")
-            w += 1
-        out.append(caps)
-    return out
+from tests.support.eval import CAPTION_COUNTS, caption_samples, captions_for, random_images, tiny_model, write_shards
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Bad input tables and options fail with a clear message before any download; hygiene and
 failure-reason helpers on their own.
 
-    pytest tests/test_data_prep_inputs.py
+    pytest tests/data_prep/test_inputs.py
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Training-style shards, img2dataset's layout (``{key}.jpg + .txt + .json`` per sample, plus
 ``sizes.json``), with synthetic pictures and a caption that names them:
 
-    from tests.fake_shards import write_shards
+    from tests.support.fake_shards import write_shards
     write_shards("/tmp/shards", sizes=[10, 3, 7], image_px=(64, 96))
 
 Any other samples (labelled ``.png + .cls``, several captions …): ``write_sample_shards``.

@@ -1,6 +1,6 @@
 """data_prep.download against a real local web server with injected faults and the real img2dataset.
 
-    pytest tests/test_data_prep_download.py
+    pytest tests/data_prep/test_download.py
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Tiny open_clip architectures, a clip_pl checkpoint writer, and small on-disk datasets built from
 random images: an ImageFolder, labelled WebDataset shards and image-caption shards (written by
-tests/fake_shards.py, the one shard writer).
+tests/support/fake_shards.py, the one shard writer).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from PIL import Image
 
 from clip_pl.interchange import save_clip_pl_checkpoint
 from clip_pl.model import build_clip, resolve_model_config
-from tests.fake_shards import write_sample_shards
+from tests.support.fake_shards import write_sample_shards
 
 TINY_VIT = {
     "embed_dim": 32,
@@ -130,3 +130,19 @@ def labels_with_known_accuracy(order: torch.Tensor) -> tuple[list[int], float, f
     top1 = sum(1 for i in range(n) if i % 3 == 0) / n
     top5 = sum(1 for i in range(n) if i % 3 != 2) / n
     return labels, top1, top5
+
+
+# Captions per image; image 3 has none (it is only a gallery item), image 4 has three.
+CAPTION_COUNTS = [2, 1, 1, 0, 3, 1, 2, 1, 1, 1]
+WORDS = ["cat", "dog", "red", "blue", "tree", "boat", "sky", "cup", "ball", "road", "car", "hat"]
+
+
+def captions_for(counts=CAPTION_COUNTS) -> list[list[str]]:
+    out, w = [], 0
+    for count in counts:
+        caps = []
+        for _ in range(count):
+            caps.append(f"a {WORDS[w % len(WORDS)]} and a {WORDS[(3 * w + 1) % len(WORDS)]}")
+            w += 1
+        out.append(caps)
+    return out

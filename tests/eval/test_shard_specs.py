@@ -1,6 +1,6 @@
 """Evaluation reads shards as training does: one spec grammar, one tar reader, one set of bad-sample rules.
 
-    pytest tests/test_eval_shard_specs.py
+    pytest tests/eval/test_shard_specs.py
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from clip_pl.data.decode import BadSample, decode_image
 from clip_pl.data.shardspec import resolve_shards
 from clip_pl.eval import datasets
 from clip_pl.eval.zeroshot import zero_shot_evaluate
-from tests.test_eval_support import (CLASSNAMES, TEMPLATES, labelled_samples, random_images, tiny_model,
+from tests.support.eval import (CLASSNAMES, TEMPLATES, labelled_samples, random_images, tiny_model,
                                      write_shards)
 
 CORRUPT = b"\xff\xd8\xff\xe0 this is not a JPEG"

@@ -2,7 +2,7 @@
 data, eval=demo_digits) evaluates during training; its checkpoint then loads with clip_pl.load,
 evaluates standalone to the same numbers, and exports to open_clip with identical embeddings.
 
-    pytest tests/test_eval_with_trainer.py
+    pytest tests/eval/test_with_trainer.py
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from clip_pl.config_dir import config_dir
 from clip_pl.eval.__main__ import run
 from clip_pl.inference import load
 from clip_pl.interchange import export_open_clip
-from tests.test_eval_support import assert_same_weights, random_images, write_imagefolder
+from tests.support.eval import assert_same_weights, random_images, write_imagefolder
 
 
 def test_training_checkpoint_loads_evaluates_and_exports(tmp_path):

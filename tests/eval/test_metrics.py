@@ -1,7 +1,7 @@
 """The evaluation arithmetic on cases whose answers are worked out by hand: top-k, recall@k,
 prompt ensembling, class-name / template files.
 
-    pytest tests/test_eval_metrics.py
+    pytest tests/eval/test_metrics.py
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from clip_pl.eval.report import format_table
 from clip_pl.eval.retrieval import retrieval_recall
 from clip_pl.eval.zeroshot import build_classifier, topk_hits
 from clip_pl.model import get_tokenizer
-from tests.test_eval_support import tiny_model
+from tests.support.eval import tiny_model
 
 # Scores of 5 images (rows) against 5 captions (columns); caption j describes image OWNER[j].
 # Image 4 has no caption (a gallery item only); its scores are below everything.

@@ -1,6 +1,6 @@
 """Shard specs: folders, brace patterns, globs, '::' sources with weights, pipe: commands; the val loader.
 
-    python -m pytest tests/test_data_shardspec.py -q
+    python -m pytest tests/data/test_shardspec.py -q
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from clip_pl.data import WebDatasetDataModule, resolve_shards
-from tests.fake_shards import make_sample, write_shards
+from tests.support.fake_shards import make_sample, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def _val_rank(rank, world, shards):
 
 
 def test_val_loader_uses_eval_transform_and_equal_batches(two_sources):
-    from tests.distributed import run_distributed
+    from tests.support.distributed import run_distributed
 
     a, _ = two_sources
     ranks = run_distributed(_val_rank, 2, args=(str(a),))
@@ -93,7 +93,7 @@ def test_val_loader_uses_eval_transform_and_equal_batches(two_sources):
 
 def test_batched_transform_matches_the_per_image_compose():
     from clip_pl.data.batch_transform import BatchedImageTransform
-    from tests.fake_shards import synthetic_image
+    from tests.support.fake_shards import synthetic_image
     from clip_pl.model import image_transforms
 
     images = [synthetic_image(i, 70 + 9 * i, 90 - 5 * i) for i in range(4)]
