@@ -186,7 +186,9 @@ def test_data_wait_counts_the_loader_and_nothing_else(slow, tmp_path, monkeypatc
     elif slow == "training_step":
         monkeypatch.setattr(CLIPModule, "training_step", slow_training_step)
     else:
-        overrides = ["debug=throttle"]  # clip_pl.callbacks.StepSleep: 0.2 s at each batch end, after Telemetry
+        # debug=throttle's setting on top of debug=smoke: clip_pl.callbacks.StepSleep sleeps 0.2 s at each
+        # batch end, after Telemetry
+        overrides = ["++debug.step_sleep_s=0.2"]
     for wait_s, steps in data_wait_seconds(tmp_path, overrides):
         if slow == "loader":  # every fetch sleeps (a sleep lasts at least its time); a synthetic batch is ms
             assert SLEEP_S * steps <= wait_s < SLEEP_S * steps + 0.1 * steps, (wait_s, steps)
