@@ -15,7 +15,7 @@ Every run is a fresh process with its own timeout, inside one overall budget (``
   resident on the device and cycled (no data loading in the measured loop), the same cuDNN/TF32
   settings, bf16 autocast. Timed: ``steps`` steps after ``warmup``, between two synchronised
   timestamps. Reported: samples/s, step time, MFU (model FLOPs from FlopCounterMode against the
-  device's dense peak, ``clip_pl.telemetry.PEAK_FLOPS``), peak memory, the per-step losses (the
+  device's dense peak, ``clip_pl.callbacks.telemetry.PEAK_FLOPS``), peak memory, the per-step losses (the
   first ``trajectory_steps`` are compared across sides), and a ``torch.profiler`` table of the top
   kernels over ``profile_steps`` further steps. clip_pl also runs with ``model.compile=true``,
   ``model.grad_cache_chunks=4`` and ``strategy=deepspeed_stage_2``.
@@ -254,7 +254,7 @@ def measured(args, clock: dict[str, float], losses: list, profile: Profile, cfg,
     from omegaconf import OmegaConf
 
     from clip_pl.model import resolve_model_config
-    from clip_pl.telemetry import peak_flops_per_device, train_flops_per_sample
+    from clip_pl.callbacks.telemetry import peak_flops_per_device, train_flops_per_sample
 
     seconds = clock["end"] - clock["start"]
     samples_per_s = args.steps * args.batch_size / seconds
@@ -274,7 +274,7 @@ def run_clip_pl(args, batches: list[dict]) -> dict[str, Any]:
 
     from clip_pl.assembly import build_module, build_trainer
     from clip_pl.config_checks import prepare_config
-    from clip_pl.telemetry import Telemetry
+    from clip_pl.callbacks.telemetry import Telemetry
 
     root = tempfile.mkdtemp(prefix="gpu_check_clip_pl_")
     cfg = prepare_config(compose(args, root, VARIANTS.get(args.variant, [])))
@@ -434,7 +434,7 @@ def run_side(args) -> dict[str, Any]:
 
 
 def _write_shard(job: tuple[str, int, int, tuple[int, int]]) -> None:
-    from clip_pl.data.fake_shards import make_sample, write_shard
+    from tests.support.fake_shards import make_sample, write_shard
 
     path, first, count, image_px = job
     stem = Path(path).stem

@@ -87,7 +87,7 @@ def demo_corpus(out: Path) -> Path:
             return shards
     except (subprocess.SubprocessError, OSError) as e:
         print(f"data_prep.demo unavailable ({e}); writing small synthetic images instead", file=sys.stderr)
-    from clip_pl.data.fake_shards import write_shards
+    from tests.support.fake_shards import write_shards
 
     write_shards(str(out / "small"), [500] * 8, image_px=(64, 96))
     return out / "small"
@@ -96,7 +96,7 @@ def demo_corpus(out: Path) -> Path:
 def large_corpus(out: Path, per_shard: int) -> Path:
     target = out / "large"
     if not (target / "sizes.json").exists():
-        from clip_pl.data.fake_shards import write_shards
+        from tests.support.fake_shards import write_shards
 
         write_shards(str(target), [per_shard] * 8, image_px=(512, 800))
     return target

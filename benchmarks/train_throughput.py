@@ -148,7 +148,7 @@ def main() -> None:
         throughput, model_config = fn(args)
         result = {args.only: throughput}
         if args.accelerator == "gpu":  # the same MFU formula and memory probe for both sides
-            from clip_pl.telemetry import peak_flops_per_device, train_flops_per_sample
+            from clip_pl.callbacks.telemetry import peak_flops_per_device, train_flops_per_sample
 
             peak = peak_flops_per_device(torch.cuda.get_device_name(), args.precision)
             flops = train_flops_per_sample(model_config)["train"]

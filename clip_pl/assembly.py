@@ -11,12 +11,14 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from clip_pl.callbacks import StepSleep
+from clip_pl.callbacks.loop import StepSleep
 from clip_pl.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
-from clip_pl.config_checks import uses_deepspeed, world_size_of
+from clip_pl.config_checks import instantiates, uses_deepspeed, world_size_of
 from clip_pl.module import CLIPModule
 from clip_pl.towers import split_tower_lr
 
@@ -49,7 +51,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     for node in (cfg.get("logger") or {}).values():
         if node is None:
             continue
-        if node._target_.endswith("WandbLogger"):
+        if instantiates(node, WandbLogger):
             logger = instantiate(node, id=node.id or wandb_run_id(run_dir))
             if OmegaConf.select(cfg, "logger.wandb") is not None:
                 # The fully resolved config, so every run in W&B says exactly what it ran.
@@ -62,14 +64,14 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     # DDP over a single process only adds a gradient all-reduce with itself: run it plainly.
-    single_process = world_size_of(cfg) == 1 and cfg.strategy._target_.endswith("DDPStrategy")
+    single_process = world_size_of(cfg) == 1 and instantiates(cfg.strategy, DDPStrategy) and not uses_deepspeed(cfg)
     strategy = "auto" if single_process else instantiate(cfg.strategy)
     plugins = []
     if not uses_deepspeed(cfg):  # DeepSpeed writes its own sharded folders
         plugins.append(AtomicCheckpointIO())
     if SLURMEnvironment.detect():
         # Lightning's auto-requeue saves inside the signal handler (Lightning #21406); requeue is
-        # clip_pl.preemption.PreemptionCheckpoint's job (callbacks.preemption).
+        # clip_pl.callbacks.preemption.PreemptionCheckpoint's job (callbacks.preemption).
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return instantiate(cfg.trainer, strategy=strategy, callbacks=build_callbacks(cfg),
                        logger=build_loggers(cfg, run_dir) or False, plugins=plugins,

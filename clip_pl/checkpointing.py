@@ -1,4 +1,8 @@
-"""Checkpoints that survive crashes, and the choice of which one a (re)started run resumes from."""
+"""Checkpoints that survive crashes, and the choice of which one a (re)started run resumes from.
+
+The callbacks that decide *when* to save are ``clip_pl.callbacks.checkpoint.StepCheckpoint`` (every n
+steps and the final step) and ``clip_pl.callbacks.preemption.PreemptionCheckpoint`` (on a signal).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,14 @@ import ctypes
 import glob
 import os
 import shutil
-import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from clip_pl.strategies import is_deepspeed
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -45,7 +49,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def writes_folders(strategy) -> bool:
     """Whether ``strategy.save_checkpoint`` writes a folder, every rank its part (DeepSpeed, sharded FSDP,
     distributed ModelParallel) rather than one file from rank 0."""
-    if "DeepSpeed" in type(strategy).__name__:
+    if is_deepspeed(strategy):
         return True
     if getattr(strategy, "_state_dict_type", None) == "sharded":
         return True
@@ -117,37 +121,6 @@ def save_checkpoint_atomically(trainer, path: str | os.PathLike, weights_only: b
         for leftover in path.parent.glob(f".{path.name}.tmp-*"):  # of saves that were killed
             _remove(leftover)
     trainer.strategy.barrier("clip_pl.save_checkpoint_atomically.commit")
-
-
-class StepCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, plus the final step: a run whose ``max_steps`` is not a multiple
-    of ``every_n_train_steps`` still ends with ``step=N.ckpt`` and a ``last.ckpt`` of all N steps
-    (Lightning's own end-of-training save only happens when no ``last`` was ever written).
-
-    A run stopped by preemption (:class:`clip_pl.preemption.PreemptionCheckpoint`) has just saved its
-    ``hpc_ckpt``: no final checkpoint then, the run is not over. Folder checkpoints (DeepSpeed) are
-    written aside and swapped in, so ``last.ckpt`` is never a mix of two steps.
-    """
-
-    def _save_checkpoint(self, trainer, filepath: str) -> None:
-        if not writes_folders(trainer.strategy):
-            return super()._save_checkpoint(trainer, filepath)
-        save_checkpoint_atomically(trainer, filepath, self.save_weights_only)
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(weakref.proxy(self))
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if any(getattr(cb, "stopped_at_step", None) is not None for cb in trainer.callbacks):
-            return  # preempted: the hpc checkpoint of this step is the resume point
-        if (self._every_n_train_steps and not trainer.fast_dev_run and trainer.global_step > 0
-                and self._last_global_step_saved != trainer.global_step):
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
-        super().on_train_end(trainer, pl_module)
 
 
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> str | None:

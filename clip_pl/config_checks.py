@@ -10,6 +10,8 @@ import inspect
 import logging
 import os
 import re
+import sys
+import typing
 from typing import Any
 
 from hydra.utils import get_method
@@ -44,12 +46,43 @@ def world_size_of(cfg: DictConfig) -> int | None:
     return None
 
 
+def target_class(node: Any) -> type | None:
+    """The class a config node instantiates: its ``_target_`` itself, or what a builder function's
+    return annotation says it returns (``deepspeed_strategy -> DeepSpeedStrategy``); None if neither."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return None
+    target = get_method(node._target_)
+    if inspect.isclass(target):
+        return target
+    try:
+        returned = typing.get_type_hints(target).get("return")
+    except Exception:  # annotations that do not resolve say nothing about the class
+        return None
+    return returned if inspect.isclass(returned) else None
+
+
+def instantiates(node: Any, *classes: type) -> bool:
+    """Whether ``node`` builds an instance of one of ``classes`` (decided on the class, not its name)."""
+    cls = target_class(node)
+    return cls is not None and issubclass(cls, classes)
+
+
 def uses_deepspeed(cfg: DictConfig) -> bool:
-    return "deepspeed" in str(cfg.strategy.get("_target_", "")).lower()
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return instantiates(cfg.strategy, DeepSpeedStrategy)
 
 
 def uses_fsdp(cfg: DictConfig) -> bool:
-    return "fsdp" in str(cfg.strategy.get("_target_", "")).lower()
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return instantiates(cfg.strategy, FSDPStrategy, ModelParallelStrategy)
+
+
+def _is_deepspeed_cpu_adam(node: Any) -> bool:
+    cls = target_class(node)  # resolving a DeepSpeedCPUAdam _target_ imports deepspeed.ops.adam; AdamW does not
+    adam = sys.modules.get("deepspeed.ops.adam")
+    return cls is not None and adam is not None and issubclass(cls, adam.DeepSpeedCPUAdam)
 
 
 def _derive_batch_size(cfg: DictConfig) -> None:
@@ -156,7 +189,7 @@ def _check_precision_and_strategy(cfg: DictConfig) -> None:
         raise ConfigError("trainer.precision=16-mixed needs loss scaling, which clip_pl runs only under DDP; with "
                           "DeepSpeed or FSDP use trainer.precision=bf16-mixed (no scaling needed) or 32.")
     offload = cfg.strategy.get("offload_optimizer") or cfg.strategy.get("offload_parameters")
-    if uses_deepspeed(cfg) and offload and "DeepSpeedCPUAdam" not in str(cfg.optim.get("_target_")):
+    if uses_deepspeed(cfg) and offload and not _is_deepspeed_cpu_adam(cfg.optim):
         raise ConfigError(f"strategy=deepspeed_*_offload moves the optimizer to CPU, where DeepSpeed runs only "
                           f"its own CPU Adam: use optim=deepspeed_cpu_adamw (the offload strategies select it unless "
                           f"an override names another optim), not {cfg.optim.get('_target_')}.")
@@ -179,7 +212,9 @@ def _check_batch(cfg: DictConfig) -> None:
 
 
 def _check_loss(cfg: DictConfig) -> None:
-    if cfg.loss._target_.endswith("SigLipLoss") and cfg.model.init_logit_bias is None:
+    from clip_pl.loss import SigLipLoss
+
+    if instantiates(cfg.loss, SigLipLoss) and cfg.model.init_logit_bias is None:
         raise ConfigError("loss=siglip learns a logit bias: set model.init_logit_bias=-10 (SigLIP's init).")
 
 
@@ -213,7 +248,7 @@ def _check_towers_and_ema(cfg: DictConfig) -> None:
                     "initialisation (LiT locks a pre-trained tower: set model.init_checkpoint=FILE).")
     ema = (cfg.get("callbacks") or {}).get("ema")
     if ema is not None and ema.get("enabled"):
-        from clip_pl.ema import check_ema_options
+        from clip_pl.callbacks.ema import check_ema_options
 
         try:
             check_ema_options(ema.get("decay"), ema.get("start_step"), sharded)

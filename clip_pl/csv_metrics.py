@@ -4,14 +4,14 @@ Lightning's CSVLogger deletes an existing ``metrics.csv`` when a new trainer ope
 folder. Here the file is kept, and when training starts at global step s (a resume), the rows of
 steps > s are dropped first (row k is the step that brought global_step to k): the previous
 attempt ran them after its last checkpoint and this attempt is about to run them again, so the
-file ends as one row per step, start to finish.
+file ends as one row per step, start to finish (``clip_pl.callbacks.metrics_continuity.ContinueMetrics``
+trims it when training starts).
 """
 
 from __future__ import annotations
 
 import csv
 
-import lightning as L
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -46,14 +46,3 @@ class ContinuingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuingWriter(log_dir=self.log_dir)
         return self._experiment
-
-
-class ContinueMetrics(L.Callback):
-    """At train start (after any checkpoint is restored), trim the CSV log to the resumed step."""
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_rank != 0:
-            return
-        for logger in trainer.loggers:
-            if isinstance(logger, ContinuingCSVLogger):
-                logger.experiment.continue_from(trainer.global_step)

@@ -42,7 +42,6 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import basic_clean, whitespace_clean
 from safetensors.torch import save_file
 
-from clip_pl.interchange import ClipPlCheckpoint, build_from_checkpoint, read_clip_pl_checkpoint
 
 HF_WEIGHTS_NAME = "model.safetensors"
 # open_clip's special tokens and the names Hugging Face's CLIPTokenizer (and OpenAI's vocab) use.
@@ -340,14 +339,13 @@ def image_processor_config(image_size: int) -> dict:
 # --------------------------------------------------------------------------- the export
 
 
-def export_hf(checkpoint: str | Path | ClipPlCheckpoint, out_dir: str | Path) -> HFExport:
-    """Write a directory that transformers' CLIPModel / CLIPProcessor.from_pretrained load offline."""
-    if not isinstance(checkpoint, ClipPlCheckpoint):
-        checkpoint = read_clip_pl_checkpoint(checkpoint)
-    check_exportable(checkpoint.model_config, checkpoint.state_dict)  # before building or writing anything
-    model = build_from_checkpoint(checkpoint)  # strict: the weights fit the architecture
+def write_hf_directory(model_config: Mapping[str, Any], model: torch.nn.Module, out_dir: str | Path) -> HFExport:
+    """Write a directory that transformers' CLIPModel / CLIPProcessor.from_pretrained load offline, from
+    an open_clip model built from ``model_config`` (``clip_pl.interchange.export_hf`` reads a checkpoint
+    and calls this: checkpoint files are interchange's, this module only knows the transformers side)."""
+    check_exportable(model_config, model.state_dict())  # before writing anything
     weights = hf_state_dict(model.state_dict())
-    config = hf_config(checkpoint.model_config, float(weights["logit_scale"]))
+    config = hf_config(model_config, float(weights["logit_scale"]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out_dir / HF_WEIGHTS_NAME), metadata={"format": "pt"})  # "pt": transformers checks it

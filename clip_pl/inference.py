@@ -19,7 +19,6 @@ its open_clip architecture.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
@@ -28,9 +27,8 @@ from PIL import Image
 from torch import nn
 
 from clip_pl.eval.labels import check_templates, check_unique
-from clip_pl.interchange import (OPEN_CLIP_DIR_CONFIG, ClipPlCheckpoint, build_from_checkpoint,
-                                 read_clip_pl_checkpoint, read_state_dict)
-from clip_pl.model import context_length_of, get_tokenizer, image_size_of, image_transforms, resolve_model_config
+from clip_pl.interchange import build_from_checkpoint, read_model_checkpoint
+from clip_pl.model import context_length_of, get_tokenizer, image_size_of, image_transforms
 
 ImageInput = Union[torch.Tensor, Image.Image, str, Path, Sequence[Union[Image.Image, str, Path]]]
 
@@ -126,19 +124,6 @@ def _open_image(item: Image.Image | str | Path) -> Image.Image:
         raise FileNotFoundError(f"image {str(path)!r} does not exist.")
     with Image.open(path) as image:
         return image.convert("RGB")
-
-
-def read_model_checkpoint(checkpoint: str | Path, arch: str | Mapping[str, Any] | None = None) -> ClipPlCheckpoint:
-    """Architecture + weights from a clip_pl checkpoint, an exported directory, or weights + ``arch``."""
-    path = Path(checkpoint).expanduser()
-    if path.is_dir() and (path / OPEN_CLIP_DIR_CONFIG).is_file() and arch is None:
-        model_config = json.loads((path / OPEN_CLIP_DIR_CONFIG).read_text())["model_cfg"]
-        return ClipPlCheckpoint(model_config, None, read_state_dict(path))
-    if arch is None:
-        return read_clip_pl_checkpoint(path)
-    if isinstance(arch, str):
-        return ClipPlCheckpoint(resolve_model_config(arch=arch), arch, read_state_dict(path))
-    return ClipPlCheckpoint(resolve_model_config(arch_config=arch), None, read_state_dict(path))
 
 
 def load(checkpoint: str | Path, device: str | torch.device | None = None,

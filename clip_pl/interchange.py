@@ -12,7 +12,9 @@
     python -m clip_pl.interchange consolidate runs/x/checkpoints/last.ckpt/ last_fp32.ckpt
 
 From Python: ``load_open_clip_weights(model, path)`` initialises a freshly built model (continued
-pre-training, fine-tuning); ``export_open_clip(checkpoint, out_dir)``; ``read_clip_pl_checkpoint``.
+pre-training, fine-tuning); ``export_open_clip(checkpoint, out_dir)``; ``read_clip_pl_checkpoint``;
+``read_model_checkpoint`` (any of the formats below, or an exported directory, into architecture + weights).
+This module owns every checkpoint and weights format; ``clip_pl.inference`` and ``clip_pl.eval`` read through it.
 
 Weight files that are read (everything through ``torch.load(weights_only=True)`` or safetensors):
   * open_clip's saved ``model.state_dict()`` (``.pt``/``.bin``/``.pth``) or ``.safetensors``;
@@ -40,7 +42,8 @@ import open_clip
 import torch
 from torch import nn
 
-from clip_pl.model import SCALAR_PARAMETERS, build_clip, resolve_model_config
+from clip_pl import hf_export
+from clip_pl.model import build_clip, resolve_model_config, restore_scalar_shapes
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,20 @@ OPEN_CLIP_DIR_CONFIG = "open_clip_config.json"
 # Integers OpenAI's TorchScript models keep as attributes; they are not weights.
 _OPENAI_NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
 _MODEL_PREFIX = "model."
+EMA_STATE_KEY = "EMA"  # checkpoint["callbacks"][EMA_STATE_KEY]: clip_pl.callbacks.ema.EMA's state
+
+
+def ema_state_dict(checkpoint: Mapping[str, Any], prefix: str = _MODEL_PREFIX) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict with the EMA weights (callbacks.ema) in place of the trained ones."""
+    state = (checkpoint.get("callbacks") or {}).get(EMA_STATE_KEY)
+    if not state:
+        raise KeyError("this checkpoint holds no EMA weights: train with callbacks.ema.enabled=true "
+                       "(or export without --ema).")
+    state_dict = dict(checkpoint["state_dict"])
+    for name, value in state["ema"].items():
+        key = prefix + name
+        state_dict[key] = value.to(state_dict[key].dtype).reshape(state_dict[key].shape)
+    return state_dict
 _COMPILE_INFIX = "_orig_mod."  # torch.compile wraps the module: `model._orig_mod.visual...`
 _MAX_LISTED = 12
 
@@ -246,11 +263,7 @@ def consolidate_checkpoint(checkpoint_dir: str | Path, out_path: str | Path) -> 
         raise ValueError(f"{str(checkpoint_dir)!r} holds neither a DeepSpeed checkpoint ('latest', 'checkpoint/') "
                          f"nor torch.distributed.checkpoint shards (*.distcp).")
     # Sharded training holds the temperature and bias as 1-element vectors; open_clip's are 0-d.
-    state_dict = checkpoint["state_dict"]
-    for name in SCALAR_PARAMETERS:
-        key = _MODEL_PREFIX + name
-        if key in state_dict and state_dict[key].shape == (1,):
-            state_dict[key] = state_dict[key].reshape(())
+    restore_scalar_shapes(checkpoint["state_dict"], prefix=_MODEL_PREFIX)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, out_path)
     return out_path
@@ -258,7 +271,7 @@ def consolidate_checkpoint(checkpoint_dir: str | Path, out_path: str | Path) -> 
 
 def read_clip_pl_checkpoint(path: str | Path, ema: bool = False) -> ClipPlCheckpoint:
     """Architecture and model weights of a clip_pl (Lightning) checkpoint, read with weights_only=True.
-    ``ema``: the EMA weights that callbacks.ema kept in the checkpoint (clip_pl.ema) instead."""
+    ``ema``: the EMA weights that callbacks.ema kept in the checkpoint (clip_pl.callbacks.ema) instead."""
     path = _require_file(path, "checkpoint")
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a directory. A sharded DeepSpeed/FSDP checkpoint must be "
@@ -273,12 +286,23 @@ def read_clip_pl_checkpoint(path: str | Path, ema: bool = False) -> ClipPlCheckp
             f"For an open_clip/OpenAI weights file give the architecture: clip_pl.load(path, arch='ViT-B-32'), "
             f"or convert it: python -m clip_pl.interchange import {path} ARCH out.ckpt")
     if ema:
-        from clip_pl.ema import ema_state_dict
-
         checkpoint["state_dict"] = ema_state_dict(checkpoint, prefix=_MODEL_PREFIX)
     return ClipPlCheckpoint(model_config=copy.deepcopy(dict(hparams["model_config"])),
                             arch=hparams.get("arch"),
                             state_dict=_clip_pl_model_weights(checkpoint["state_dict"]))
+
+
+def read_model_checkpoint(checkpoint: str | Path, arch: str | Mapping[str, Any] | None = None) -> ClipPlCheckpoint:
+    """Architecture + weights from a clip_pl checkpoint, an exported directory, or weights + ``arch``."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir() and (path / OPEN_CLIP_DIR_CONFIG).is_file() and arch is None:
+        model_config = json.loads((path / OPEN_CLIP_DIR_CONFIG).read_text())["model_cfg"]
+        return ClipPlCheckpoint(model_config, None, read_state_dict(path))
+    if arch is None:
+        return read_clip_pl_checkpoint(path)
+    if isinstance(arch, str):
+        return ClipPlCheckpoint(resolve_model_config(arch=arch), arch, read_state_dict(path))
+    return ClipPlCheckpoint(resolve_model_config(arch_config=arch), None, read_state_dict(path))
 
 
 def build_from_checkpoint(checkpoint: ClipPlCheckpoint) -> nn.Module:
@@ -377,6 +401,15 @@ def import_open_clip(weights: str | Path, arch: str, out_path: str | Path) -> Pa
     return save_clip_pl_checkpoint(model, model_config, out_path, arch=arch_name)
 
 
+def export_hf(checkpoint: str | Path | ClipPlCheckpoint, out_dir: str | Path) -> hf_export.HFExport:
+    """A clip_pl checkpoint as a transformers CLIPModel/CLIPProcessor directory (``clip_pl.hf_export``)."""
+    if not isinstance(checkpoint, ClipPlCheckpoint):
+        checkpoint = read_clip_pl_checkpoint(checkpoint)
+    hf_export.check_exportable(checkpoint.model_config, checkpoint.state_dict)  # before building the model
+    model = build_from_checkpoint(checkpoint)  # strict: the weights fit the architecture
+    return hf_export.write_hf_directory(checkpoint.model_config, model, out_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m clip_pl.interchange", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -402,8 +435,6 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "ema", False):
         args.checkpoint = read_clip_pl_checkpoint(args.checkpoint, ema=True)
     if args.command == "export-hf":
-        from clip_pl.hf_export import export_hf  # imports this module: import here, not at the top
-
         out = export_hf(args.checkpoint, args.out_dir).directory
         print(f"CLIPModel.from_pretrained({str(out)!r}); CLIPProcessor.from_pretrained({str(out)!r})")
         return

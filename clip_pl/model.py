@@ -26,6 +26,18 @@ _ARCH_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_s
 SCALAR_PARAMETERS = ("logit_scale", "logit_bias")
 
 
+def restore_scalar_shapes(state_dict: dict[str, Any], prefix: str = "") -> None:
+    """1-element ``logit_scale``/``logit_bias`` tensors back to open_clip's 0-d shape, in place.
+
+    Sharded training (FSDP, DeepSpeed) holds them as 1-element vectors (strategies.promote_scalar_parameters);
+    every checkpoint written or consolidated from it keeps open_clip's shapes. DTensors are left alone.
+    """
+    for name in SCALAR_PARAMETERS:
+        value = state_dict.get(prefix + name)
+        if isinstance(value, torch.Tensor) and not hasattr(value, "full_tensor") and value.shape == (1,):
+            state_dict[prefix + name] = value.reshape(())
+
+
 def resolve_model_config(
     arch: str | None = None,
     arch_config: Mapping[str, Any] | None = None,

@@ -1,7 +1,8 @@
 """The LightningModule: encode both towers, contrast over the global batch, step AdamW.
 
 Built by ``clip_pl.train`` from the Hydra config (``model``, ``loss``, ``optim``, ``scheduler``);
-it holds no config parsing and touches no files. The open_clip model is ``self.model`` so its
+it holds no config parsing. The one file it may read is ``init_checkpoint`` (starting weights), and
+only through ``clip_pl.interchange``, which owns every weights format. The open_clip model is ``self.model`` so its
 state-dict keys in a checkpoint are ``model.<open_clip key>`` and ``clip_pl.load`` rebuilds it
 from ``hparams.model_config`` alone.
 """
@@ -9,7 +10,6 @@ from ``hparams.model_config`` alone.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from typing import Any, Callable, Mapping
 
 import lightning as L
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clip_pl.model import SCALAR_PARAMETERS, build_clip, resolve_model_config
+from clip_pl.model import build_clip, resolve_model_config, restore_scalar_shapes
 from clip_pl.towers import TOWER_LR_DEFAULTS, apply_lr_scales, lock_towers, tower_parameter_groups
 
 # Parameters that get no weight decay beyond ndim < 2 (biases, norm gains, class/positional
@@ -89,7 +89,6 @@ class CLIPModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.grad_cache_chunks = grad_cache_chunks
         self.max_logit_scale = float(max_logit_scale)
-        self.bad_sample_counts: Counter[str] = Counter()
         # Decided now, on open_clip's own parameters: sharding wrappers may later change names,
         # shapes or ndim (FSDP1 flattens everything to 1-D), but not which parameter is which.
         self.no_decay_names = {name for name, p in self.model.named_parameters() if no_weight_decay(name, p)}
@@ -187,7 +186,6 @@ class CLIPModule(L.LightningModule):
 
     # -- steps -------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        self.bad_sample_counts.update(batch.get("bad_samples") or {})
         loss = self.contrastive_loss(batch)
         batch_size = batch["image"].shape[0]
         world_size = self.trainer.world_size if self._trainer is not None else 1
@@ -266,14 +264,6 @@ def _original_name(name: str) -> str:
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
-
-
-def restore_scalar_shapes(state_dict: dict[str, Any], prefix: str = "") -> None:
-    """1-element ``logit_scale``/``logit_bias`` tensors back to open_clip's 0-d shape, in place."""
-    for name in SCALAR_PARAMETERS:
-        value = state_dict.get(prefix + name)
-        if isinstance(value, torch.Tensor) and not hasattr(value, "full_tensor") and value.shape == (1,):
-            state_dict[prefix + name] = value.reshape(())
 
 
 @contextlib.contextmanager

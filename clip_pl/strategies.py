@@ -53,6 +53,7 @@ class ClipDeepSpeedStrategy(DeepSpeedStrategy):
 
     def prepare_model(self, model: nn.Module) -> None:
         promote_scalar_parameters(model)
+        return_parameter_copies(model)
 
 
 class CPUDeepSpeedStrategy(ClipDeepSpeedStrategy):
@@ -148,6 +149,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         if any(getattr(m, "_is_fsdp_managed_module", False) for m in model.modules()):
             return  # configure_model may run again (fit after validate): shard once
         promote_scalar_parameters(model)
+        return_parameter_copies(model)
         mesh = self.device_mesh["data_parallel"]
         # param_dtype None: parameters stay fp32 and autocast picks the matmul dtype, as under DDP.
         policy = MixedPrecisionPolicy(reduce_dtype=self.reduce_dtype)
@@ -174,17 +176,30 @@ def promote_scalar_parameters(model: nn.Module) -> None:
             promoted = True
     if promoted:
         model.register_load_state_dict_pre_hook(_reshape_scalars_on_load)
-        # open_clip's forward returns the logit_bias parameter itself. FSDP2 and ZeRO-3 free the
-        # gathered parameter when forward ends, so the caller would hold freed storage (FSDP2 on
-        # gloo: a segfault in the SigLIP loss). Runs before their own post-forward hooks.
-        model.register_forward_hook(_detach_parameter_outputs, prepend=True)
 
 
-def _detach_parameter_outputs(module: nn.Module, args: Any, output: Any) -> Any:
+def return_parameter_copies(model: nn.Module) -> None:
+    """Make ``model``'s forward return copies of any parameter it returns as such, once.
+
+    open_clip's forward returns the logit_bias parameter itself. FSDP2 and ZeRO-3 free the gathered
+    parameter when forward ends, so the caller would hold freed storage (FSDP2 on gloo: a segfault
+    in the SigLIP loss). The hook runs before their own post-forward hooks.
+    """
+    if not getattr(model, "_clip_pl_returns_parameter_copies", False):
+        model.register_forward_hook(_copy_parameter_outputs, prepend=True)
+        model._clip_pl_returns_parameter_copies = True
+
+
+def _copy_parameter_outputs(module: nn.Module, args: Any, output: Any) -> Any:
     """Outputs that are parameters become copies (differentiable: gradients still reach them)."""
     if isinstance(output, tuple):
         return tuple(o.clone() if isinstance(o, nn.Parameter) else o for o in output)
     return output
+
+
+def is_deepspeed(strategy: Any) -> bool:
+    """Whether ``strategy`` runs DeepSpeed (its engine, its folder checkpoints, its own grad norm)."""
+    return isinstance(strategy, DeepSpeedStrategy)
 
 
 def _reshape_scalars_on_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

@@ -12,7 +12,7 @@
 #
 # Preemption: `#SBATCH --signal=SIGUSR1@120` (no `B:`) makes SLURM send SIGUSR1 to every process of
 # the srun step 120 s before the time limit (`scancel --signal=USR1` does the same by hand); a
-# preempting job sends SIGTERM. clip_pl.preemption.PreemptionCheckpoint (callbacks.preemption) only
+# preempting job sends SIGTERM. clip_pl.callbacks.preemption.PreemptionCheckpoint (callbacks.preemption) only
 # records the signal in its handler; after the next optimizer step all ranks agree (one all-reduce),
 # save `hpc_ckpt_<step>.ckpt` together in the run directory and stop; for SIGUSR1 rank 0 then runs
 # `scontrol requeue $SLURM_JOB_ID`. The requeued job keeps its job id, so it lands in the same run

@@ -10,7 +10,7 @@
 #
 # This file holds topology only; the experiment lives in clip_pl/conf/experiment/. trainer.num_nodes and
 # trainer.devices are filled from SLURM's environment (slurm/launch.sh). Python: see
-# CLIP_PL_PYTHON / CLIP_PL_VENV in slurm/launch.sh. Preemption and requeue: clip_pl/preemption.py (see launch.sh).
+# CLIP_PL_PYTHON / CLIP_PL_VENV in slurm/launch.sh. Preemption and requeue: clip_pl/callbacks/preemption.py (see launch.sh).
 # Run directory: ${paths.root_dir}/runs/$SLURM_JOB_ID, found again by the requeued job (same id).
 #
 #SBATCH --job-name=clip-256gpu

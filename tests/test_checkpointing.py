@@ -56,7 +56,7 @@ def test_the_trainer_writes_checkpoints_through_the_atomic_writer(tmp_path, monk
     leaves a truncated ``last.ckpt`` (Lightning's own writer stages in $TMPDIR, with no fsync,
     and moves across file systems by copying)."""
     from clip_pl.train import train
-    from tests.test_config import CPU_TINY, make_cfg
+    from tests.support.config import CPU_TINY, make_cfg
 
     synced, renamed = set(), []
     real_fsync, real_replace = os.fsync, os.replace

@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from clip_pl.train import train
-from tests.test_config import CPU_TINY, make_cfg
+from tests.support.config import CPU_TINY, make_cfg
 
 
 def losses(tmp_path, compile_model: bool) -> list[float]:

@@ -8,26 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from clip_pl.assembly import build_module
 from clip_pl.config_checks import ConfigError, prepare_config
-from clip_pl.config_dir import config_dir
 from clip_pl.train import train
-
-CONF = Path(config_dir())
-CPU_TINY = ["debug=smoke", "data.batch_size=4", "data.num_samples=64"]  # clip_pl/conf/debug/smoke.yaml, smaller
-
-
-def choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def make_cfg(overrides: list[str], tmp_path: Path):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=[f"paths.root_dir={tmp_path}", "run_name=test", *overrides])
+from tests.support.config import CONF, CPU_TINY, choices, make_cfg
 
 
 @pytest.mark.parametrize("group", ["model", "loss", "optim", "scheduler", "trainer", "strategy", "logger",
@@ -107,7 +94,7 @@ def test_every_instantiable_choice_builds_what_it_names(tmp_path):
 
 @pytest.fixture(scope="module")
 def few_shards(tmp_path_factory) -> Path:
-    from clip_pl.data.fake_shards import write_shards
+    from tests.support.fake_shards import write_shards
 
     directory = tmp_path_factory.mktemp("shards")
     write_shards(str(directory), [3, 3], image_px=(40, 56))

@@ -145,31 +145,34 @@ def _backticked(text: str) -> list[str]:
     return re.findall(r"`([^`\n]+)`", text)
 
 
+def _backticked_words(doc: Path) -> list[str]:
+    """Every whitespace-separated word inside backticks, outside Python calls such as
+    `processor(text, padding="max_length")` (keywords there are not overrides)."""
+    return [word.strip(",;:()") for token in _backticked(doc.read_text()) if not re.match(r"[\w.]+\(", token)
+            for word in token.split()]
+
+
 @pytest.mark.parametrize("doc", CONFIG_DOCS, ids=_ids(CONFIG_DOCS))
 def test_every_override_and_key_named_in_prose_exists(doc):
     keys, top = known_keys(), {k for k in known_keys() if "." not in k}
     groups = set(GROUPS) | {"hydra/launcher"}
     missing = []
-    for token in _backticked(doc.read_text()):
-        if re.match(r"[\w.]+\(", token):
-            continue  # a Python call such as `processor(text, padding="max_length")`, not overrides
-        for word in token.split():
-            word = word.strip(",;:()")
-            key, eq, value = word.partition("=")
-            if (not re.fullmatch(r"[a-z_]+(/[a-z_]+)?(\.[A-Za-z_]\w*)*", key) or word in NOT_CONFIG_KEYS
-                    or key.endswith(FILE_SUFFIXES) or "<" in word):
-                continue
-            head = key.split(".")[0]
-            if eq and key in groups:
-                group_dir = CONF / key
-                if re.fullmatch(r"\w+", value) and value not in {p.stem for p in group_dir.glob("*.yaml")}:
-                    missing.append(word)
-            elif "." in key and head in set(GROUPS) | top and head not in ("clip_pl", "torch", "open_clip"):
-                if key not in keys:
-                    missing.append(word)
-            elif eq and "." not in key and "/" not in key and key not in top and key not in groups:
-                if re.fullmatch(r"[a-z_]+", key) and key.islower() and value and not value.startswith("-"):
-                    missing.append(word)
+    for word in _backticked_words(doc):
+        key, eq, value = word.partition("=")
+        if (not re.fullmatch(r"[a-z_]+(/[a-z_]+)?(\.[A-Za-z_]\w*)*", key) or word in NOT_CONFIG_KEYS
+                or key.endswith(FILE_SUFFIXES) or "<" in word):
+            continue
+        head = key.split(".")[0]
+        if eq and key in groups:
+            group_dir = CONF / key
+            if re.fullmatch(r"\w+", value) and value not in {p.stem for p in group_dir.glob("*.yaml")}:
+                missing.append(word)
+        elif "." in key and head in set(GROUPS) | top and head not in ("clip_pl", "torch", "open_clip"):
+            if key not in keys:
+                missing.append(word)
+        elif eq and "." not in key and "/" not in key and key not in top and key not in groups:
+            if re.fullmatch(r"[a-z_]+", key) and key.islower() and value and not value.startswith("-"):
+                missing.append(word)
     assert not missing, f"{doc.relative_to(REPO)} names config keys or choices that do not exist: {sorted(set(missing))}"
 
 
@@ -206,27 +209,23 @@ def _anchors(markdown: str) -> set[str]:
 @pytest.mark.parametrize("doc", DOCS, ids=_ids(DOCS))
 def test_every_clip_pl_name_mentioned_exists(doc):
     missing = []
-    for token in _backticked(doc.read_text()):
-        if re.match(r"[\w.]+\(", token):
-            continue  # a Python call such as `processor(text, padding="max_length")`, not overrides
-        for word in token.split():
-            word = word.strip(",;:()")
-            if not re.fullmatch(r"clip_pl(\.\w+)+", word):
+    for word in _backticked_words(doc):
+        if not re.fullmatch(r"clip_pl(\.\w+)+", word):
+            continue
+        parts = word.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
                 continue
-            parts = word.split(".")
-            for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
-                try:
-                    obj = importlib.import_module(".".join(parts[:cut]))
-                except ImportError:
-                    continue
-                try:
-                    for attribute in parts[cut:]:
-                        obj = getattr(obj, attribute)
-                except AttributeError:
-                    missing.append(word)
-                break
-            else:
+            try:
+                for attribute in parts[cut:]:
+                    obj = getattr(obj, attribute)
+            except AttributeError:
                 missing.append(word)
+            break
+        else:
+            missing.append(word)
     assert not missing, f"{doc.relative_to(REPO)} names clip_pl modules or attributes that do not exist: {sorted(set(missing))}"
 
 

@@ -25,13 +25,14 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, CLIPPr
 
 from clip_pl.config_dir import config_dir
 from clip_pl.eval.zeroshot import build_classifier, zero_shot_evaluate
-from clip_pl.hf_export import (UnsupportedArchitectureError, export_hf, hf_state_dict, open_clip_text_clean,
+from clip_pl.hf_export import (UnsupportedArchitectureError, hf_state_dict, open_clip_text_clean,
                                unsupported_reasons)
+from clip_pl.interchange import export_hf
 from clip_pl.interchange import main as interchange_main
 from clip_pl.interchange import save_clip_pl_checkpoint
 from clip_pl.model import build_clip, get_tokenizer, image_transforms, resolve_model_config
 from data_prep.demo import digits
-from tests.test_eval_support import TINY_RESNET, TINY_VIT, random_images, tiny_checkpoint, tiny_model
+from tests.support.eval import TINY_RESNET, TINY_VIT, random_images, tiny_checkpoint, tiny_model
 
 ATOL = 1e-5
 

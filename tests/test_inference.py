@@ -10,7 +10,7 @@ import torch
 
 from clip_pl.inference import CLIPInference, load
 from clip_pl.interchange import ArchitectureMismatchError
-from tests.test_eval_support import (CLASSNAMES, TINY_RESNET, TINY_VIT, assert_same_weights, oracle_class_order,
+from tests.support.eval import (CLASSNAMES, TINY_RESNET, TINY_VIT, assert_same_weights, oracle_class_order,
                                      random_images, tiny_checkpoint)
 
 

@@ -81,4 +81,4 @@ def test_clip_pl_train_prints_its_config_from_any_directory(installed):
 def test_clip_pl_eval_prints_its_config_from_any_directory(installed):
     result = _run(installed, "clip-pl-eval", "--cfg", "job", "checkpoint=x.ckpt", "eval=imagenet_zeroshot")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "checkpoint: x.ckpt" in result.stdout and "clip_pl.eval.ZeroShotCallback" in result.stdout
+    assert "checkpoint: x.ckpt" in result.stdout and "clip_pl.callbacks.ZeroShotCallback" in result.stdout

@@ -18,7 +18,7 @@ from clip_pl.interchange import (ArchitectureMismatchError, ClipPlCheckpoint, Op
                                  load_open_clip_weights, main, read_clip_pl_checkpoint, read_state_dict,
                                  save_clip_pl_checkpoint)
 from clip_pl.model import build_clip, get_tokenizer, image_transforms, resolve_model_config
-from tests.test_eval_support import TINY_RESNET, TINY_VIT, random_images, tiny_checkpoint, tiny_model
+from tests.support.eval import TINY_RESNET, TINY_VIT, random_images, tiny_checkpoint, tiny_model
 
 
 def _inputs(image_size: int, context_length: int = 77, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

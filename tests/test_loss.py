@@ -10,10 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from clip_pl.loss import ClipLoss, SigLipLoss
 from clip_pl.model import build_clip, resolve_model_config
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
+from tests.support.towers import TINY, make_batch
 
-TINY = dict(embed_dim=8, vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
-            text_cfg=dict(context_length=8, vocab_size=1000, width=32, heads=2, layers=1))
 LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss}
 
 
@@ -21,14 +20,6 @@ def make_model(loss_name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     extra = {"init_logit_bias": -5.0} if loss_name == "siglip" else {}
     return build_clip(resolve_model_config(arch_config=TINY, **extra))
-
-
-def make_batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    images = torch.randn(n, 3, 16, 16, generator=gen)
-    texts = torch.randint(1, 998, (n, 8), generator=gen)
-    texts[:, -1] = 999  # the EOT token is the highest id: open_clip pools at argmax
-    return images, texts
 
 
 def loss_and_grads(model, loss_fn, images, texts):

@@ -14,8 +14,8 @@ from clip_pl.loss import ClipLoss, SigLipLoss
 from clip_pl.model import resolve_model_config
 from clip_pl.module import CLIPModule, cap_logit_scale
 from clip_pl.schedule import warmup_const, warmup_const_cooldown, warmup_cosine
-from tests.distributed import run_distributed
-from tests.test_loss import TINY, make_batch
+from tests.support.distributed import run_distributed
+from tests.support.towers import TINY, make_batch
 
 
 def assert_grads_close(actual: dict, expected: dict) -> None:

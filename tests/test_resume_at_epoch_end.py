@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from clip_pl.data import WebDatasetDataModule
-from clip_pl.data.fake_shards import write_shards
-from clip_pl.preemption import PreemptionCheckpoint
+from tests.support.fake_shards import write_shards
+from clip_pl.callbacks.preemption import PreemptionCheckpoint
 
 BATCH, SAMPLES = 4, 26  # 6 steps per epoch on one rank, 2 samples left out
 

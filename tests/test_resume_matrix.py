@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from clip_pl.data.fake_shards import write_shards
-from tests.distributed import run_distributed
+from tests.support.fake_shards import write_shards
+from tests.support.distributed import run_distributed
+from tests.support.config import SMALLER
 
 BATCH = 2
 
@@ -62,13 +62,6 @@ def shard_sizes(world: int, batches: int) -> list[int]:
     return [first, 1, total - first - 1]
 
 
-# model=tiny, narrowed further: the matrix checks the loop and the loader, not the towers.
-SMALLER = ["model.arch_config.embed_dim=32", "model.arch_config.vision_cfg.width=32",
-           "model.arch_config.vision_cfg.layers=1", "model.arch_config.vision_cfg.head_width=16",
-           "model.arch_config.text_cfg.width=32", "model.arch_config.text_cfg.heads=2",
-           "model.arch_config.text_cfg.layers=1"]
-
-
 def overrides(run_dir: Path, shards: Path, workers: int, world: int, max_steps: int) -> list[str]:
     return ["model=tiny", *SMALLER, "trainer=cpu", "data=wds", f"data.train_shards={shards}", f"data.batch_size={BATCH}",
             f"data.num_workers={workers}", "+data.return_keys=true", "data.shuffle_buffer=4",
@@ -80,7 +73,7 @@ def overrides(run_dir: Path, shards: Path, workers: int, world: int, max_steps: 
 
 def run(run_dir: Path, shards: Path, workers: int, world: int, max_steps: int, stop: int | None = None) -> None:
     """One start of the entry point; with ``stop``, checkpoints at that step and crashes after it."""
-    from tests.test_config import make_cfg
+    from tests.support.config import make_cfg
     from clip_pl.train import train
 
     extra = []

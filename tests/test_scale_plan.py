@@ -59,7 +59,7 @@ def test_the_plan_is_what_the_loader_reads(tmp_path):
     import torch
 
     from clip_pl.data import WebDatasetDataModule
-    from clip_pl.data.fake_shards import write_shards
+    from tests.support.fake_shards import write_shards
 
     sizes = [7, 5, 9, 3, 6]
     write_shards(str(tmp_path), sizes)

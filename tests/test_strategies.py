@@ -31,7 +31,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ["ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_2_offload",
@@ -157,7 +157,7 @@ def _strategy_matrix(rank: int, world_size: int, shards: str, root: str) -> dict
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
-    from clip_pl.data.fake_shards import write_shards
+    from tests.support.fake_shards import write_shards
 
     shards = tmp_path_factory.mktemp("shards")
     write_shards(str(shards), sizes=[36, 36, 36, 36], image_px=(64, 80))  # 144 samples: 9 global batches of 16

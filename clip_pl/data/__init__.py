@@ -1,10 +1,15 @@
-"""Data: WebDataset shards → decoded, tokenized batches for CLIP training (see datamodule.py)."""
+"""Data: WebDataset shards → decoded, tokenized batches for CLIP training (see datamodule.py).
 
-from .accounting import sum_over_ranks
-from .datamodule import EpochAwareLoader, WebDatasetDataModule
-from .shardspec import ShardSet, resolve_shards
-from .stream import WebDatasetStream
-from .synthetic import SyntheticDataModule
+Names are imported lazily: ``clip_pl.data.shardspec`` or ``clip_pl.data.tarstream`` alone (evaluation,
+the audit, the planner) do not pay for Lightning and the whole pipeline.
+"""
 
-__all__ = ["WebDatasetDataModule", "EpochAwareLoader", "WebDatasetStream", "ShardSet", "resolve_shards",
-           "SyntheticDataModule", "sum_over_ranks"]
+from __future__ import annotations
+
+from clip_pl._lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    "datamodule": ["WebDatasetDataModule", "EpochAwareLoader"], "stream": ["WebDatasetStream"],
+    "shardspec": ["ShardSet", "resolve_shards"], "synthetic": ["SyntheticDataModule"],
+    "accounting": ["sum_over_ranks"],
+})

@@ -30,7 +30,7 @@ from clip_pl.data.shardspec import ShardSet, resolve_shards, resolve_shards_once
 from clip_pl.data.stream import WebDatasetStream
 from clip_pl.distributed import rank_and_world_size
 from clip_pl.model import get_tokenizer, image_transforms
-from clip_pl.preemption import WorkerInit
+from clip_pl.data.workers import WorkerInit
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         # fork: workers start in milliseconds and share the parsed shard list; it is what a rank launched by
         # srun/torchrun gets on Linux anyway, also when the rank itself was spawned (as in the tests).
         self.multiprocessing_context = multiprocessing_context if hasattr(os, "fork") else None
-        # record_keys: batches carry their samples' __key__, which clip_pl.data.keys.KeyRecorder
+        # record_keys: batches carry their samples' __key__, which clip_pl.callbacks.keys.KeyRecorder
         # appends to RUN_DIR/keys/rank<r>.jsonl for `python -m clip_pl.data.audit`.
         self.record_keys = bool(record_keys)
         self.return_keys = bool(return_keys) or self.record_keys
@@ -173,7 +173,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             log.info("data: %d batches per rank per epoch (%d ranks × %d); %d samples of each epoch's order "
                      "left out (resampled=%s)", batches, world, self.batch_size, left, self.resampled)
         if self.val_spec is not None and self._val_set is None:
-            self._val_set = resolve_shards_once(self.val_spec, None, self.val_sizes_file)
+            self._val_set = resolve_shards_once(self.val_spec, None, self.val_sizes_file, "data.val_shards")
             if not self._val_set.sizes_known:
                 raise ValueError(f"data.val_shards need sizes.json (missing: {self._val_set.missing_sizes()[:3]}); "
                                  "set data.val_sizes_file.")

@@ -2,7 +2,8 @@
 
 Everything here runs inside DataLoader workers. A sample is never allowed to raise anything but
 :class:`BadSample`, whose ``reason`` is counted (``skipped/<reason>``); images in a mode other
-than RGB are converted and counted too (``converted/<what>``).
+than RGB are converted and counted too (``converted/<what>``). Training (``clip_pl.data.stream``)
+and evaluation (``clip_pl.eval.datasets``) decode with these same rules.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# The extensions a sample's image may have, in the order they are looked for.
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 CAPTION_KEY = "txt"
 # PIL's own bomb threshold (~89.5 Mpx): larger images are refused before any pixel is decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
@@ -27,22 +29,29 @@ class BadSample(Exception):
         self.reason = reason
 
 
-def decode_caption(sample: Mapping[str, Any]) -> str:
-    data = sample.get(CAPTION_KEY)
+def decode_text(sample: Mapping[str, Any], key: str = CAPTION_KEY) -> str:
+    """The sample's ``key`` entry as text (UTF-8), stripped; may be empty."""
+    data = sample.get(key)
     if data is None:
         raise BadSample("missing_caption")
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else str(data)
     except UnicodeDecodeError as e:
         raise BadSample("non_utf8_caption", str(e)) from None
-    text = text.strip()
+    return text.strip()
+
+
+def decode_caption(sample: Mapping[str, Any]) -> str:
+    text = decode_text(sample)
     if not text:
         raise BadSample("empty_caption")
     return text
 
 
-def decode_image(sample: Mapping[str, Any], target_size: int, counts: Counter,
+def decode_image(sample: Mapping[str, Any], target_size: int | None, counts: Counter,
                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """The sample's image in RGB. With ``target_size`` a large JPEG is decoded at a reduced scale that
+    still covers it (training's speed-up); None decodes every pixel (evaluation, as published numbers do)."""
     data = next((sample[k] for k in IMAGE_KEYS if sample.get(k) is not None), None)
     if data is None:
         raise BadSample("missing_image")
@@ -53,7 +62,7 @@ def decode_image(sample: Mapping[str, Any], target_size: int, counts: Counter,
             width, height = img.size
             if width * height > max_pixels:
                 raise BadSample("decompression_bomb", f"{width}x{height} > {max_pixels} px")
-            if img.format == "JPEG" and min(width, height) >= 2 * target_size:
+            if target_size and img.format == "JPEG" and min(width, height) >= 2 * target_size:
                 # DCT-domain downscale by 1/2, 1/4 or 1/8; PIL keeps both sides >= the requested size,
                 # so the crop that follows still works from at least target_size pixels per side.
                 img.draft(None, (target_size, target_size))

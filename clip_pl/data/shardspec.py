@@ -8,6 +8,9 @@ A spec is one string or a list of strings. In a string, ``::`` separates *source
   ``pipe:aws s3 cp s3://bucket/laion/{00000..41455}.tar -``;
 * a glob of local files: ``/data/cc3m/*.tar``.
 
+Training and evaluation read the same grammar (``resolve_shards``); evaluation has no sampling
+weights, so there ``::`` only joins sources into one set.
+
 Sample counts come from a ``sizes.json`` (``{"00000.tar": n, ...}``): the one named by
 ``sizes_file`` (a path, or a ``::`` list with one path per source), else the one next to the
 source's local shards. Remote shards (``pipe:``) need ``sizes_file`` for exact epochs.
@@ -56,11 +59,11 @@ class ShardSet:
         return [s.url for s in self.shards if s.size is None]
 
 
-def split_sources(spec: str | Sequence[str]) -> list[str]:
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    sources = [p.strip() for part in parts for p in str(part).split("::") if p.strip()]
+def split_sources(spec: str | Sequence[str], setting: str = "data.train_shards") -> list[str]:
+    parts = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    sources = [p.strip() for part in parts for p in os.fspath(part).split("::") if p.strip()]
     if not sources:
-        raise ValueError("data: the shard spec is empty; set data.train_shards to a directory, "
+        raise ValueError(f"the shard spec is empty; set {setting} to a directory, "
                          "a brace pattern such as /data/{00000..00099}.tar, or several joined with '::'.")
     return sources
 
@@ -101,7 +104,7 @@ def read_manifest(path: str) -> dict[str, int]:
     return {os.path.basename(k): int(v) for k, v in raw.items()}
 
 
-def _expand_source(source: str) -> tuple[list[str], str | None]:
+def _expand_source(source: str, setting: str) -> tuple[list[str], str | None]:
     """(shard urls, manifest path next to them or None)."""
     if not source.startswith("pipe:") and "://" not in source and os.path.isdir(source):
         manifest = os.path.join(source, SIZES_FILE_NAME)
@@ -110,18 +113,18 @@ def _expand_source(source: str) -> tuple[list[str], str | None]:
         else:
             names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(source, "*.tar")))
         if not names:
-            raise ValueError(f"data: directory {source} has no *.tar shards and no {SIZES_FILE_NAME}.")
+            raise FileNotFoundError(f"{setting}: directory {source} holds no .tar shards (and no {SIZES_FILE_NAME}).")
         return [os.path.join(source, n) for n in names], (manifest if os.path.exists(manifest) else None)
     urls = list(braceexpand.braceexpand(source))
     if len(urls) == 1 and any(c in source for c in "*?[") and not source.startswith("pipe:"):
         urls = sorted(glob.glob(source))
         if not urls:
-            raise ValueError(f"data: the glob {source} matches no file.")
+            raise FileNotFoundError(f"{setting}: the glob {source} matches no file.")
     local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
     missing = [u for u in local if not os.path.exists(u)]
     if missing:
-        raise FileNotFoundError(f"data: {len(missing)} of {len(urls)} shards of {source!r} do not exist "
-                                f"(first: {missing[0]}); fix data.train_shards / data.val_shards.")
+        raise FileNotFoundError(f"{setting}: {len(missing)} of {len(urls)} shards do not exist in {source!r} "
+                                f"(first: {missing[0]}); fix the path or the brace range.")
     manifest = None
     if local:
         candidate = os.path.join(os.path.dirname(local[0]), SIZES_FILE_NAME)
@@ -129,9 +132,11 @@ def _expand_source(source: str) -> tuple[list[str], str | None]:
     return urls, manifest
 
 
-def resolve_shards(spec: str | Sequence[str], weights=None, sizes_file: str | Sequence[str] | None = None) -> ShardSet:
-    """Expand a spec into shards with sizes; raises before any data is read if the spec is wrong."""
-    sources = split_sources(spec)
+def resolve_shards(spec: str | Sequence[str], weights=None, sizes_file: str | Sequence[str] | None = None,
+                   setting: str = "data.train_shards") -> ShardSet:
+    """Expand a spec into shards with sizes; raises before any data is read if the spec is wrong.
+    ``setting`` is the config key the spec came from, for the error messages."""
+    sources = split_sources(spec, setting)
     weight_values = parse_weights(weights, len(sources))
     manifests: list[str | None]
     if sizes_file is None:
@@ -146,14 +151,15 @@ def resolve_shards(spec: str | Sequence[str], weights=None, sizes_file: str | Se
         manifests = list(listed)
     shards: list[Shard] = []
     for index, source in enumerate(sources):
-        urls, found = _expand_source(source)
+        urls, found = _expand_source(source, setting)
         manifest_path = manifests[index] or found
         sizes = read_manifest(manifest_path) if manifest_path else {}
         shards.extend(Shard(url=u, size=sizes.get(shard_name(u)), source=index) for u in urls)
     return ShardSet(shards=tuple(shards), weights=weight_values)
 
 
-def resolve_shards_once(spec: str | Sequence[str], weights=None, sizes_file: str | Sequence[str] | None = None) -> ShardSet:
+def resolve_shards_once(spec: str | Sequence[str], weights=None, sizes_file: str | Sequence[str] | None = None,
+                        setting: str = "data.train_shards") -> ShardSet:
     """:func:`resolve_shards` on rank 0 only, its result (or its error) broadcast to every rank.
 
     Listing and stat-ing the shards on every rank costs ranks × shards file-system calls at start
@@ -167,11 +173,11 @@ def resolve_shards_once(spec: str | Sequence[str], weights=None, sizes_file: str
 
     rank, world = rank_and_world_size()
     if world == 1:
-        return resolve_shards(spec, weights, sizes_file)
+        return resolve_shards(spec, weights, sizes_file, setting)
     payload: list = [None]
     if rank == 0:
         try:
-            payload = [("ok", resolve_shards(spec, weights, sizes_file))]
+            payload = [("ok", resolve_shards(spec, weights, sizes_file, setting))]
         except Exception as e:  # every rank raises it, not only rank 0 (the others would wait forever)
             payload = [("error", e)]
     dist.broadcast_object_list(payload, src=0)

@@ -1,4 +1,4 @@
-"""Zero-shot classification and retrieval evaluation, standalone and as training callbacks.
+"""Zero-shot classification and retrieval evaluation (their training callbacks: clip_pl.callbacks.evaluation).
 
     python -m clip_pl.eval checkpoint=runs/x/checkpoints/last.ckpt eval=demo_digits
     python -m clip_pl.eval checkpoint=last.ckpt eval=imagenet_zeroshot paths.imagenet_val_dir=/data/imagenet/val
@@ -8,23 +8,9 @@ Names are imported lazily so ``clip_pl.load`` does not pay for Lightning.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from clip_pl._lazy import lazy_exports
 
-_EXPORTS = {
-    "ZeroShotCallback": "clip_pl.eval.callbacks",
-    "RetrievalCallback": "clip_pl.eval.callbacks",
-    "zero_shot_evaluate": "clip_pl.eval.zeroshot",
-    "build_classifier": "clip_pl.eval.zeroshot",
-    "retrieval_evaluate": "clip_pl.eval.retrieval",
-    "retrieval_recall": "clip_pl.eval.retrieval",
-    "load_classnames": "clip_pl.eval.labels",
-    "load_templates": "clip_pl.eval.labels",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'clip_pl.eval' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, {
+    "zeroshot": ["zero_shot_evaluate", "build_classifier"], "retrieval": ["retrieval_evaluate", "retrieval_recall"],
+    "labels": ["load_classnames", "load_templates"],
+})

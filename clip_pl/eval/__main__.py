@@ -28,8 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from clip_pl.config_dir import config_dir
 from clip_pl.distributed import rank_and_world_size
 from clip_pl.eval.report import format_table, write_json
-from clip_pl.inference import read_model_checkpoint
-from clip_pl.interchange import build_from_checkpoint
+from clip_pl.interchange import build_from_checkpoint, read_model_checkpoint
 
 CONF_DIR = config_dir()  # clip_pl/conf, inside the package
 

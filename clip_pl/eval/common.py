@@ -1,12 +1,15 @@
-"""What zero-shot and retrieval evaluation share: eval mode, device/dtype, the autocast context."""
+"""What zero-shot and retrieval evaluation share: eval mode, device/dtype, the autocast context, and
+the bad-sample counts."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator, Mapping
 
 import torch
 from torch import nn
+
+from clip_pl.data.accounting import sum_over_ranks
 
 AutocastFactory = Callable[[], ContextManager]
 
@@ -31,3 +34,9 @@ def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 def no_autocast() -> ContextManager:
     return contextlib.nullcontext()
+
+
+def bad_sample_metrics(counts: Mapping[str, int]) -> dict[str, int]:
+    """``bad_samples/<reason>``: what the loaders skipped or converted, summed over ranks (a collective).
+    Nothing at all for clean data, so a clean result has only its metrics."""
+    return {f"bad_samples/{reason}": int(n) for reason, n in sorted(sum_over_ranks(counts).items())}

@@ -4,46 +4,44 @@ Sources:
   * an ImageFolder directory (``root/<class>/<image>``): rank r takes images r, r+W, r+2W …;
     class folders named ``0``, ``1`` … ``N`` map to that integer (so ``10`` follows ``9``), any other
     names map to their sorted position (ImageNet's synset folders give the standard order);
-  * WebDataset shards (a ``.tar``, a brace pattern ``dir/{00000..00009}.tar``, a list, or a
-    directory of ``.tar`` files): with at least as many shards as ranks, rank r reads shards r,
-    r+W …; with fewer, every rank reads all shards and keeps the samples whose
-    crc32(url, key) mod W is r. Labelled sets carry an integer ``.cls``; caption sets a ``.txt``.
+  * WebDataset shards, in the training grammar (``clip_pl.data.shardspec``): a directory of ``.tar``
+    (with or without ``sizes.json``), a brace pattern, a glob, a ``pipe:`` command, a list, sources
+    joined with ``::`` (one set: evaluation has no sampling weights). With at least as many shards as
+    ranks, rank r reads shards r, r+W …; with fewer, every rank reads all shards and keeps the samples
+    whose crc32(url, key) mod W is r. Labelled sets carry an integer ``.cls``; caption sets a ``.txt``.
+
+Shards are read by training's reader (``clip_pl.data.reader``) and decoded by its rules
+(``clip_pl.data.decode``): a sample that cannot be used is skipped and counted (``skipped/<reason>``,
+also ``converted/<what>``), a shard that breaks is counted once; the loaders hand the counts along
+with every batch (:func:`loader`).
 """
 
 from __future__ import annotations
 
 import os
 import zlib
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-import braceexpand
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate, get_worker_info
 from torchvision.datasets import ImageFolder
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
-_REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://")
+from clip_pl.data.decode import BadSample, decode_image, decode_text
+from clip_pl.data.reader import read_shard
+from clip_pl.data.shardspec import resolve_shards
+
+_SPEC_CHARS = ("{", "*", "?", "[", "::", "pipe:", "://")
 
 
 # --------------------------------------------------------------------------- locating the data
 
 
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Shard list from a pattern, a list or a directory; local files must exist."""
-    if isinstance(spec, (str, Path)) and Path(spec).is_dir():
-        shards = sorted(str(p) for p in Path(spec).glob("*.tar"))
-        if not shards:
-            raise FileNotFoundError(f"directory {str(spec)!r} holds no .tar shards.")
-        return shards
-    specs = [str(spec)] if isinstance(spec, (str, Path)) else [str(s) for s in spec]
-    shards = [s for item in specs for s in braceexpand.braceexpand(item)]
-    missing = [s for s in shards if not s.startswith(_REMOTE) and not Path(s).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards do not exist, e.g. {missing[:3]}; "
-                                f"check the path or brace range.")
-    return shards
+    """The shard URLs of a spec (training's grammar); local files must exist."""
+    return [shard.url for shard in resolve_shards(spec, setting="evaluation data").shards]
 
 
 def is_imagefolder(data: str | Sequence[str]) -> bool:
@@ -52,7 +50,7 @@ def is_imagefolder(data: str | Sequence[str]) -> bool:
         return False
     path = Path(data)
     if not path.is_dir():
-        if not any(ch in str(data) for ch in "{") and not str(data).endswith(".tar"):
+        if not any(mark in str(data) for mark in _SPEC_CHARS) and not str(data).endswith(".tar"):
             raise FileNotFoundError(f"evaluation data {str(data)!r} is neither a directory nor a .tar shard "
                                     f"pattern (check the path; ImageFolder: root/<class>/<image>).")
         return False
@@ -93,9 +91,12 @@ def imagefolder_for_rank(root: str | Path, transform: Callable, num_classes: int
 # --------------------------------------------------------------------------- WebDataset
 
 
-def _keep_all_shards(urls):
-    # The rank split is done before the pipeline is built; workers still split via split_by_worker.
-    yield from urls
+@dataclass(frozen=True)
+class Skipped:
+    """Stands in a batch for ``count`` samples that could not be used, and why."""
+
+    reason: str
+    count: int = 1
 
 
 class _KeepSamplesOfRank:
@@ -107,23 +108,66 @@ class _KeepSamplesOfRank:
         return zlib.crc32(key) % self.world_size == self.rank
 
 
-def _image_of(sample: dict, transform: Callable) -> torch.Tensor:
-    for key in IMAGE_KEYS:
-        if key in sample:
-            return transform(sample[key].convert("RGB"))
-    raise ValueError(f"sample {sample['__key__']!r} in {sample.get('__url__')!r} has no image "
-                     f"(looked for {', '.join(IMAGE_KEYS)}; found {sorted(k for k in sample if not k.startswith('__'))}).")
+class ShardSamples(IterableDataset):
+    """This rank's samples of ``urls``, each turned into a training-free item by ``sample_fn``.
+
+    DataLoader workers split the rank's shards between them. A sample ``sample_fn`` refuses with
+    :class:`BadSample` becomes a :class:`Skipped` marker; a broken shard (counted by the reader) too,
+    on one rank only when every rank reads it.
+    """
+
+    def __init__(self, urls: Sequence[str], sample_fn: Callable[[dict, Counter], Any], rank: int, world_size: int):
+        self.urls, self.sample_fn = list(urls), sample_fn
+        self.keep: _KeepSamplesOfRank | None = None
+        self.owned = list(range(len(self.urls)))  # shards whose read errors this rank counts
+        if world_size > 1 and len(self.urls) >= world_size:
+            self.urls, self.owned = self.urls[rank::world_size], list(range(len(self.urls[rank::world_size])))
+        elif world_size > 1:
+            self.keep = _KeepSamplesOfRank(rank, world_size)
+            self.owned = [i for i in range(len(self.urls)) if i % world_size == rank]
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index in range(worker, len(self.urls), workers):
+            events: Counter = Counter()
+            for raw in read_shard(self.urls[index], None, events):
+                if self.keep is not None and not self.keep(raw):
+                    continue
+                counts: Counter = Counter()
+                try:
+                    item = self.sample_fn(raw, counts)
+                except BadSample as e:
+                    counts[f"skipped/{e.reason}"] += 1
+                    item = None
+                yield from (Skipped(reason, n) for reason, n in counts.items())
+                if item is not None:
+                    yield item
+            if index in self.owned:
+                yield from (Skipped(reason, n) for reason, n in events.items())
+
+
+def _image(sample: dict, transform: Callable, counts: Counter) -> torch.Tensor:
+    image = decode_image(sample, None, counts)
+    try:
+        return transform(image)
+    except Exception as e:
+        raise BadSample("corrupt_image", f"transform failed: {e}") from None
 
 
 class _LabelledSample:
     def __init__(self, transform: Callable, label_key: str):
         self.transform, self.label_key = transform, label_key
 
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
+    def __call__(self, sample: dict, counts: Counter) -> tuple[torch.Tensor, int]:
         if self.label_key not in sample:
             raise ValueError(f"sample {sample['__key__']!r} in {sample.get('__url__')!r} has no "
                              f"{self.label_key!r} label; set label_key to the extension holding the class index.")
-        return _image_of(sample, self.transform), int(sample[self.label_key])
+        try:
+            label = int(decode_text(sample, self.label_key))
+        except ValueError:
+            raise BadSample("bad_label", repr(sample[self.label_key][:20])) from None
+        return _image(sample, self.transform, counts), label
 
 
 class _CaptionedSample:
@@ -131,37 +175,26 @@ class _CaptionedSample:
         self.transform, self.tokenizer = transform, tokenizer
         self.text_key, self.separator = text_key, separator
 
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, sample: dict, counts: Counter) -> tuple[torch.Tensor, torch.Tensor]:
         if self.text_key not in sample:
             raise ValueError(f"sample {sample['__key__']!r} in {sample.get('__url__')!r} has no "
                              f"{self.text_key!r} caption; set text_key.")
-        text = str(sample[self.text_key])
+        text = decode_text(sample, self.text_key)  # empty: the image is a gallery item only
         captions = text.split(self.separator) if self.separator else [text]
         captions = [c.strip() for c in captions if c.strip()]
+        image = _image(sample, self.transform, counts)
         tokens = self.tokenizer(captions) if captions else torch.zeros((0, self.tokenizer.context_length), dtype=torch.long)
-        return _image_of(sample, self.transform), tokens
-
-
-def webdataset_for_rank(shards: list[str], sample_fn: Callable, rank: int, world_size: int) -> IterableDataset:
-    sample_filter = None
-    if world_size > 1 and len(shards) >= world_size:
-        shards = shards[rank::world_size]
-    elif world_size > 1:
-        sample_filter = _KeepSamplesOfRank(rank, world_size)
-    dataset = wds.WebDataset(shards, shardshuffle=False, nodesplitter=_keep_all_shards, empty_check=False)
-    if sample_filter is not None:
-        dataset = dataset.select(sample_filter)
-    return dataset.decode("pil").map(sample_fn)
+        return image, tokens
 
 
 def labelled_webdataset(shards: list[str], transform: Callable, label_key: str, rank: int,
                         world_size: int) -> IterableDataset:
-    return webdataset_for_rank(shards, _LabelledSample(transform, label_key), rank, world_size)
+    return ShardSamples(shards, _LabelledSample(transform, label_key), rank, world_size)
 
 
 def captioned_webdataset(shards: list[str], transform: Callable, tokenizer: Callable, text_key: str,
                          separator: str | None, rank: int, world_size: int) -> IterableDataset:
-    return webdataset_for_rank(shards, _CaptionedSample(transform, tokenizer, text_key, separator), rank, world_size)
+    return ShardSamples(shards, _CaptionedSample(transform, tokenizer, text_key, separator), rank, world_size)
 
 
 def collate_captioned(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,10 +205,29 @@ def collate_captioned(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[t
     return images, tokens, owners
 
 
+class _CountingCollate:
+    """(the good items collated, or None when there are none; {reason: count} of the Skipped ones)."""
+
+    def __init__(self, collate: Callable):
+        self.collate = collate
+
+    def __call__(self, items: list) -> tuple[Any, dict[str, int]]:
+        counts: Counter = Counter()
+        good = []
+        for item in items:
+            if isinstance(item, Skipped):
+                counts[item.reason] += item.count
+            else:
+                good.append(item)
+        return (self.collate(good) if good else None), dict(counts)
+
+
 def loader(dataset: Any, batch_size: int, num_workers: int, collate_fn: Callable | None = None) -> DataLoader:
+    """Batches as ``(batch or None, {reason: count})``: the batch's skipped / converted samples ride along."""
     if batch_size <= 0:
         raise ValueError(f"evaluation batch_size={batch_size} must be positive.")
-    from clip_pl.preemption import WorkerInit  # workers ignore SIGUSR1/SIGTERM (evaluation runs inside training)
+    from clip_pl.data.workers import WorkerInit  # workers ignore SIGUSR1/SIGTERM (evaluation runs inside training)
 
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                      collate_fn=collate_fn, drop_last=False, worker_init_fn=WorkerInit() if num_workers else None)
+                      collate_fn=_CountingCollate(collate_fn or default_collate), drop_last=False,
+                      worker_init_fn=WorkerInit() if num_workers else None)

@@ -10,6 +10,7 @@ scores its own queries against the full gallery and the hit counts are summed.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from clip_pl.distributed import rank_and_world_size
 from clip_pl.eval import datasets
-from clip_pl.eval.common import AutocastFactory, evaluation_mode, no_autocast, placement
+from clip_pl.eval.common import AutocastFactory, bad_sample_metrics, evaluation_mode, no_autocast, placement
 from clip_pl.eval.distributed import all_reduce_sum, gather_rows
 from clip_pl.model import context_length_of, get_tokenizer, image_size_of, image_transforms
 
@@ -69,10 +70,15 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, 
     return recall_metrics(i2t, answerable, t2i, text_features.shape[0], ks)
 
 
-def _encode_slice(model: nn.Module, loader, autocast: AutocastFactory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _encode_slice(model: nn.Module, loader, autocast: AutocastFactory,
+                  bad: Counter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     device, dtype = placement(model)
     images, texts, owners, seen = [], [], [], 0
-    for batch_images, tokens, owner in loader:
+    for batch, skipped in loader:
+        bad.update(skipped)
+        if batch is None:
+            continue
+        batch_images, tokens, owner = batch
         with autocast():
             images.append(model.encode_image(batch_images.to(device, dtype), normalize=True).float())
             if len(tokens):
@@ -99,7 +105,8 @@ def retrieval_evaluate(model: nn.Module, model_config: Mapping[str, Any], data: 
     embed_dim = int(model_config["embed_dim"])
     with evaluation_mode(model):
         local = datasets.loader(dataset, batch_size, num_workers, collate_fn=datasets.collate_captioned)
-        images, texts, owner = _encode_slice(model, local, autocast)
+        bad: Counter = Counter()
+        images, texts, owner = _encode_slice(model, local, autocast, bad)
     images, texts = images.reshape(-1, embed_dim), texts.reshape(-1, embed_dim)
     device = images.device
     counts = gather_rows(torch.tensor([[images.shape[0]]], dtype=torch.long, device=device)).flatten()
@@ -114,4 +121,5 @@ def retrieval_evaluate(model: nn.Module, model_config: Mapping[str, Any], data: 
     result = recall_metrics(totals[:n], int(totals[2 * n]), totals[n:2 * n], int(totals[2 * n + 1]), ks)
     result.update(images=all_images.shape[0], captions=all_texts.shape[0],
                   images_without_caption=all_images.shape[0] - int(totals[2 * n]))
+    result.update(bad_sample_metrics(bad))
     return result

@@ -8,6 +8,7 @@ the hit counts are summed, so the result equals the single-process one for any s
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from clip_pl.distributed import rank_and_world_size
 from clip_pl.eval import datasets
-from clip_pl.eval.common import AutocastFactory, evaluation_mode, no_autocast, placement
+from clip_pl.eval.common import AutocastFactory, bad_sample_metrics, evaluation_mode, no_autocast, placement
 from clip_pl.eval.distributed import all_reduce_sum, contiguous_slice, gather_rows
 from clip_pl.model import context_length_of, get_tokenizer, image_size_of, image_transforms
 
@@ -66,10 +67,15 @@ def zero_shot_evaluate(model: nn.Module, model_config: Mapping[str, Any], data: 
     device, dtype = placement(model)
     hits = torch.zeros(len(TOP_K), dtype=torch.long, device=device)
     count = torch.zeros(1, dtype=torch.long, device=device)
+    bad: Counter = Counter()
     with evaluation_mode(model):
         classifier = build_classifier(model, tokenizer, classnames, templates, int(model_config["embed_dim"]),
                                       autocast=autocast)
-        for images, labels in datasets.loader(dataset, batch_size, num_workers):
+        for batch, skipped in datasets.loader(dataset, batch_size, num_workers):
+            bad.update(skipped)
+            if batch is None:
+                continue
+            images, labels = batch
             labels = torch.as_tensor(labels, device=device)
             if labels.numel() and (labels.min() < 0 or labels.max() >= len(classnames)):
                 raise ValueError(f"label {int(labels.max())} is outside the {len(classnames)} class names; "
@@ -84,4 +90,5 @@ def zero_shot_evaluate(model: nn.Module, model_config: Mapping[str, Any], data: 
         raise ValueError(f"zero-shot data {data!r} yielded no samples.")
     result = {f"top{k}": float(totals[i]) / total for i, k in enumerate(TOP_K)}
     result["samples"] = total
+    result.update(bad_sample_metrics(bad))
     return result

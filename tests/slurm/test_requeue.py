@@ -1,5 +1,5 @@
 """End to end on the real loopback cluster: slurm/train_256gpu.sh trains on two nodes, is preempted
-with SIGUSR1, saves and requeues itself (clip_pl/preemption.py), resumes exactly and finishes.
+with SIGUSR1, saves and requeues itself (clip_pl/callbacks/preemption.py), resumes exactly and finishes.
 tests/slurm/test_preemption_realistic.py is the harder version: 4 ranks, loader workers, real
 shards, three preemptions.
 

@@ -1,0 +1,59 @@
+"""Evaluation sharded over 2 real gloo processes equals the single-process result exactly,
+for uneven slices (13 images over 2 ranks, 3 shards over 2 ranks, 1 shard split by sample)
+and for a rank that receives nothing at all.
+
+    pytest tests/eval/test_distributed.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clip_pl.eval.retrieval import retrieval_evaluate
+from clip_pl.eval.zeroshot import build_classifier, zero_shot_evaluate
+from clip_pl.interchange import read_model_checkpoint
+from clip_pl.interchange import build_from_checkpoint
+from clip_pl.model import get_tokenizer
+from tests.support.distributed import run_distributed
+from tests.support.eval import captions_for
+from tests.support.eval import (CLASSNAMES, TEMPLATES, caption_samples, labelled_samples, random_images,
+                                     tiny_checkpoint, write_imagefolder, write_shards)
+
+
+def evaluate_all(rank: int, world_size: int, checkpoint: str, cases: dict) -> dict:
+    loaded = read_model_checkpoint(checkpoint)
+    model, config = build_from_checkpoint(loaded).eval(), loaded.model_config
+    out = {"classifier": build_classifier(model, get_tokenizer(16), CLASSNAMES, TEMPLATES, embed_dim=32)}
+    for name, data in cases["zeroshot"].items():
+        out[name] = zero_shot_evaluate(model, config, data, CLASSNAMES, TEMPLATES, batch_size=4)
+    for name, data in cases["retrieval"].items():
+        out[name] = retrieval_evaluate(model, config, data, batch_size=3, ks=(1, 2, 5), chunk_size=4)
+    return out
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    checkpoint, _, _ = tiny_checkpoint(tmp_path / "tiny.ckpt", seed=4)
+    images = random_images(13, seed=5)
+    labels = [i % len(CLASSNAMES) for i in range(13)]
+    captions = captions_for([2, 1, 0, 3, 1, 1, 2, 1, 1])
+    cases = {
+        "zeroshot": {
+            "folder": str(write_imagefolder(tmp_path / "folder", images, labels)),
+            "three_shards": write_shards(tmp_path / "z3", labelled_samples(images, labels), 3),
+            "one_shard": write_shards(tmp_path / "z1", labelled_samples(images, labels), 1),
+        },
+        "retrieval": {
+            "two_shards": write_shards(tmp_path / "r2", caption_samples(images[:9], captions), 2),
+            "one_shard": write_shards(tmp_path / "r1", caption_samples(images[:9], captions), 1),
+            "single_sample": write_shards(tmp_path / "r0", caption_samples(images[:1], captions[:1]), 1),
+        },
+    }
+    single = evaluate_all(0, 1, str(checkpoint), cases)
+    ranks = run_distributed(evaluate_all, world_size=2, args=(str(checkpoint), cases))
+    for result in ranks:
+        torch.testing.assert_close(result.pop("classifier"), single["classifier"], atol=1e-6, rtol=1e-5)
+    single.pop("classifier")
+    for name, expected in single.items():
+        for rank, result in enumerate(ranks):
+            assert result[name] == expected, f"{name} on rank {rank}"
+    assert single["folder"]["samples"] == 13 and single["single_sample"]["images"] == 1
