@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clip_pl.model import build_clip, resolve_model_config, restore_scalar_shapes
-from clip_pl.towers import TOWER_LR_DEFAULTS, apply_lr_scales, lock_towers, tower_parameter_groups
+from clip_pl.towers import TOWER_LR_DEFAULTS, apply_lr_scales, base_lr, lock_towers, tower_parameter_groups
 
 # Parameters that get no weight decay beyond ndim < 2 (biases, norm gains, class/positional
 # vectors): norms by name, and the learned temperature and bias of the logits.
@@ -224,7 +224,7 @@ class CLIPModule(L.LightningModule):
     def _current_lr(self) -> float:
         if self._trainer is None or not self.trainer.optimizers:
             return 0.0
-        return float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        return base_lr(self.trainer.optimizers[0])
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -137,3 +137,10 @@ def apply_lr_scales(optimizer: torch.optim.Optimizer) -> None:
     """Each group's lr = the optimizer's lr × its ``lr_scale`` (before any scheduler records initial_lr)."""
     for group in optimizer.param_groups:
         group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The schedule's lr before any tower scale: what ``train/lr`` reports. Group 0 may be a scaled
+    tower group, so its lr is divided by its ``lr_scale`` (1 without tower LR keys)."""
+    group = optimizer.param_groups[0]
+    return float(group["lr"]) / group.get("lr_scale", 1.0)

@@ -84,7 +84,7 @@ def test_every_group_lr_is_base_times_decay_power_depth_times_tower_scale_throug
     tower_lr = dict(image_lr_scale=0.5, text_lr_scale=2.0, image_layer_decay=0.75, text_layer_decay=0.6)
     module = make_module(tower_lr=tower_lr)
     optimizer = module.optimizer_factory(module.parameter_groups())
-    from clip_pl.towers import apply_lr_scales
+    from clip_pl.towers import apply_lr_scales, base_lr
 
     apply_lr_scales(optimizer)
     scheduler = warmup_cosine(optimizer, total_steps=20, warmup_steps=5)
@@ -97,6 +97,7 @@ def test_every_group_lr_is_base_times_decay_power_depth_times_tower_scale_throug
             group = group_of[id(param)]
             assert group["lr"] == pytest.approx(BASE_LR * expected_scale(name, tower_lr) * multiplier, rel=1e-12), name
             assert group["weight_decay"] == (0.0 if name in exempt else 0.2), name
+        assert base_lr(optimizer) == pytest.approx(BASE_LR * multiplier, rel=1e-12)  # what train/lr logs
         optimizer.step()
         scheduler.step()
     # the defaults keep today's two groups at the base lr

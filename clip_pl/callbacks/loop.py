@@ -11,6 +11,7 @@ import lightning as L
 import torch
 
 from clip_pl.strategies import is_deepspeed
+from clip_pl.towers import base_lr
 
 
 class RunEvents(L.Callback):
@@ -44,7 +45,7 @@ class RunEvents(L.Callback):
             handle.write(json.dumps(record) + "\n")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        lr = base_lr(trainer.optimizers[0]) if trainer.optimizers else None
         self._write(trainer, "start", resumed_from=trainer.ckpt_path, lr=lr)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
