@@ -114,14 +114,19 @@ def _derive_batch_size(cfg: DictConfig) -> None:
         cfg.data.batch_size = derived
 
 
-def _check_model_architecture(cfg: DictConfig) -> None:
-    """A bad architecture fails now, not after the data is listed. (Unknown model keys were refused
-    by ``_check_targets``: the model group's schema is the signature of its ``_target_``.)"""
+def _model_architecture(cfg: DictConfig) -> dict:
+    """The open_clip architecture config the model group describes (its architecture keys only)."""
     arch_keys = [name for name, p in inspect.signature(resolve_model_config).parameters.items()
                  if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
     model = OmegaConf.to_container(cfg.model, resolve=True)
+    return resolve_model_config(**{k: model[k] for k in arch_keys if k in model})
+
+
+def _check_model_architecture(cfg: DictConfig) -> None:
+    """A bad architecture fails now, not after the data is listed. (Unknown model keys were refused
+    by ``_check_targets``: the model group's schema is the signature of its ``_target_``.)"""
     try:
-        resolve_model_config(**{k: model[k] for k in arch_keys if k in model})
+        _model_architecture(cfg)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
@@ -235,11 +240,9 @@ def _check_schedule(cfg: DictConfig) -> None:
 def _check_towers_and_ema(cfg: DictConfig) -> None:
     """Tower locks (model.lock_*), tower LRs (optim.*_lr_scale, *_layer_decay) and callbacks.ema."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    arch_keys = [k for k in inspect.signature(resolve_model_config).parameters if k != "ignored"]
     sharded = cfg.strategy._target_ if uses_deepspeed(cfg) or uses_fsdp(cfg) else None
     try:
-        check_tower_options(resolve_model_config(**{k: model[k] for k in arch_keys if k in model}),
-                            {k: model[k] for k in LOCK_KEYS if k in model},
+        check_tower_options(_model_architecture(cfg), {k: model[k] for k in LOCK_KEYS if k in model},
                             split_tower_lr(OmegaConf.to_container(cfg.optim, resolve=True))[1], sharded)
     except ValueError as error:
         raise ConfigError(str(error)) from None
