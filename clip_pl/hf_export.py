@@ -18,12 +18,12 @@ Only architectures that ``CLIPModel`` computes exactly are exported; anything el
 or timm image towers, attentional pooling, layer scale, a SigLIP ``logit_bias`` …) raises
 ``UnsupportedArchitectureError`` naming every reason, before anything is written.
 
-Tokenizer: ``CLIPTokenizer`` gives open_clip's ids for ordinary text, but unlike open_clip it does
-not run ``ftfy.fix_text`` nor ``html.unescape`` on its input, and its lower-casing knows no
-word-final sigma. Text with HTML entities (``&amp;``), mojibake, curly quotes, ligatures, full-width
-forms or upper-case Greek is tokenised differently; pass ``open_clip_text_clean(text)`` instead of
-``text`` for open_clip's ids exactly. One class stays different: upper-case polytonic Greek, whose
-accents lower-case into combining marks that CLIPTokenizer's NFC recomposes (open_clip's do not).
+Tokenizer: ``CLIPTokenizer`` gives open_clip's ids for ordinary text, but its normaliser is fixed
+(transformers 5: NFC, whitespace, per-character lower-casing): it does not run ``ftfy.fix_text`` nor
+``html.unescape`` as open_clip does, and its lower-casing knows no word-final sigma. Text with HTML
+entities (``&amp;``), mojibake, curly quotes, ligatures, full-width forms or upper-case Greek is
+tokenised differently; pass ``clip_tokenizer_input(text)`` instead of ``text`` for open_clip's ids
+exactly (tests: 1 000 varied captions, all identical).
 Padded positions hold end-of-text (49407), not 0 (see PAD_TOKEN).
 """
 
@@ -310,10 +310,21 @@ def tokenizer_files(context_length: int) -> dict[str, str]:
     }
 
 
-def open_clip_text_clean(text: str) -> str:
-    """open_clip's cleaning (ftfy.fix_text, HTML unescaping, whitespace, Python's lower-casing), which
-    CLIPTokenizer cannot express in its fixed normaliser: feed it this for open_clip's ids exactly."""
-    return whitespace_clean(basic_clean(text)).lower()
+def clip_tokenizer_input(text: str) -> str:
+    """The text to give CLIPTokenizer for open_clip's ids exactly: open_clip's cleaning (ftfy.fix_text,
+    HTML unescaping, whitespace) that CLIPTokenizer's fixed normaliser cannot express.
+
+    Lower-casing is left to CLIPTokenizer, because lower-casing here could leave a decomposed sequence
+    (upper-case polytonic Greek: "Η͂" -> "ῆ") that its NFC would then recompose into another token. The
+    one letter its per-character lower-casing gets wrong is a word-final capital sigma (Python: "ς",
+    tokenizers: "σ"), so capital sigmas alone are lower-cased here, by Python's context-aware lower()."""
+    cleaned = whitespace_clean(basic_clean(text))  # ftfy's output is NFC: CLIPTokenizer's NFC keeps it
+    lowered = cleaned.lower()
+    kept, position = [], 0
+    for character in cleaned:
+        kept.append(lowered[position] if character == "Σ" else character)
+        position += len(character.lower())  # lower() may lengthen a character ("İ" -> "i̇")
+    return "".join(kept)
 
 
 def image_processor_config(image_size: int) -> dict:

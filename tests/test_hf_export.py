@@ -8,7 +8,6 @@ accuracy on the demo digits. Architectures CLIPModel cannot express are refused.
 from __future__ import annotations
 
 import random
-import unicodedata
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -25,7 +24,7 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, CLIPPr
 
 from clip_pl.config_dir import config_dir
 from clip_pl.eval.zeroshot import build_classifier, zero_shot_evaluate
-from clip_pl.hf_export import (UnsupportedArchitectureError, hf_state_dict, open_clip_text_clean,
+from clip_pl.hf_export import (UnsupportedArchitectureError, hf_state_dict, clip_tokenizer_input,
                                unsupported_reasons)
 from clip_pl.interchange import export_hf
 from clip_pl.interchange import main as interchange_main
@@ -232,14 +231,6 @@ def final_sigma(caption: str) -> bool:
     return "ς" in caption.lower() and "ς" not in caption
 
 
-def recomposed_after_lowering(caption: str) -> bool:
-    """Lower-casing can leave a decomposable sequence (upper-case polytonic Greek: "Η͂" -> "ῆ"). open_clip
-    lower-cases after ftfy's NFC, CLIPTokenizer applies NFC (then lower-cases) itself, so it recomposes
-    "ῆ" into "ῆ": a different token, whatever the input cleaning. Not expressible; left out, reported."""
-    cleaned = open_clip_text_clean(caption)
-    return unicodedata.normalize("NFC", cleaned) != cleaned
-
-
 def hf_ids(tokenizer, texts, context_length) -> torch.Tensor:
     """CLIPTokenizer's ids with its padding (end-of-text) put back to open_clip's 0."""
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=context_length, return_tensors="pt")
@@ -265,12 +256,10 @@ def test_tokenizer_gives_open_clip_ids_on_1000_varied_captions(tmp_path):
     theirs = hf_ids(tokenizer, [captions[i] for i in raw], 77)
     mismatched = [captions[i] for i, row in zip(raw, theirs) if not torch.equal(row, ours[i])]
     assert not mismatched, mismatched[:5]
-    # Every caption (HTML entities, mojibake, curly quotes, upper-case Greek …) once cleaned in Python
-    # as open_clip cleans it: the documented way to get open_clip's ids from CLIPTokenizer.
-    cleanable = [i for i, c in enumerate(captions) if not recomposed_after_lowering(c)]
-    assert len(cleanable) > 980, len(cleanable)
-    theirs = hf_ids(tokenizer, [open_clip_text_clean(captions[i]) for i in cleanable], 77)
-    mismatched = [captions[i] for i, row in zip(cleanable, theirs) if not torch.equal(row, ours[i])]
+    # Every caption (HTML entities, mojibake, curly quotes, upper-case Greek …) given as
+    # clip_tokenizer_input(caption): the documented way to get open_clip's ids from CLIPTokenizer.
+    theirs = hf_ids(tokenizer, [clip_tokenizer_input(c) for c in captions], 77)
+    mismatched = [c for c, a, b in zip(captions, theirs, ours) if not torch.equal(a, b)]
     assert not mismatched, mismatched[:5]
     # Unpadded, the ids are open_clip's (its special tokens renamed, same ids).
     assert tokenizer("a cat")["input_ids"] == open_clip.SimpleTokenizer()("a cat")[0, :4].tolist()
@@ -280,12 +269,13 @@ def test_tokenizer_differences_are_the_documented_ones(tmp_path):
     checkpoint, _, _ = tiny_checkpoint(tmp_path / "tiny.ckpt")
     tokenizer = CLIPTokenizer.from_pretrained(export_hf(checkpoint, tmp_path / "hf").directory)
     ours = open_clip.SimpleTokenizer(context_length=16)
-    for text in ("Tom &amp; Jerry", "someone\u2019s pen", "ΟΔΟΣ"):
+    # HTML entity, curly quote, word-final capital sigma, and upper-case polytonic Greek whose accent
+    # lower-cases into a combining mark (lower-cased before CLIPTokenizer's NFC, it would be recomposed).
+    for text in ("Tom &amp; Jerry", "someone\u2019s pen", "ΟΔΟΣ", "ΤΗΣ ἈΘΗ͂ΝΑΣ"):
         assert not torch.equal(hf_ids(tokenizer, [text], 16)[0], ours([text])[0]), text
-        assert torch.equal(hf_ids(tokenizer, [open_clip_text_clean(text)], 16)[0], ours([text])[0]), text
-    # The one class no input cleaning fixes (see recomposed_after_lowering).
-    text = "ἈΘΗ͂ΝΑΙ"
-    assert not torch.equal(hf_ids(tokenizer, [open_clip_text_clean(text)], 16)[0], ours([text])[0])
+        assert torch.equal(hf_ids(tokenizer, [clip_tokenizer_input(text)], 16)[0], ours([text])[0]), text
+    assert clip_tokenizer_input("ΣΑΣ ΣΣ.") == "σΑς σς."  # capital sigmas alone are lower-cased here
+    assert clip_tokenizer_input("İΣ") == "İς"  # lower() lengthens "İ": the positions still line up
 
 
 # --------------------------------------------------------------------------- zero-shot on the demo digits
