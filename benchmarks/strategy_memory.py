@@ -2,6 +2,7 @@
 
     python -m benchmarks.strategy_memory                      # ViT-B/32, 2 CPU processes, fp32
     python -m benchmarks.strategy_memory --model tiny --steps 2 --strategies ddp fsdp
+    python -m benchmarks.strategy_memory --strategies ddp ddp_image_locked   # what locking a tower saves
 
 Each strategy trains ``--steps`` steps through ``python -m clip_pl.train`` on 2 CPU processes
 (gloo, synthetic data). A callback records, on every rank, the peak resident set size of the
@@ -26,6 +27,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ["ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_2_offload",
               "deepspeed_stage_3_offload", "fsdp"]
+# Rows that change the model rather than the strategy, measured the same way against DDP: what
+# locking a tower (clip_pl/towers.py) saves at the step's peak, not only in held state.
+VARIANTS = {"ddp_image_locked": ("ddp", ["model.lock_image=true"]),
+            "ddp_text_locked": ("ddp", ["model.lock_text=true"])}
 
 
 def _local_bytes(tensor: torch.Tensor) -> int:
@@ -82,17 +87,18 @@ def _flatten(value):
     return []
 
 
-def measure(strategy: str, model: str, steps: int, batch_size: int, root: Path) -> dict:
-    out_dir = root / f"memory-{strategy}"
+def measure(row: str, model: str, steps: int, batch_size: int, root: Path) -> dict:
+    strategy, extra = VARIANTS.get(row, (row, []))
+    out_dir = root / f"memory-{row}"
     command = [sys.executable, "-m", "clip_pl.train", f"model={model}", "data=synthetic", "trainer=cpu",
                "trainer.devices=2", f"data.batch_size={batch_size}", "global_batch_size=null",
                f"trainer.max_steps={steps}", "scheduler.warmup_steps=1", f"strategy={strategy}",
-               f"paths.root_dir={root}", f"run_name={strategy}", "callbacks.checkpoint.every_n_train_steps=0",
+               f"paths.root_dir={root}", f"run_name={row}", "callbacks.checkpoint.every_n_train_steps=0",
                "callbacks.checkpoint.save_last=false", "callbacks.progress_bar=null",
-               "+callbacks.memory._target_=benchmarks.strategy_memory.MemoryReport", f"+callbacks.memory.out_dir={out_dir}"]
+               "+callbacks.memory._target_=benchmarks.strategy_memory.MemoryReport", f"+callbacks.memory.out_dir={out_dir}", *extra]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"{strategy} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{row} failed:\n{done.stderr[-3000:]}")
     ranks = [json.loads(p.read_text()) for p in sorted(out_dir.glob("memory_rank*.json"))]
     return {"peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "model_state_mb": max(r["model_state_mb"] for r in ranks)}
 
@@ -102,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="vit_b32")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
+    parser.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=[*STRATEGIES, *VARIANTS],
+                        help="rows to measure (strategies, or the model variants in VARIANTS)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
