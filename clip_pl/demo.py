@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for training")
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)  # the stages run with it as their working directory
     corpus, run_dir = root / "demo_out" / "corpus", root / "runs" / "demo"
     python = sys.executable
     seconds = {"corpus": run_stage("1/3 demo corpus: local web server → img2dataset → shards",

@@ -12,14 +12,15 @@ from clip_pl.demo import main as run_demo
 
 @pytest.mark.slow  # ~190 s on 2 cores: the corpus, 150 training steps, evaluation, figures
 def test_the_demo_pipeline_learns_and_reports(tmp_path, capsys):
-    summary = run_demo(["--root", str(tmp_path), "--steps", "150", "trainer.log_every_n_steps=5",
+    root = tmp_path / "not" / "made" / "yet"  # --root is created when missing
+    summary = run_demo(["--root", str(root), "--steps", "150", "trainer.log_every_n_steps=5",
                         "eval.callbacks.demo_digits.every_n_steps=75", "callbacks.telemetry.heatmap_every_n_steps=75"])
     assert summary["zero_shot_top1"] >= 0.3, summary  # chance is 0.1 on ten digits
     assert summary["held_out_images"] == 360
     assert summary["optimizer_steps"] == 150 and summary["samples_seen"] == 150 * 64
     assert summary["download"]["failures_by_reason"]["http_404"] > 0  # the injected faults were met
     assert summary["throughput_samples_per_s_median"] > 0
-    run_dir = tmp_path / "runs" / "demo"
+    run_dir = root / "runs" / "demo"
     assert json.loads((run_dir / "demo_summary.json").read_text()) == summary
     assert (run_dir / "plots" / "curves.png").stat().st_size > 10_000
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
