@@ -198,6 +198,12 @@ def _adapt_to_model(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> di
     for name, _ in model.named_buffers():
         if name not in persistent:
             state_dict.pop(name, None)
+    # A locked image tower's BatchNorm layers are open_clip's FrozenBatchNorm2d (freeze_batch_norm_2d),
+    # which keep no `num_batches_tracked`: its checkpoints lack the counter. It only steers BatchNorm
+    # built with momentum=None (open_clip's is not) and never inference, so it restarts at 0.
+    for name, tensor in expected.items():
+        if name.endswith(".num_batches_tracked") and name not in state_dict:
+            state_dict[name] = torch.zeros(tensor.shape, dtype=tensor.dtype)
     for key in ("logit_scale", "logit_bias"):  # scalar vs 1-element parameter across versions
         if key in state_dict and key in expected and state_dict[key].numel() == expected[key].numel():
             state_dict[key] = state_dict[key].reshape(expected[key].shape)

@@ -83,6 +83,24 @@ def test_custom_arch_exports_with_its_json_config(arch_config, tmp_path):
     _assert_same(_embeddings(loaded.clip, images, tokens), expected)
 
 
+def test_a_locked_resnet_tower_exports_and_loads(tmp_path):
+    """model.lock_image on a ResNet swaps its BatchNorm for FrozenBatchNorm2d, which keeps no
+    num_batches_tracked: such checkpoints must still export and load (they used to fail as a mismatch)."""
+    from clip_pl.towers import lock_towers
+
+    model, config = tiny_model(TINY_RESNET)
+    lock_towers(model, {"lock_image": True})
+    assert not any(k.endswith("num_batches_tracked") for k in model.state_dict() if k.startswith("visual."))
+    images, tokens = _inputs(config["vision_cfg"]["image_size"], 16)
+    expected = _embeddings(model, images, tokens)
+    checkpoint = save_clip_pl_checkpoint(model, config, tmp_path / "locked.ckpt")
+    exported = export_open_clip(checkpoint, tmp_path / "export", name="tiny-locked-rn")
+    open_clip.add_model_config(exported.config_json)
+    _assert_same(_embeddings(open_clip.create_model(exported.model_name, pretrained=str(exported.weights)),
+                             images, tokens), expected)
+    _assert_same(_embeddings(clip_pl.inference.load(checkpoint, device="cpu").model.clip, images, tokens), expected)
+
+
 def test_named_arch_with_changed_settings_is_exported_under_its_own_name(tmp_path):
     def export(config: dict, arch: str, **kwargs) -> OpenClipExport:
         with torch.device("meta"):  # export only needs names and shapes to decide
