@@ -143,6 +143,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per side, alternating; the median is reported")
     parser.add_argument("--only", choices=["clip_pl", "open_clip"], help="internal: run one side in this process")
     args = parser.parse_args()
+    if args.steps < args.warmup + 2:  # the timed window runs from batch `warmup` to the last batch
+        parser.error(f"--steps {args.steps} must be at least --warmup + 2 = {args.warmup + 2}: "
+                     f"no whole step would be timed")
     if args.only:
         fn = run_clip_pl if args.only == "clip_pl" else run_open_clip
         throughput, model_config = fn(args)
