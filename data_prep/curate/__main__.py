@@ -4,15 +4,21 @@
         [--threshold 20000 --seed 0 --chunk-rows 100000 --caption-col caption --keep-unmatched
          --ignore-case --overwrite]
 
+    python -m data_prep.curate score --shards shards/ --model local-dir:exported/ [--pretrained W.bin
+        --scores shards/_scores --batch-size 256 --device cuda]
+    python -m data_prep.curate filter --shards shards/ --output cut/ (--keep-fraction 0.7 | --min-score 0.25)
+        [--scores shards/_scores --overwrite]
+
 Exit status: 0 done, 2 bad input or options.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from data_prep.curate import balance
+from data_prep.curate import balance, cut, score
 from data_prep.tables import InputTableError
 
 
@@ -32,6 +38,24 @@ def build_parser() -> argparse.ArgumentParser:
     bal.add_argument("--keep-unmatched", action="store_true", help="keep pairs that match no entry (MetaCLIP drops them)")
     bal.add_argument("--ignore-case", action="store_true", help="lower-case entries and captions before matching")
     bal.add_argument("--overwrite", action="store_true", help="replace the output files of an earlier run")
+
+    sco = commands.add_parser("score", help="CLIP score of every pair in the shards, written beside them")
+    sco.add_argument("--shards", required=True, help="folder of .tar shards (data_prep.download's output)")
+    sco.add_argument("--model", required=True,
+                     help="open_clip model: local-dir:FOLDER (python -m clip_pl.interchange export) or an architecture name")
+    sco.add_argument("--pretrained", default=None, help="weights file for a named architecture")
+    sco.add_argument("--scores", default=None, help=f"where the per-shard scores go (default SHARDS/{score.SCORES_DIR})")
+    sco.add_argument("--batch-size", type=int, default=256)
+    sco.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
+
+    cut_cmd = commands.add_parser("filter", help="keep the best-scored pairs (a fraction or a threshold)")
+    cut_cmd.add_argument("--shards", required=True)
+    cut_cmd.add_argument("--output", required=True, help="folder for the kept shards, sizes.json, removed.parquet, stats.json")
+    which = cut_cmd.add_mutually_exclusive_group(required=True)
+    which.add_argument("--keep-fraction", type=float, default=None, help="keep this share of the scored pairs (DataComp: 0.3)")
+    which.add_argument("--min-score", type=float, default=None, help="keep pairs scoring at least this")
+    cut_cmd.add_argument("--scores", default=None)
+    cut_cmd.add_argument("--overwrite", action="store_true")
     return parser
 
 
@@ -57,7 +81,15 @@ def main(argv=None) -> int:
         if command == "balance":
             stats = balance.balance(args.pop("input"), args.pop("metadata"), args.pop("output"), **args)
             print(summary(stats))
-    except (InputTableError, FileExistsError, ValueError) as err:
+        elif command == "score":
+            info = score.score_shards(args["shards"], args["model"], args["pretrained"], args["scores"],
+                                      args["batch_size"], args["device"])
+            print(json.dumps(info, indent=2))
+        else:
+            stats = cut.filter_shards(args["shards"], args["output"], args["keep_fraction"], args["min_score"],
+                                    args["scores"], args["overwrite"])
+            print(json.dumps(stats, indent=2))
+    except (InputTableError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
