@@ -58,7 +58,8 @@ LAYERS: list[tuple[int, tuple[str, ...], str]] = [
      "output, the digits and the fault-injecting server"),
     (11, ("data_prep.stats", "data_prep.download", "data_prep.curate.balance", "data_prep.curate.score"),
      "data_prep engines: url table → shards + manifests (img2dataset); table → balanced table, shards → CLIP scores"),
-    (12, ("data_prep.curate.cut",), "data_prep curation over scores: cuts that read what the scorers wrote"),
+    (12, ("data_prep.curate.cut", "data_prep.curate.dedup"),
+     "data_prep curation over scores: CLIP-score cuts and near-duplicate removal, reading what score wrote"),
     (12, ("data_prep.demo.build",), "the demo corpus, built with the real download"),
     (13, ("data_prep.demo.__main__", "data_prep.benchmark", "data_prep.curate.__main__"), "data_prep entry points"),
 ]

@@ -8,6 +8,8 @@
         --scores shards/_scores --batch-size 256 --device cuda]
     python -m data_prep.curate filter --shards shards/ --output cut/ (--keep-fraction 0.7 | --min-score 0.25)
         [--scores shards/_scores --overwrite]
+    python -m data_prep.curate dedup --shards shards/ --output deduped/ [--threshold 0.95 --eval-images eval/
+        --scores shards/_scores --device cuda --overwrite]
 
 Exit status: 0 done, 2 bad input or options.
 """
@@ -18,7 +20,7 @@ import argparse
 import json
 import sys
 
-from data_prep.curate import balance, cut, score
+from data_prep.curate import balance, cut, dedup, score
 from data_prep.tables import InputTableError
 
 
@@ -56,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--min-score", type=float, default=None, help="keep pairs scoring at least this")
     cut_cmd.add_argument("--scores", default=None)
     cut_cmd.add_argument("--overwrite", action="store_true")
+
+    dup = commands.add_parser("dedup", help="remove near-duplicate images, within the shards and of an evaluation set")
+    dup.add_argument("--shards", required=True)
+    dup.add_argument("--output", required=True, help="folder for the kept shards, sizes.json, removed.parquet, stats.json")
+    dup.add_argument("--threshold", type=float, default=0.95,
+                     help="cosine of the image embeddings at or above which two images are duplicates (depends on the model)")
+    dup.add_argument("--eval-images", default=None, help="folder of evaluation images (files or .tar shards, recursively)")
+    dup.add_argument("--scores", default=None, help="where `score` wrote the embeddings (default SHARDS/_scores)")
+    dup.add_argument("--device", default=None)
+    dup.add_argument("--overwrite", action="store_true")
     return parser
 
 
@@ -85,6 +97,10 @@ def main(argv=None) -> int:
             info = score.score_shards(args["shards"], args["model"], args["pretrained"], args["scores"],
                                       args["batch_size"], args["device"])
             print(json.dumps(info, indent=2))
+        elif command == "dedup":
+            stats = dedup.dedup_shards(args["shards"], args["output"], args["threshold"], args["eval_images"],
+                                       args["scores"], args["device"], args["overwrite"])
+            print(json.dumps(stats, indent=2))
         else:
             stats = cut.filter_shards(args["shards"], args["output"], args["keep_fraction"], args["min_score"],
                                     args["scores"], args["overwrite"])

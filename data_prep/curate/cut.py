@@ -25,6 +25,14 @@ from data_prep.shards import write_json_atomic, write_sizes
 UNSCORED_REASONS = ("no_image", "undecodable_image", "missing_caption")
 
 
+def write_selection(shards_dir: Path, output: Path, names: list[str], kept: pd.DataFrame) -> dict[str, int]:
+    """Shards of the same names in `output` holding the samples listed in `kept` (shard, key); sizes.json."""
+    keep_keys = kept.groupby("shard")["key"].agg(set).to_dict()
+    for name in names:
+        copy_samples(shards_dir / f"{name}.tar", output / f"{name}.tar", keep_keys.get(name, set()))
+    return write_sizes(output, names)
+
+
 def _quantiles(values: pd.Series) -> dict:
     if values.empty:
         return {}
@@ -58,10 +66,7 @@ def filter_shards(shards_dir: str | Path, output_dir: str | Path, keep_fraction:
     reason = scores["status"].where(~scored, "low_clip_score")
 
     output.mkdir(parents=True, exist_ok=True)
-    keep_keys = scores[kept].groupby("shard")["key"].agg(set).to_dict()
-    for name in names:
-        copy_samples(shards_dir / f"{name}.tar", output / f"{name}.tar", keep_keys.get(name, set()))
-    sizes = write_sizes(output, names)
+    sizes = write_selection(shards_dir, output, names, scores[kept])
     removed = scores.loc[~kept, ["shard", "key", "caption", "clip_score"]].assign(reason=reason[~kept])
     removed.to_parquet(output / "removed.parquet", index=False)
 

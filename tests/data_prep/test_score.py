@@ -19,16 +19,15 @@ import torch
 from data_prep.curate import cut, score
 from data_prep.curate.__main__ import main as curate_main
 from data_prep.shards import samples_in_tar
-from tests.support.digits_clip import train_digits_clip, write_mismatched_corpus
+from tests.support.digits_clip import write_mismatched_corpus
 
 pytestmark = pytest.mark.timeout(400)
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory):
+def scored(tmp_path_factory, digits_clip):
     """(model name, shards folder, {key: mismatched}) with the shards scored once through the CLI."""
-    root = tmp_path_factory.mktemp("score")
-    model = train_digits_clip(root / "model")
+    root, model = tmp_path_factory.mktemp("score"), digits_clip
     truth = write_mismatched_corpus(root / "shards")
     assert curate_main(["score", "--shards", str(root / "shards"), "--model", model, "--batch-size", "100"]) == 0
     return model, root / "shards", truth

@@ -101,3 +101,52 @@ def write_mismatched_corpus(out_dir: Path, shuffled_share: float = 0.2, copies: 
     for tar in tars:
         tar.close()
     return truth
+
+
+def jpeg_bytes(image, quality: int = 70) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_corpus_with_copies(out_dir: Path, eval_dir: Path, copies: int = 150, eval_images: int = 100,
+                             shards: int = 4, seed: int = 0) -> tuple[dict[str, str], dict[str, str]]:
+    """Shards of all 1797 digits (48 px PNG, each once: no two scans are equal) plus `copies` planted
+    near-copies (resized to 40 or 56 px, re-encoded as JPEG q70) at random places; an evaluation
+    folder holding `eval_images` of the digits at 64 px (PNG files, and some inside a .tar).
+
+    Returns ({copy key: original key}, {corpus key of an eval image: its eval name}).
+    """
+    images, labels = digits.load_digits_arrays()
+    draw, rng = np.random.default_rng(seed), random.Random(seed)
+    planted = draw.choice(len(images), copies, replace=False)
+    items = [(f"o{i:05d}", digits.png_bytes(digits.upscale(images[i], SERVED_SIZE)), int(labels[i])) for i in range(len(images))]
+    items += [(f"c{i:05d}", jpeg_bytes(digits.upscale(images[i], 40 if n % 2 else 56)), int(labels[i]))
+              for n, i in enumerate(planted)]
+    order = draw.permutation(len(items))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tars = [tarfile.open(out_dir / f"{s:05d}.tar", "w") for s in range(shards)]
+    for position, item in enumerate(order):
+        name, payload, label = items[item]
+        key = f"{position:06d}{name}"  # the position first: (shard, key) order is the corpus order
+        tar = tars[position * shards // len(order)]
+        _add(tar, f"{key}.{'png' if name[0] == 'o' else 'jpg'}", payload)
+        _add(tar, f"{key}.txt", digits.caption_for(label, rng).encode())
+    for tar in tars:
+        tar.close()
+    key_of = {items[item][0]: f"{position:06d}{items[item][0]}" for position, item in enumerate(order)}
+    copies_of = {key_of[f"c{i:05d}"]: key_of[f"o{i:05d}"] for i in planted}
+
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    chosen = draw.choice(len(images), eval_images, replace=False)
+    eval_of = {}
+    with tarfile.open(eval_dir / "more.tar", "w") as tar:
+        for n, i in enumerate(chosen):
+            payload = digits.png_bytes(digits.upscale(images[i], 64))
+            if n % 3:
+                (eval_dir / f"{i:05d}.png").write_bytes(payload)
+                eval_of[key_of[f"o{i:05d}"]] = f"{i:05d}.png"
+            else:
+                _add(tar, f"e{i:05d}.png", payload)
+                eval_of[key_of[f"o{i:05d}"]] = f"more.tar:e{i:05d}"
+    return copies_of, eval_of
