@@ -51,7 +51,7 @@ def filter_shards(shards_dir: str | Path, output_dir: str | Path, keep_fraction:
     if (output / "stats.json").exists() and not overwrite:
         raise FileExistsError(f"{output} holds an earlier cut (stats.json); pass --overwrite or pick another folder")
     names = shard_names(shards_dir)
-    scores = read_scores(Path(scores_dir) if scores_dir else shards_dir / SCORES_DIR, names)
+    scores = read_scores(Path(scores_dir) if scores_dir else shards_dir / SCORES_DIR, names, shards_dir)
 
     scored = scores["status"] == "scored"
     if keep_fraction is not None:

@@ -14,8 +14,7 @@ counted; the CLIP-score cut is where they go.
 
 Output folder: the kept samples in shards of the same names, sizes.json, `removed.parquet` (shard,
 key, caption, reason, duplicate_of, similarity) and `stats.json`, checked to add up.
-Exact search costs O(n²) dot products (~1 h on one CPU core per million pairs at d=512); past a few
-million pairs, shard the corpus by a coarse clustering first (DataComp's image-based clustering).
+Exact search costs O(n²) dot products; past a few million pairs, split the corpus by a coarse clustering first (DataComp's image-based clustering).
 """
 
 from __future__ import annotations
@@ -97,7 +96,7 @@ def dedup_shards(shards_dir: str | Path, output_dir: str | Path, threshold: floa
         raise FileExistsError(f"{output} holds an earlier run (stats.json); pass --overwrite or pick another folder")
     names = shard_names(shards_dir)
     scores_dir = Path(scores_dir) if scores_dir else shards_dir / SCORES_DIR
-    scores = read_scores(scores_dir, names)
+    scores = read_scores(scores_dir, names, shards_dir)  # only samples still in the shards (a cut's output)
     eval_files = eval_image_files(Path(eval_images)) if eval_images is not None else []
 
     embedded = scores["image_embedding"].notna().to_numpy()

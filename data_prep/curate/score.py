@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from data_prep.curate.shardio import image_of, iter_samples, shard_names
+from data_prep.curate.shardio import image_of, iter_samples, keys_in_tar, shard_names
 
 SCORES_DIR = "_scores"  # a sub-folder: img2dataset's resume parses every top-level *.json of the shard folder
 
@@ -133,12 +133,22 @@ def score_shards(shards_dir: str | Path, model: str, pretrained: str | None = No
     return info
 
 
-def read_scores(scores_dir: Path, names: list[str]) -> pd.DataFrame:
+def read_scores(scores_dir: Path, names: list[str], shards_dir: Path) -> pd.DataFrame:
+    """The scores of the samples that are in the shards now (a cut's output keeps the original scores)."""
     missing = [name for name in names if not (scores_dir / f"{name}.parquet").exists()]
     if missing:
         raise FileNotFoundError(f"{scores_dir}: no scores for shard(s) {missing[:5]}{' …' if len(missing) > 5 else ''}; "
                                 f"run `python -m data_prep.curate score` first")
-    return pd.concat([pd.read_parquet(scores_dir / f"{name}.parquet") for name in names], ignore_index=True)
+    frames = []
+    for name in names:
+        frame = pd.read_parquet(scores_dir / f"{name}.parquet")
+        present = keys_in_tar(Path(shards_dir) / f"{name}.tar")
+        unscored = present - set(frame["key"])
+        if unscored:
+            raise ValueError(f"{scores_dir / name}.parquet has no score for {len(unscored)} sample(s) of {name}.tar "
+                             f"(e.g. {sorted(unscored)[:3]}); these scores belong to other shards: rescore them")
+        frames.append(frame[frame["key"].isin(present)])
+    return pd.concat(frames, ignore_index=True)
 
 
 def embeddings_of(scores: pd.DataFrame) -> np.ndarray:

@@ -42,6 +42,12 @@ def iter_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]
         yield key, files
 
 
+def keys_in_tar(tar_path: str | Path) -> set[str]:
+    """Keys of every sample in a tar (headers only; the contents are skipped)."""
+    with tarfile.open(tar_path) as tar:
+        return {_sample_key(member.name)[0] for member in tar if member.isfile()}
+
+
 def image_of(files: dict[str, bytes]) -> bytes | None:
     return next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
 

@@ -82,3 +82,16 @@ def test_bad_dedup_requests_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no images"):
         dedup.eval_image_files(tmp_path / "shards")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # ~4 s, but ~40 s when it is the first to ask for the shared digits CLIP
+def test_dedup_runs_on_a_cuts_output_with_the_original_scores(digits_clip, tmp_path):
+    shards = tmp_path / "shards"
+    write_corpus_with_copies(shards, tmp_path / "eval", copies=20, eval_images=3, originals=300)
+    assert curate_main(["score", "--shards", str(shards), "--model", digits_clip]) == 0
+    assert curate_main(["filter", "--shards", str(shards), "--output", str(tmp_path / "cut"), "--keep-fraction", "0.5"]) == 0
+    cut_stats = json.loads((tmp_path / "cut" / "stats.json").read_text())
+    stats = dedup.dedup_shards(tmp_path / "cut", tmp_path / "deduped", threshold=THRESHOLD,
+                               scores_dir=shards / "_scores")
+    assert stats["input"]["samples"] == cut_stats["kept"]  # the cut's removals are not counted again
+    assert stats["kept"] + stats["removed"] == cut_stats["kept"]

@@ -21,7 +21,8 @@ from data_prep.curate.__main__ import main as curate_main
 from data_prep.shards import samples_in_tar
 from tests.support.digits_clip import write_mismatched_corpus
 
-pytestmark = pytest.mark.timeout(400)
+# slow: the first test to run pays the shared digits CLIP's training (~35 s on 2 cores)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,6 @@ def scored(tmp_path_factory, digits_clip):
     return model, root / "shards", truth
 
 
-@pytest.mark.slow  # ~45 s on 2 cores with the fixture: a short training run of the scorer
 def test_a_fraction_cut_removes_mismatched_captions_and_keeps_true_pairs(scored, tmp_path):
     model, shards, truth = scored
     assert curate_main(["filter", "--shards", str(shards), "--output", str(tmp_path / "cut"), "--keep-fraction", "0.7"]) == 0

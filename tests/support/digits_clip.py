@@ -110,14 +110,15 @@ def jpeg_bytes(image, quality: int = 70) -> bytes:
 
 
 def write_corpus_with_copies(out_dir: Path, eval_dir: Path, copies: int = 150, eval_images: int = 100,
-                             shards: int = 4, seed: int = 0) -> tuple[dict[str, str], dict[str, str]]:
-    """Shards of all 1797 digits (48 px PNG, each once: no two scans are equal) plus `copies` planted
+                             shards: int = 4, seed: int = 0, originals: int | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """Shards of all 1797 digits, or the first `originals` (48 px PNG, each once: no two scans are equal) plus `copies` planted
     near-copies (resized to 40 or 56 px, re-encoded as JPEG q70) at random places; an evaluation
     folder holding `eval_images` of the digits at 64 px (PNG files, and some inside a .tar).
 
     Returns ({copy key: original key}, {corpus key of an eval image: its eval name}).
     """
     images, labels = digits.load_digits_arrays()
+    images, labels = images[:originals], labels[:originals]
     draw, rng = np.random.default_rng(seed), random.Random(seed)
     planted = draw.choice(len(images), copies, replace=False)
     items = [(f"o{i:05d}", digits.png_bytes(digits.upscale(images[i], SERVED_SIZE)), int(labels[i])) for i in range(len(images))]
