@@ -113,3 +113,13 @@ def test_bad_scoring_and_cut_requests_are_refused_before_work(scored, tmp_path, 
     assert curate_main(["filter", "--shards", str(tmp_path / "empty"), "--output", str(tmp_path / "o"),
                         "--min-score", "0.2"]) == 2
     assert "no .tar shards" in capsys.readouterr().err
+
+
+def test_the_curation_benchmark_runs_at_a_small_size(digits_clip, tmp_path):
+    from benchmarks.curate_bench import main as bench  # noqa: PLC0415
+
+    result = bench(["--rows", "3000", "--entries", "500", "--reference-rows", "50", "--model", digits_clip,
+                    "--copies", "1", "--json", str(tmp_path / "bench.json")])
+    assert result["balance"]["rows"] == 3000 and result["balance"]["ratio"] > 1
+    assert result["score"]["images"] == 360 and result["score"]["images_per_second"] > 0
+    assert json.loads((tmp_path / "bench.json").read_text()) == result

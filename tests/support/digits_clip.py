@@ -89,7 +89,7 @@ def write_mismatched_corpus(out_dir: Path, shuffled_share: float = 0.2, copies: 
         label = int(labels[index])
         named = (label + rng.randint(1, 9)) % 10 if wrong else label
         key = f"{n:08d}"
-        size = SERVED_SIZE - 8 * copy  # the copies differ in size too
+        size = SERVED_SIZE - 8 * (copy % 3)  # the copies differ in size too
         _add(tars[n % shards], f"{key}.png", digits.png_bytes(digits.upscale(images[index], size)))
         _add(tars[n % shards], f"{key}.txt", digits.caption_for(named, rng).encode())
         _add(tars[n % shards], f"{key}.json", json.dumps({"key": key, "label": label}).encode())
