@@ -3,7 +3,7 @@
     python -m data_prep.download --input urls.parquet --output shards/ [--image-size 224
         --resize-mode keep_ratio --processes 8 --threads 64 --shard-size 10000 --timeout 10
         --retries 1 --user-agent-token mybot --dedup-url --dedup-image-hash --min-caption-chars 2
-        --wandb]
+        --wandb --distributor pyspark]
     clip-pl-download ...   (the same, installed as a console script)
 
 or from Python: `data_prep.download.download("urls.parquet", "shards/", image_size=224)` -> stats.
