@@ -149,6 +149,9 @@ def balance(input_path: str | Path, metadata_path: str | Path, output_dir: str |
         if opts.caption_col not in columns:
             raise InputTableError(f"{file}: missing column {opts.caption_col!r}; it has {columns}. "
                                   f"Rename it or pass --caption-col")
+        if "reason" in columns:
+            raise InputTableError(f"{file}: has a column named 'reason', which removed.parquet uses for the removal "
+                                  f"reason; rename it first")
         any_rows |= has_rows
     if not any_rows:
         raise InputTableError(f"{input_path}: the table has a header but no rows; nothing to balance")

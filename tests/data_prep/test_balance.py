@@ -135,12 +135,14 @@ def test_csv_input_keep_unmatched_and_ignore_case_through_the_command_line(tmp_p
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, metadata, capsys):
     pd.DataFrame({"url": ["u"], "text": ["x"]}).to_parquet(tmp_path / "nocap.parquet")
     pd.DataFrame({"url": ["u"], "caption": ["x"]}).to_parquet(tmp_path / "ok.parquet")
+    pd.DataFrame({"url": ["u"], "caption": ["x"], "reason": ["mine"]}).to_parquet(tmp_path / "reason.parquet")
     (tmp_path / "header.csv").write_text("url,caption\n")
     (tmp_path / "blank.txt").write_text("\n  \n")
     cases = [
         ({"input_path": tmp_path / "nocap.parquet"}, InputTableError, r"missing column 'caption'.*--caption-col"),
         ({"input_path": tmp_path / "missing.parquet"}, InputTableError, r"no such file"),
         ({"input_path": tmp_path / "header.csv"}, InputTableError, r"no rows"),
+        ({"input_path": tmp_path / "reason.parquet"}, InputTableError, r"column named 'reason'.*rename it"),
         ({"metadata_path": tmp_path / "none.txt"}, InputTableError, r"no such metadata file"),
         ({"metadata_path": tmp_path / "blank.txt"}, InputTableError, r"holds no entries"),
         ({"threshold": 0}, ValueError, r"threshold must be at least 1"),
@@ -203,5 +205,6 @@ def test_memory_stays_flat_when_the_table_grows_ten_times(tmp_path, metadata):
     small = _peak_growth_mib(tmp_path, metadata, 30_000)
     large = _peak_growth_mib(tmp_path, metadata, 300_000)
     print(f"peak RSS growth: {small:.1f} MiB for 30k rows, {large:.1f} MiB for 300k rows")
-    # Holding the 300k-row table (≈ 100 MiB as pandas strings) would show up as tens of MiB.
-    assert large < small + 12, f"peak RSS grew {small:.1f} -> {large:.1f} MiB when the table grew 10x"
+    # Measured: reading each file whole (then slicing it) grows the peak by ~320 MiB at 300k rows; streaming
+    # stays within allocator noise (seen up to +7 MiB between runs, arrow's pool caching batches).
+    assert large < small + 40, f"peak RSS grew {small:.1f} -> {large:.1f} MiB when the table grew 10x"
