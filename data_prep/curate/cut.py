@@ -11,7 +11,6 @@ with `--min-score`, which any number of machines can apply shard by shard.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 

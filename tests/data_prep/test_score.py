@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import tarfile
-from pathlib import Path
 
 import pandas as pd
 import pytest
