@@ -3,6 +3,7 @@ stats, caption hygiene, and a demo corpus served by a local fault-injecting web 
 
     python -m data_prep.download --input urls.parquet --output shards/
     python -m data_prep.demo --out demo_data/
+    python -m data_prep.curate balance|score|filter|dedup …   (curation: data_prep/curate/)
 
 This package never imports the training code (clip_pl).
 """

@@ -3,7 +3,7 @@
     python -m data_prep.download --input urls.parquet --output shards/ [--image-size 224
         --resize-mode keep_ratio --processes 8 --threads 64 --shard-size 10000 --timeout 10
         --retries 1 --user-agent-token mybot --dedup-url --dedup-image-hash --min-caption-chars 2
-        --wandb]
+        --wandb --distributor pyspark]
     clip-pl-download ...   (the same, installed as a console script)
 
 or from Python: `data_prep.download.download("urls.parquet", "shards/", image_size=224)` -> stats.
@@ -35,6 +35,7 @@ from data_prep import captions, shards, stats, tables
 RESIZE_MODES = ("border", "keep_ratio", "center_crop", "no", "keep_ratio_largest")
 ENCODE_FORMATS = ("jpg", "png", "webp")
 DEFAULT_OPTOUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+DISTRIBUTORS = ("multiprocessing", "pyspark")  # img2dataset's own; pyspark: local[processes] or the active session
 PREP_DIR = "_prep"  # our own bookkeeping; a sub-folder, because img2dataset parses every top-level *.json
 
 
@@ -65,6 +66,7 @@ class DownloadOptions:
     overwrite: bool = False
     wandb: bool = False
     wandb_project: str = "clip_pl-data"
+    distributor: str = "multiprocessing"
     verbose: bool = True
 
     def validate(self) -> None:
@@ -83,8 +85,22 @@ class DownloadOptions:
             problems.append("timeout must be > 0 seconds")
         if self.retries < 0 or self.min_caption_chars < 0:
             problems.append("retries and min_caption_chars must be >= 0")
+        if self.distributor not in DISTRIBUTORS:
+            problems.append(f"distributor {self.distributor!r} is not one of {DISTRIBUTORS}")
         if problems:
             raise ValueError("bad download options: " + "; ".join(problems))
+        if self.distributor == "pyspark":
+            _check_spark_available()
+
+
+def _check_spark_available() -> None:
+    """pyspark needs the package and a Java runtime; say so before any work, not from deep inside Spark."""
+    import importlib.util  # noqa: PLC0415
+
+    if importlib.util.find_spec("pyspark") is None:
+        raise ValueError("--distributor pyspark needs pyspark: pip install 'pyspark>=3.5'")
+    if not (os.environ.get("JAVA_HOME") or shutil.which("java")):
+        raise ValueError("--distributor pyspark needs a Java runtime (JRE 17) on PATH or JAVA_HOME")
 
 
 def usable_cpus() -> int:
@@ -144,6 +160,9 @@ def _prepare_output(output_dir: Path, fingerprint: str, overwrite: bool) -> None
 
 def _run_img2dataset(table_path: Path, output_dir: Path, opts: DownloadOptions, extras, processes, threads):
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
+    if opts.distributor == "pyspark":
+        # Spark's Python workers must run this interpreter (its img2dataset), not whatever `python3` is on PATH
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     import img2dataset  # noqa: PLC0415 - heavy (cv2, albumentations); only needed here
 
     try:
@@ -186,6 +205,7 @@ def _img2dataset_download(img2dataset, table_path, output_dir, opts, extras, pro
         disallowed_header_directives=list(opts.optout_directives) if opts.respect_optouts else [],
         enable_wandb=opts.wandb,
         wandb_project=opts.wandb_project,
+        distributor=opts.distributor,
     )
 
 
@@ -250,6 +270,7 @@ def download(input_path, output_dir, **options) -> dict:
             "urls_per_second": round(new_urls / seconds, 2) if seconds > 0 else 0.0,
             "processes": processes,
             "threads": threads,
+            "distributor": opts.distributor,
         },
         settings={k: v for k, v in dataclasses.asdict(opts).items() if k not in ("verbose",)},
     )
@@ -299,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard an earlier download in --output")
     p.add_argument("--wandb", action="store_true", help="img2dataset's own W&B reporting")
     p.add_argument("--wandb-project", default=d.wandb_project)
+    p.add_argument("--distributor", choices=DISTRIBUTORS, default=d.distributor,
+                   help="pyspark: img2dataset's Spark distributor (the active SparkSession, else local[--processes])")
     return p
 
 

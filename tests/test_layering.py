@@ -52,13 +52,16 @@ LAYERS: list[tuple[int, tuple[str, ...], str]] = [
      "entry points: command lines (python -m …); nothing imports them but each other"),
     # data_prep never imports clip_pl (and clip_pl never imports data_prep: the demo runs it as a command).
     (10, ("data_prep.captions", "data_prep.failures", "data_prep.tables", "data_prep.shards",
-          "data_prep.demo.digits", "data_prep.demo.server"),
-     "data_prep primitives: caption hygiene, failure reasons, input tables, img2dataset's output, the "
-     "digits and the fault-injecting server"),
-    (11, ("data_prep.stats", "data_prep.download"),
-     "data_prep engine: url table → shards + manifests (img2dataset)"),
+          "data_prep.demo.digits", "data_prep.demo.server", "data_prep.curate.chunks",
+          "data_prep.curate.shardio"),
+     "data_prep primitives: caption hygiene, failure reasons, input tables (whole or in chunks), img2dataset's "
+     "output, the digits and the fault-injecting server"),
+    (11, ("data_prep.stats", "data_prep.download", "data_prep.curate.balance", "data_prep.curate.score"),
+     "data_prep engines: url table → shards + manifests (img2dataset); table → balanced table, shards → CLIP scores"),
+    (12, ("data_prep.curate.cut", "data_prep.curate.dedup"),
+     "data_prep curation over scores: CLIP-score cuts and near-duplicate removal, reading what score wrote"),
     (12, ("data_prep.demo.build",), "the demo corpus, built with the real download"),
-    (13, ("data_prep.demo.__main__", "data_prep.benchmark"), "data_prep entry points"),
+    (13, ("data_prep.demo.__main__", "data_prep.benchmark", "data_prep.curate.__main__"), "data_prep entry points"),
 ]
 
 
