@@ -25,7 +25,7 @@ FACADE_HELPER = "clip_pl._lazy"  # the one module a package __init__ may import 
 # (floor, module prefixes, why it sits there). A module takes the floor of its longest matching
 # prefix; it may import modules of its own floor or below, never above, and never in a cycle.
 LAYERS: list[tuple[int, tuple[str, ...], str]] = [
-    (0, ("clip_pl._lazy", "clip_pl.distributed", "clip_pl.model", "clip_pl.loss", "clip_pl.schedule",
+    (0, ("clip_pl._lazy", "clip_pl.distributed", "clip_pl.model", "clip_pl.pixels", "clip_pl.loss", "clip_pl.schedule",
          "clip_pl.towers"),
      "foundations: towers, tokenizer, transforms, losses, LR schedules, rank/world size; plain torch and "
      "open_clip, no Lightning, no files"),

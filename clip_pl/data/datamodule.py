@@ -6,7 +6,8 @@
         data.train_shards='pipe:aws s3 cp s3://b/laion/{00000..41455}.tar -::/data/cc12m' \\
         data.train_weights='3::1' data.sizes_file=null
 
-Every batch is ``{"image": B×3×H×W float, "text": B×L long, "bad_samples": {reason: n}}``;
+Every batch is ``{"image": B×3×H×W uint8, "text": B×L long, "bad_samples": {reason: n}}``: pixels,
+normalised on the device by ``CLIPModule.on_after_batch_transfer`` (clip_pl.pixels);
 ``bad_samples`` holds what the worker that made the batch skipped or converted since its previous
 batch: sum them over batches and over ranks to get the totals. ``state_dict`` records
 (epoch, batches consumed); a checkpoint resumed mid-epoch continues that epoch where it stopped.
