@@ -64,6 +64,12 @@ def random_resized_box(height: int, width: int, scale: Sequence[float], ratio: S
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def resized_crop(x: torch.Tensor, box: Sequence[int], step: T.RandomResizedCrop) -> torch.Tensor:
+    """``x[:, top:top+h, left:left+w]`` resized to the step's size (bicubic, antialiased), uint8 in and out."""
+    top, left, height, width = (int(v) for v in box)
+    return F.resized_crop(x, top, left, height, width, list(step.size), interpolation=step.interpolation, antialias=True)
+
+
 def _name(step) -> str:
     return getattr(step, "__name__", type(step).__name__)
 
@@ -82,14 +88,18 @@ class BatchedImageTransform:
                 raise ValueError(f"unsupported image transform step {step!r}: the loader runs RandomResizedCrop, "
                                  "Resize and CenterCrop on uint8 tensors (clip_pl/data/batch_transform.py).")
 
+    @property
+    def random_crop(self) -> T.RandomResizedCrop | None:
+        """The transform's one step when it is training's RandomResizedCrop alone (what the device path runs)."""
+        only = self.geometry[0] if len(self.geometry) == 1 else None
+        return only if isinstance(only, T.RandomResizedCrop) else None
+
     def pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """One image (RGB PIL, or a uint8 3×H×W tensor) → uint8 3×h×w after the geometry steps."""
         x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1) if isinstance(image, Image.Image) else image
         for step in self.geometry:
             if isinstance(step, T.RandomResizedCrop):
-                top, left, height, width = random_resized_box(x.shape[1], x.shape[2], step.scale, step.ratio)
-                x = F.resized_crop(x, top, left, height, width, list(step.size), interpolation=step.interpolation,
-                                   antialias=True)
+                x = resized_crop(x, random_resized_box(x.shape[1], x.shape[2], step.scale, step.ratio), step)
             elif isinstance(step, T.Resize):
                 x = F.resize(x, step.size, interpolation=step.interpolation, max_size=step.max_size, antialias=True)
             else:
