@@ -9,7 +9,9 @@
 ``clip_pl.data.decode.decode_image``, PIL with draft mode, nothing else) and the whole CPU path
 (tar reading, decode, crop/resize to uint8, tokenize, collate: ``WebDatasetDataModule`` with
 num_workers=0), interleaved over a few rounds (best of each), their ratio, and the cores needed to
-feed 3 200 (ViT-B/16) and 9 000 (ViT-B/32) samples/s at that rate.
+feed 3 200 (ViT-B/16) and 9 000 (ViT-B/32) samples/s at that rate; and the CPU cost of
+``data.decode_on=device`` (the worker's share: tar reading, JPEG header, crop box, tokenize; the
+decode itself runs on the training device and is not in this number).
 
 Both loaders read the same shards with the same number of workers, the same train transform
 (RandomResizedCrop(0.9, 1) bicubic + OpenAI mean/std from clip_pl.model.image_transforms) and the
@@ -102,23 +104,28 @@ def run_per_core(shards: str, image_size: int, batch_size: int, context_length: 
     from clip_pl.data.decode import decode_image
 
     blobs = _image_bytes(Path(shards))
-    dm = WebDatasetDataModule(shards, batch_size=batch_size, num_workers=0, image_size=image_size,
-                              context_length=context_length)
-    dm.setup("fit")
-    loader = dm.train_dataloader()
-    decode_rates, path_rates = [], []
+    loaders = {}
+    for decode_on in ("cpu", "device"):
+        dm = WebDatasetDataModule(shards, batch_size=batch_size, num_workers=0, image_size=image_size,
+                                  context_length=context_length, decode_on=decode_on)
+        dm.setup("fit")
+        loaders[decode_on] = dm.train_dataloader()
+    decode_rates, path_rates, device_rates = [], [], []
     for _ in range(rounds):  # interleaved, so both see the same load on a shared box
         start = time.perf_counter()
         for blob in blobs:
             decode_image({"jpg": blob}, image_size, Counter())
         decode_rates.append(len(blobs) / (time.perf_counter() - start))
-        start = time.perf_counter()
-        samples = sum(batch["image"].shape[0] for batch in loader)  # one exact epoch, every full batch
-        path_rates.append(samples / (time.perf_counter() - start))
-    decode, path = max(decode_rates), max(path_rates)
+        for decode_on, rates in (("cpu", path_rates), ("device", device_rates)):
+            start = time.perf_counter()
+            samples = sum(batch["image"].shape[0] for batch in loaders[decode_on])  # one exact epoch
+            rates.append(samples / (time.perf_counter() - start))
+    decode, path, device = max(decode_rates), max(path_rates), max(device_rates)
     return {"samples": len(blobs), "decode_only": decode, "cpu_path": path, "ratio": path / decode,
+            "device_path_cpu": device,
             "cores_needed": {name: target / path for name, target in TARGETS.items()},
-            "decode_rates": decode_rates, "cpu_path_rates": path_rates}
+            "cores_needed_device_path": {name: target / device for name, target in TARGETS.items()},
+            "decode_rates": decode_rates, "cpu_path_rates": path_rates, "device_path_cpu_rates": device_rates}
 
 
 def per_core_report(args) -> list[dict]:
@@ -135,11 +142,12 @@ def per_core_report(args) -> list[dict]:
             raise RuntimeError(f"per-core measurement failed:\n{done.stderr[-3000:]}")
         rows.append({"corpus": name, **json.loads(done.stdout.strip().splitlines()[-1])})
     print(f"{'corpus (224 px out, 1 thread)':<32} {'decode /s':>10} {'CPU path /s':>12} {'ratio':>6} "
-          f"{'cores B/16':>10} {'cores B/32':>10}")
+          f"{'cores B/16':>10} {'cores B/32':>10} {'device path CPU /s':>19} {'cores B/32':>10}")
     for r in rows:
-        need = r["cores_needed"]
+        need, need_device = r["cores_needed"], r["cores_needed_device_path"]
         print(f"{r['corpus']:<32} {r['decode_only']:>10.0f} {r['cpu_path']:>12.0f} {r['ratio']:>6.2f} "
-              f"{need['ViT-B/16']:>10.1f} {need['ViT-B/32']:>10.1f}")
+              f"{need['ViT-B/16']:>10.1f} {need['ViT-B/32']:>10.1f} {r['device_path_cpu']:>19.0f} "
+              f"{need_device['ViT-B/32']:>10.1f}")
     return rows
 
 

@@ -72,25 +72,23 @@ def prepare(sample: Mapping[str, Any], transform: BatchedImageTransform, target_
 
 
 def collate_images(items: Sequence[Jpeg | torch.Tensor], size: int) -> dict[str, Any]:
-    """The batch's image part: uint8 ``image`` (zeros in rows the device fills), ``jpeg`` (bytes or None per
-    row: bytes are not tensors, so Lightning leaves them on the host for decode_jpeg) and ``jpeg_box``."""
-    image = torch.zeros((len(items), 3, size, size), dtype=torch.uint8)
-    boxes = torch.zeros((len(items), 4), dtype=torch.long)
-    jpegs: list[bytes | None] = []
-    for row, item in enumerate(items):
-        if isinstance(item, Jpeg):
-            jpegs.append(item.data)
-            boxes[row] = torch.tensor(item.box)
-        else:
-            image[row] = item
-            jpegs.append(None)
-    return {"image": image, "jpeg": jpegs, "jpeg_box": boxes}
+    """The batch's image part: ``image`` holds only the rows decoded in the worker (uint8, their row numbers in
+    ``image_rows``: no placeholder pixels are filled or copied to the device), ``jpeg`` the bytes or None per
+    row (bytes are not tensors, so Lightning leaves them on the host, where decode_jpeg wants them) and
+    ``jpeg_box`` each JPEG's crop box."""
+    ready = [(row, item) for row, item in enumerate(items) if not isinstance(item, Jpeg)]
+    image = torch.stack([item for _, item in ready]) if ready else torch.empty((0, 3, size, size), dtype=torch.uint8)
+    return {"image": image, "image_rows": torch.tensor([row for row, _ in ready], dtype=torch.long),
+            "jpeg": [item.data if isinstance(item, Jpeg) else None for item in items],
+            "jpeg_box": torch.tensor([item.box if isinstance(item, Jpeg) else (0, 0, 0, 0) for item in items],
+                                     dtype=torch.long).reshape(len(items), 4)}
 
 
 def collate_spares(items: Sequence[tuple], tokenizer, size: int) -> dict[str, Any]:
     """(image item, caption, key) spares → the batch's ``spare_*`` fields (see collate_images)."""
     images = collate_images([i for i, _, _ in items], size)
-    return {"spare_image": images["image"], "spare_jpeg": images["jpeg"], "spare_box": images["jpeg_box"],
+    return {"spare_image": images["image"], "spare_image_rows": images["image_rows"], "spare_jpeg": images["jpeg"],
+            "spare_box": images["jpeg_box"],
             "spare_text": tokenizer([c for _, c, _ in items]) if items else None,
             "spare_key": [k for _, _, k in items]}
 
@@ -119,8 +117,10 @@ def _crop(full: torch.Tensor, box: torch.Tensor, size: list[int]) -> torch.Tenso
 
 def decode_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
     """Fill the JPEG rows of ``batch["image"]`` (already on its device) and refill the rows that fail."""
-    image, device = batch["image"], batch["image"].device
-    size = list(image.shape[-2:])
+    ready, device = batch["image"], batch["image"].device
+    size = list(ready.shape[-2:])
+    image = torch.empty((len(batch["jpeg"]), 3, *size), dtype=torch.uint8, device=device)
+    image[batch["image_rows"].to(device)] = ready
     rows = [i for i, d in enumerate(batch["jpeg"]) if d is not None]
     decoded = _decode_all([batch["jpeg"][i] for i in rows], device)
     bad = []
@@ -129,7 +129,8 @@ def decode_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
             bad.append(row)
         else:
             image[row] = _crop(full, batch["jpeg_box"][row], size)
-    out = {k: v for k, v in batch.items() if not k.startswith(("jpeg", "spare_"))}
+    out = {k: v for k, v in batch.items() if not k.startswith(("jpeg", "spare_", "image_rows"))}
+    out["image"] = image
     if not bad:
         return out
     counts = Counter(batch.get("bad_samples") or {})
@@ -167,7 +168,7 @@ def _next_spare(batch, spares, size, image, row) -> int | None:
     for index in spares:
         data = batch["spare_jpeg"][index]
         if data is None:  # a spare decoded in the worker: ready pixels
-            image[row] = batch["spare_image"][index]
+            image[row] = batch["spare_image"][batch["spare_image_rows"].tolist().index(index)]
             return index
         full = _decode_all([data], image.device)[0]
         if full is not None:

@@ -96,11 +96,13 @@ def test_more_device_failures_than_spares_keep_the_batch_full():
     bad = device_only_failure(0)["jpg"]
     rows = [bad] * (SPARES + 2) + [good]
     n = len(rows)
-    batch = {"image": torch.zeros(n, 3, 16, 16, dtype=torch.uint8), "jpeg": rows,
+    batch = {"image": torch.zeros(0, 3, 16, 16, dtype=torch.uint8), "image_rows": torch.zeros(0, dtype=torch.long),
+             "jpeg": rows,
              "jpeg_box": torch.tensor([[0, 0, 40, 40]] * n), "text": torch.arange(n).unsqueeze(1),
              "key": [f"k{i}" for i in range(n)], "bad_samples": {"converted/grayscale": 1},
              "spare_jpeg": [bad, good], "spare_box": torch.tensor([[0, 0, 40, 40]] * 2),
-             "spare_image": torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "spare_text": torch.tensor([[100], [101]]),
+             "spare_image": torch.zeros(0, 3, 16, 16, dtype=torch.uint8), "spare_image_rows": torch.zeros(0, dtype=torch.long),
+             "spare_text": torch.tensor([[100], [101]]),
              "spare_key": ["s0", "s1"]}
     out = decode_batch(batch)
     assert out["bad_samples"] == {"converted/grayscale": 1, "skipped/corrupt_image": n - 1, "refilled": n - 1}
