@@ -118,7 +118,7 @@ def run_per_core(shards: str, image_size: int, batch_size: int, context_length: 
         decode_rates.append(len(blobs) / (time.perf_counter() - start))
         for decode_on, rates in (("cpu", path_rates), ("device", device_rates)):
             start = time.perf_counter()
-            samples = sum(batch["image"].shape[0] for batch in loaders[decode_on])  # one exact epoch
+            samples = sum(batch["text"].shape[0] for batch in loaders[decode_on])  # one exact epoch
             rates.append(samples / (time.perf_counter() - start))
     decode, path, device = max(decode_rates), max(path_rates), max(device_rates)
     return {"samples": len(blobs), "decode_only": decode, "cpu_path": path, "ratio": path / decode,
