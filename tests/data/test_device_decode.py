@@ -164,3 +164,34 @@ def test_clip_module_trains_on_the_device_path(tmp_path):
     trainer.fit(module, datamodule=dm)
     assert len(module.seen) == 3 and all(x.dtype == torch.float32 and x.shape == (4, 3, 16, 16) for x in module.seen)
     assert seen_bad == {"skipped/corrupt_image": 1, "refilled": 1}
+
+
+def test_quick_jpeg_header_walk_agrees_with_pil():
+    """The worker's header walk (device path) gives PIL's size, mode and draft size, or defers to PIL."""
+    import io
+
+    from PIL import Image
+
+    from clip_pl.data.decode import draft_for, open_image
+    from clip_pl.data.device_decode import draft_size, jpeg_frame
+
+    cases = []
+    for i, (w, h) in enumerate([(40, 44), (448, 500), (1000, 460), (300, 1800), (225, 224)]):
+        img = synthetic_image(i, w, h)
+        cases.append(jpeg_bytes(img))
+        cases.append(jpeg_bytes(img.convert("L")))
+        progressive = io.BytesIO()
+        img.save(progressive, format="JPEG", progressive=True, quality=80)
+        cases.append(progressive.getvalue())
+    for data in cases:
+        width, height, components = jpeg_frame(data)
+        reference = open_image(data)
+        assert (width, height) == reference.size and {1: "L", 3: "RGB"}[components] == reference.mode
+        for target in (32, 224):
+            reference = open_image(data)
+            draft_for(reference, target)
+            assert draft_size(width, height, target) == reference.size, (width, height, target)
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    assert jpeg_frame(png.getvalue()) is None and jpeg_frame(b"\xff\xd8\xff\xda\x00\x02") is None
+    assert jpeg_frame(b"\xff\xd8\xff\xe0\x00") is None, "a segment cut short: PIL decides"
