@@ -85,7 +85,7 @@ PLANS = {
                  budget_s=420, timeouts={"env": 60, "side": 120, "compile": 240, "deepspeed": 150, "loader": 150}),
     "cpu": Plan(models=("tiny",), variant_model="tiny", precision="bf16-mixed", batch_size=8, warmup=1, steps=3,
                 profile_steps=1, n_batches=2, trajectory_steps=20, loader_workers=2, loader_images=64,
-                loader_image_px=(64, 96), loader_image_size=64, loader_batch_size=8, budget_s=400,
+                loader_image_px=(64, 96), loader_image_size=64, loader_batch_size=8, budget_s=430,
                 timeouts={"env": 60, "side": 120, "compile": 200, "deepspeed": 240, "loader": 120},
                 compile_backend="aot_eager"),
 }
