@@ -1,6 +1,6 @@
 """``data.decode_on=device``: workers ship JPEG bytes, the training device decodes and crops them.
 
-Worker side (:func:`prepare`, per sample): the JPEG's header is parsed, never its pixels. Everything
+Worker side (:func:`prepare`, per sample): the JPEG's header is read, never its pixels. Everything
 the CPU path would refuse from the header alone is refused the same way (missing image, decompression
 bomb, unreadable header: ``skipped/<reason>``), a truncated file (no end-of-image marker) is refused
 as ``corrupt_image``, and the crop box is drawn from the same torch RNG draw as the CPU path on the
@@ -12,12 +12,12 @@ Device side (:func:`decode_batch`, from ``CLIPModule.on_after_batch_transfer``):
 ``torchvision.io.decode_jpeg(..., device=...)`` call (per image only if the batch call fails, to find
 the culprits), crop + bicubic resize on the device, uint8 rows written into ``batch["image"]``. A JPEG
 that only the decoder finds broken never kills the step: it is counted ``skipped/corrupt_image`` and
-its row is refilled (counted ``refilled``; not again when the row was already a worker's refill, a
-sample of the previous batch whose failure was counted there) from the batch's spares (good samples of the worker's
-previous batch, or, for a worker's first batch, from outside its slice: the CPU path's own refill
-sources), so every rank keeps ``batch_size`` rows and the contrastive all-gather its shape. More
-failures than spares repeat a good row of the batch (also ``refilled``). The same code runs with
-device = CPU in the tests.
+its row is refilled (counted ``refilled``) from the batch's spares: good samples of the worker's
+previous batch, or, for a worker's first batch, from outside its slice (the CPU path's own refill
+sources). So every rank keeps ``batch_size`` rows and the contrastive all-gather keeps its shape.
+A row that was already a worker's refill (a sample of the previous batch, whose failure was counted
+there) is replaced without being counted again. More failures than spares repeat a good row of the
+batch (also ``refilled``). The same code runs with device = CPU in the tests.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
-
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 

@@ -195,3 +195,17 @@ def test_quick_jpeg_header_walk_agrees_with_pil():
     Image.new("RGB", (8, 8)).save(png, format="PNG")
     assert jpeg_frame(png.getvalue()) is None and jpeg_frame(b"\xff\xd8\xff\xda\x00\x02") is None
     assert jpeg_frame(b"\xff\xd8\xff\xe0\x00") is None, "a segment cut short: PIL decides"
+
+
+def test_resampled_shards_on_the_device_path(tmp_path):
+    """Resampled epochs take the device path too; the first batch's spares are extra draws from the stream."""
+    write_shards(str(tmp_path), [6, 6], image_px=(24, 60))
+    write_shard(str(tmp_path / "00002.tar"), [device_only_failure(i) for i in range(2)]
+                + [make_sample(f"r{i}", 700 + i) for i in range(4)])
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 6, "00001.tar": 6, "00002.tar": 6}))
+    batches = _batches(tmp_path, "device", resampled=True, num_samples=40, num_workers=1)
+    assert len(batches) == 10 and all(b["image"].shape == (4, 3, 32, 32) for b in batches)
+    keys = [k for b in batches for k in b["key"]]
+    assert not any(k.startswith("devbad") for k in keys)
+    total = _total(batches)
+    assert total["skipped/corrupt_image"] == total["refilled"] > 0, "each device failure counted and refilled"
