@@ -2,6 +2,16 @@
 
     python -m benchmarks.loader_bench                           # demo shards + ≥512 px JPEG shards, 2 workers
     python -m benchmarks.loader_bench --workers 2 --json /tmp/loader_bench.json
+    python -m benchmarks.loader_bench --per-core                # one core: the loader vs decode alone
+
+``--per-core`` measures, in one process on one thread (what one DataLoader worker has), on 256-px
+(LAION-like) and 512–800-px shards made locally: the decode-only rate (the same JPEG bytes through
+``clip_pl.data.decode.decode_image``, PIL with draft mode, nothing else) and the whole CPU path
+(tar reading, decode, crop/resize to uint8, tokenize, collate: ``WebDatasetDataModule`` with
+num_workers=0), interleaved over a few rounds (best of each), their ratio, and the cores needed to
+feed 3 200 (ViT-B/16) and 9 000 (ViT-B/32) samples/s at that rate; and the CPU cost of
+``data.decode_on=device`` (the worker's share: tar reading, JPEG header, crop box, tokenize; the
+decode itself runs on the training device and is not in this number).
 
 Both loaders read the same shards with the same number of workers, the same train transform
 (RandomResizedCrop(0.9, 1) bicubic + OpenAI mean/std from clip_pl.model.image_transforms) and the
@@ -73,6 +83,74 @@ def run_open_clip(shards: str, image_size: int, batch_size: int, workers: int, c
     return _measure(info.dataloader, workers, epochs)
 
 
+# ---- one core: the CPU path against decoding alone ------------------------------------------------
+
+TARGETS = {"ViT-B/16": 3200, "ViT-B/32": 9000}  # samples/s one H100/H200 trains at 40 % MFU (issue #16)
+
+
+def _image_bytes(shards: Path) -> list[bytes]:
+    from clip_pl.data.decode import IMAGE_KEYS
+    from clip_pl.data.reader import read_shard
+
+    sizes = json.loads((shards / "sizes.json").read_text())
+    samples = (s for name in sorted(sizes) for s in read_shard(str(shards / name)))
+    return [next(s[k] for k in IMAGE_KEYS if k in s) for s in samples]
+
+
+def run_per_core(shards: str, image_size: int, batch_size: int, context_length: int, rounds: int) -> dict:
+    from collections import Counter
+
+    from clip_pl.data import WebDatasetDataModule
+    from clip_pl.data.decode import decode_image
+
+    blobs = _image_bytes(Path(shards))
+    loaders = {}
+    for decode_on in ("cpu", "device"):
+        dm = WebDatasetDataModule(shards, batch_size=batch_size, num_workers=0, image_size=image_size,
+                                  context_length=context_length, decode_on=decode_on)
+        dm.setup("fit")
+        loaders[decode_on] = dm.train_dataloader()
+    decode_rates, path_rates, device_rates = [], [], []
+    for _ in range(rounds):  # interleaved, so both see the same load on a shared box
+        start = time.perf_counter()
+        for blob in blobs:
+            decode_image({"jpg": blob}, image_size, Counter())
+        decode_rates.append(len(blobs) / (time.perf_counter() - start))
+        for decode_on, rates in (("cpu", path_rates), ("device", device_rates)):
+            start = time.perf_counter()
+            samples = sum(batch["text"].shape[0] for batch in loaders[decode_on])  # one exact epoch
+            rates.append(samples / (time.perf_counter() - start))
+    decode, path, device = max(decode_rates), max(path_rates), max(device_rates)
+    return {"samples": len(blobs), "decode_only": decode, "cpu_path": path, "ratio": path / decode,
+            "device_path_cpu": device,
+            "cores_needed": {name: target / path for name, target in TARGETS.items()},
+            "cores_needed_device_path": {name: target / device for name, target in TARGETS.items()},
+            "decode_rates": decode_rates, "cpu_path_rates": path_rates, "device_path_cpu_rates": device_rates}
+
+
+def per_core_report(args) -> list[dict]:
+    corpora = [("LAION-like JPEGs (256 px)", laion_like_corpus(args.out, args.laion_per_shard)),
+               ("large JPEGs (512-800 px)", large_corpus(args.out, args.large_per_shard))]
+    rows = []
+    for name, shards in corpora:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        cmd = [sys.executable, "-m", "benchmarks.loader_bench", "--measure", "per_core", "--shards", str(shards),
+               "--image-size", "224", "--batch-size", str(args.batch_size), "--context-length",
+               str(args.context_length), "--epochs", str(args.rounds)]
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"per-core measurement failed:\n{done.stderr[-3000:]}")
+        rows.append({"corpus": name, **json.loads(done.stdout.strip().splitlines()[-1])})
+    print(f"{'corpus (224 px out, 1 thread)':<32} {'decode /s':>10} {'CPU path /s':>12} {'ratio':>6} "
+          f"{'cores B/16':>10} {'cores B/32':>10} {'device path CPU /s':>19} {'cores B/32':>10}")
+    for r in rows:
+        need, need_device = r["cores_needed"], r["cores_needed_device_path"]
+        print(f"{r['corpus']:<32} {r['decode_only']:>10.0f} {r['cpu_path']:>12.0f} {r['ratio']:>6.2f} "
+              f"{need['ViT-B/16']:>10.1f} {need['ViT-B/32']:>10.1f} {r['device_path_cpu']:>19.0f} "
+              f"{need_device['ViT-B/32']:>10.1f}")
+    return rows
+
+
 # ---- corpora -----------------------------------------------------------------------------------------
 
 def demo_corpus(out: Path) -> Path:
@@ -91,6 +169,16 @@ def demo_corpus(out: Path) -> Path:
 
     write_shards(str(out / "small"), [500] * 8, image_px=(64, 96))
     return out / "small"
+
+
+def laion_like_corpus(out: Path, per_shard: int) -> Path:
+    """JPEGs stored at 256 px, as img2dataset writes LAION for 224-px training."""
+    target = out / "laion256"
+    if not (target / "sizes.json").exists():
+        from tests.support.fake_shards import write_shards
+
+        write_shards(str(target), [per_shard] * 8, image_px=(256, 256))
+    return target
 
 
 def large_corpus(out: Path, per_shard: int) -> Path:
@@ -131,7 +219,10 @@ def main(argv=None) -> int:
     p.add_argument("--large-per-shard", type=int, default=100, help="samples in each of the 8 large-JPEG shards")
     p.add_argument("--legacy-wds", type=Path, default=DEFAULT_OUT / "webdataset-0.2.86")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--measure", choices=["clip_pl", "open_clip"], help=argparse.SUPPRESS)
+    p.add_argument("--per-core", action="store_true", help="one core: the CPU path vs decode-only (see above)")
+    p.add_argument("--laion-per-shard", type=int, default=150, help="samples in each of the 8 256-px shards")
+    p.add_argument("--rounds", type=int, default=3, help="--per-core: interleaved rounds, best of each is kept")
+    p.add_argument("--measure", choices=["clip_pl", "open_clip", "per_core"], help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
     p.add_argument("--image-size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--epochs", type=int, default=1, help=argparse.SUPPRESS)
@@ -140,13 +231,22 @@ def main(argv=None) -> int:
     if args.measure:  # inside a subprocess: one loader, one corpus
         import torch
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # what a DataLoader worker gets
+        if args.measure == "per_core":
+            print(json.dumps(run_per_core(args.shards, args.image_size, args.batch_size, args.context_length,
+                                          args.epochs)))
+            return 0
         run = run_clip_pl if args.measure == "clip_pl" else run_open_clip
         print(json.dumps(run(args.shards, args.image_size, args.batch_size, args.workers, args.context_length,
                              args.epochs)))
         return 0
 
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.per_core:
+        rows = per_core_report(args)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return 0
     legacy = legacy_webdataset(args.legacy_wds)
     # Passes over each corpus, so that each timed window lasts several seconds on a shared 2-core box.
     corpora = [("demo shards (digits, 64 px stored)", demo_corpus(args.out), 64, 5),

@@ -40,7 +40,12 @@ class TimedLoader:
     def __iter__(self):
         for batch in self.loader:
             self.times.append(time.perf_counter())
-            yield (batch["image"], batch["text"]) if self.as_tuple else batch
+            if self.as_tuple:  # OpenCLIP's loop takes normalised float images; clip_pl's module normalises uint8 itself
+                from clip_pl.pixels import normalize
+
+                yield normalize(batch["image"]), batch["text"]
+            else:
+                yield batch
 
 
 def samples_per_s(times: list[float], batch_size: int, warmup: int) -> float:

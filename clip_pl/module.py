@@ -10,6 +10,7 @@ from ``hparams.model_config`` alone.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable, Mapping
 
 import lightning as L
@@ -18,12 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from clip_pl.data.device_decode import decode_batch
 from clip_pl.model import build_clip, resolve_model_config, restore_scalar_shapes
+from clip_pl.pixels import normalize
 from clip_pl.towers import TOWER_LR_DEFAULTS, apply_lr_scales, base_lr, lock_towers, tower_parameter_groups
 
 # Parameters that get no weight decay beyond ndim < 2 (biases, norm gains, class/positional
 # vectors): norms by name, and the learned temperature and bias of the logits.
 _NO_DECAY_NAME_PARTS = ("bias", "norm", "ln_", ".ln", "bn", "logit_scale", "logit_bias")
+
+
+# The module normalises the loaders' uint8 pixels in on_after_batch_transfer by design; Lightning warns
+# about any such hook when a datamodule is passed too.
+warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule` but have passed.*")
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -185,6 +193,22 @@ class CLIPModule(L.LightningModule):
         return float(self._scalar_parameter("logit_scale", exp=True))
 
     # -- steps -------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Loaders ship uint8 pixels (a quarter of float32's bytes); they become the tower's normalised
+        floats here, on the device, for training and validation alike. The float batch then gets the
+        cast the precision plugin gives float inputs (bf16/fp16 under "-true" precisions, as before).
+        A batch whose image is already floating (benchmarks' device-made batches) passes unchanged.
+        With ``data.decode_on=device`` the batch brings JPEG bytes, decoded and cropped here first."""
+        if isinstance(batch, Mapping) and "jpeg" in batch:
+            batch = decode_batch(batch)
+        image = batch.get("image") if isinstance(batch, Mapping) else None
+        if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+            image = normalize(image)
+            if self._trainer is not None:
+                image = self.trainer.precision_plugin.convert_input(image)
+            batch = {**batch, "image": image}
+        return batch
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.contrastive_loss(batch)
         batch_size = batch["image"].shape[0]

@@ -25,13 +25,13 @@ FACADE_HELPER = "clip_pl._lazy"  # the one module a package __init__ may import 
 # (floor, module prefixes, why it sits there). A module takes the floor of its longest matching
 # prefix; it may import modules of its own floor or below, never above, and never in a cycle.
 LAYERS: list[tuple[int, tuple[str, ...], str]] = [
-    (0, ("clip_pl._lazy", "clip_pl.distributed", "clip_pl.model", "clip_pl.loss", "clip_pl.schedule",
+    (0, ("clip_pl._lazy", "clip_pl.distributed", "clip_pl.model", "clip_pl.pixels", "clip_pl.loss", "clip_pl.schedule",
          "clip_pl.towers"),
      "foundations: towers, tokenizer, transforms, losses, LR schedules, rank/world size; plain torch and "
      "open_clip, no Lightning, no files"),
     (1, ("clip_pl.interchange", "clip_pl.hf_export", "clip_pl.config_dir",
          "clip_pl.data.shardspec", "clip_pl.data.tarstream", "clip_pl.data.reader", "clip_pl.data.decode",
-         "clip_pl.data.batch_transform", "clip_pl.data.accounting", "clip_pl.data.keys", "clip_pl.data.workers",
+         "clip_pl.data.batch_transform", "clip_pl.data.device_decode", "clip_pl.data.accounting", "clip_pl.data.keys", "clip_pl.data.workers",
          "clip_pl.eval.labels", "clip_pl.eval.report", "clip_pl.eval.common", "clip_pl.eval.distributed"),
      "formats and primitives: every file format (checkpoints, transformers directories, the packaged "
      "configs, shard specs, tars, samples, key files, class lists, reports) and the small pieces the "

@@ -33,7 +33,7 @@ class KeyModel(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.seen.append((self.global_step + 1, list(batch["key"])))
-        return self.layer(batch["image"].mean(dim=(1, 2, 3)).unsqueeze(1)).sum()
+        return self.layer(batch["image"].float().mean(dim=(1, 2, 3)).unsqueeze(1)).sum()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)

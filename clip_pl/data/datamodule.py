@@ -6,7 +6,8 @@
         data.train_shards='pipe:aws s3 cp s3://b/laion/{00000..41455}.tar -::/data/cc12m' \\
         data.train_weights='3::1' data.sizes_file=null
 
-Every batch is ``{"image": B×3×H×W float, "text": B×L long, "bad_samples": {reason: n}}``;
+Every batch is ``{"image": B×3×H×W uint8, "text": B×L long, "bad_samples": {reason: n}}``: pixels,
+normalised on the device by ``CLIPModule.on_after_batch_transfer`` (clip_pl.pixels);
 ``bad_samples`` holds what the worker that made the batch skipped or converted since its previous
 batch: sum them over batches and over ranks to get the totals. ``state_dict`` records
 (epoch, batches consumed); a checkpoint resumed mid-epoch continues that epoch where it stopped.
@@ -85,8 +86,14 @@ class WebDatasetDataModule(L.LightningDataModule):
         multiprocessing_context: str | None = "fork",
         return_keys: bool = False,
         record_keys: bool = False,
+        decode_on: str = "cpu",
     ) -> None:
         super().__init__()
+        if decode_on not in ("cpu", "device"):
+            raise ValueError(f"data.decode_on={decode_on!r}: 'cpu' (workers decode, crop, resize) or 'device' "
+                             "(workers ship JPEG bytes; the training device decodes them, see docs/data.md).")
+        # Training batches only: validation is a few batches, decoded on the CPU path whatever this says.
+        self.decode_on = decode_on
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"data.batch_size={batch_size} must be >= 1 and data.num_workers={num_workers} >= 0.")
         if num_samples is not None and num_samples < 1:
@@ -186,7 +193,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             rank=rank, world_size=world, transform=train_tf, tokenizer=get_tokenizer(self.context_length),
             image_size=self.image_size, resampled=self.resampled, shuffle=True, seed=self.seed,
             shuffle_buffer=self.shuffle_buffer, max_image_pixels=self.max_image_pixels,
-            epoch_samples=self.epoch_samples(), return_keys=self.return_keys)
+            epoch_samples=self.epoch_samples(), return_keys=self.return_keys, decode_on=self.decode_on)
         return self._loader(stream, self._train_position)
 
     def val_dataloader(self) -> DataLoader | list:

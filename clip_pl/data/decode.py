@@ -48,30 +48,50 @@ def decode_caption(sample: Mapping[str, Any]) -> str:
     return text
 
 
-def decode_image(sample: Mapping[str, Any], target_size: int | None, counts: Counter,
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """The sample's image in RGB. With ``target_size`` a large JPEG is decoded at a reduced scale that
-    still covers it (training's speed-up); None decodes every pixel (evaluation, as published numbers do)."""
+def image_bytes(sample: Mapping[str, Any]) -> bytes:
     data = next((sample[k] for k in IMAGE_KEYS if sample.get(k) is not None), None)
     if data is None:
         raise BadSample("missing_image")
+    return data
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image's header parsed, no pixel decoded yet; decompression bombs refused."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # we enforce our own pixel limit below, PIL's warning is noise
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-            if width * height > max_pixels:
-                raise BadSample("decompression_bomb", f"{width}x{height} > {max_pixels} px")
-            if target_size and img.format == "JPEG" and min(width, height) >= 2 * target_size:
-                # DCT-domain downscale by 1/2, 1/4 or 1/8; PIL keeps both sides >= the requested size,
-                # so the crop that follows still works from at least target_size pixels per side.
-                img.draft(None, (target_size, target_size))
-            img.load()
-    except BadSample:
-        raise
     except Image.DecompressionBombError as e:
         raise BadSample("decompression_bomb", str(e)) from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error… on broken files
+        raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+    if width * height > max_pixels:
+        raise BadSample("decompression_bomb", f"{width}x{height} > {max_pixels} px")
+    return img
+
+
+def draft_for(img: Image.Image, target_size: int | None) -> None:
+    """Set a large JPEG to decode at a reduced scale that still covers ``target_size`` (``img.size`` is
+    then the reduced size): DCT-domain downscale by 1/2, 1/4 or 1/8; PIL keeps both sides >= the
+    requested size, so the crop that follows still works from at least target_size pixels per side."""
+    if target_size and img.format == "JPEG" and min(img.size) >= 2 * target_size:
+        img.draft(None, (target_size, target_size))
+
+
+def decode_image(sample: Mapping[str, Any], target_size: int | None, counts: Counter,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """The sample's image in RGB. With ``target_size`` a large JPEG is decoded at a reduced scale that
+    still covers it (training's speed-up); None decodes every pixel (evaluation, as published numbers do)."""
+    img = open_image(image_bytes(sample), max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            draft_for(img, target_size)
+            img.load()
+    except Image.DecompressionBombError as e:
+        raise BadSample("decompression_bomb", str(e)) from None
+    except Exception as e:
         raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
     return to_rgb(img, counts)
 

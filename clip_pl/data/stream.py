@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_pl.data.batch_transform import BatchedImageTransform
+from clip_pl.data import device_decode
 from clip_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS, BadSample, decode_caption, decode_image
 from clip_pl.data.reader import Missing, read_shard
 from clip_pl.data.shardspec import Shard, ShardSet
@@ -123,6 +124,7 @@ class WebDatasetStream(IterableDataset):
         epoch_samples: int | None = None,
         return_keys: bool = False,
         position: EpochPosition | None = None,
+        decode_on: str = "cpu",
     ) -> None:
         super().__init__()
         if not resampled and not shards.sizes_known:
@@ -141,6 +143,11 @@ class WebDatasetStream(IterableDataset):
         self.epoch_samples = epoch_samples
         self.return_keys = return_keys
         self.position = position or EpochPosition()
+        # "device": ship JPEG bytes + crop boxes, decoded after the transfer (clip_pl/data/device_decode.py).
+        self.on_device = decode_on == "device"
+        if self.on_device and self.transform.random_crop is None:
+            raise ValueError("data.decode_on=device runs training's RandomResizedCrop on the device; this "
+                             "loader's transform is something else (validation decodes on the CPU).")
 
     def __len__(self) -> int:
         return self.batches_per_rank
@@ -190,14 +197,16 @@ class WebDatasetStream(IterableDataset):
                     # A duplicate from the previous batch is harmless; within the batch it would be a false negative.
                     good.append(reservoir.pop() if reservoir else fillers.next())
                     counts["refilled"] += 1
+                spares = self._spares(reservoir, fillers.next) if self.on_device else None
             reservoir = originals
-            yield self._collate(good, counts, ctx.epoch)
+            yield self._collate(good, counts, ctx.epoch, spares, originals=len(originals))
 
     def _resampled(self, ctx: "_Context", to_make: int) -> Iterator[dict[str, Any]]:
         counts: Counter = Counter()
         rng = random.Random(derive_seed(self.seed, ctx.epoch, self.rank, ctx.worker, ctx.consumed, 2))
         raw = iter(shuffle_buffer(self._draw_shards(rng, counts), self.shuffle_buffer_size, rng))
         bad_in_a_row = 0
+        previous: list[tuple] = []
         for index in range(to_make):
             batch: list[tuple] = []
             with ctx.augmentation_rng(self.seed, self.rank, index, ctx.consumed):  # resumed: new crops too
@@ -211,7 +220,11 @@ class WebDatasetStream(IterableDataset):
                         continue
                     bad_in_a_row = 0
                     batch.append(decoded)
-            yield self._collate(batch, counts, ctx.epoch)
+                spares = None
+                if self.on_device:  # the previous batch's samples; for the first, a few more draws
+                    spares = self._spares(previous, lambda: self._next_good(raw, Counter()))
+            previous = batch
+            yield self._collate(batch, counts, ctx.epoch, spares)
 
     def _draw_shards(self, rng: random.Random, counts: Counter) -> Iterator[dict | Missing]:
         shards = self.shards.shards
@@ -230,6 +243,26 @@ class WebDatasetStream(IterableDataset):
                                    "check data.train_shards, the pipe: command and its credentials.")
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _spares(self, previous: list[tuple], more: Callable[[], tuple]) -> list[tuple]:
+        """Good samples for rows whose JPEG fails only on the device: the worker's previous batch (a
+        duplicate across batches is harmless), else ``more()`` (drawn last, so the batch's crops match the CPU path)."""
+        if previous:
+            return previous[: device_decode.SPARES]
+        spares = []
+        try:
+            for _ in range(device_decode.SPARES):
+                spares.append(more())
+        except RuntimeError:  # no good sample elsewhere: the batch goes with fewer spares
+            pass
+        return spares
+
+    def _next_good(self, raw: Iterator, scratch: Counter) -> tuple:
+        for _ in range(MAX_CONSECUTIVE_BAD):
+            decoded = self._decode(next(raw), scratch)
+            if decoded is not None:
+                return decoded
+        raise RuntimeError("no good sample for the device path's spares")
+
     def _epoch_length(self) -> int:
         total = self.shards.total_samples or 0
         return min(total, self.epoch_samples) if self.epoch_samples else total
@@ -246,22 +279,32 @@ class WebDatasetStream(IterableDataset):
             return None
         try:
             caption = decode_caption(item)  # cheap checks first: no image decode for a bad caption
-            image = decode_image(item, self.image_size, counts, self.max_image_pixels)
-            try:
-                tensor = self.transform.per_image(image)
-            except Exception as e:
-                raise BadSample("corrupt_image", f"transform failed: {e}") from None
+            if self.on_device:
+                tensor = device_decode.prepare(item, self.transform, self.image_size, counts, self.max_image_pixels)
+            else:
+                image = decode_image(item, self.image_size, counts, self.max_image_pixels)
+                try:
+                    tensor = self.transform.per_image(image)
+                except Exception as e:
+                    raise BadSample("corrupt_image", f"transform failed: {e}") from None
         except BadSample as e:
             counts[f"skipped/{e.reason}"] += 1
             return None
         return tensor, caption, item.get("__key__", "")
 
-    def _collate(self, items: list[tuple], counts: Counter, epoch: int | None = None) -> dict[str, Any]:
+    def _collate(self, items: list[tuple], counts: Counter, epoch: int | None = None,
+                 spares: list[tuple] | None = None, originals: int | None = None) -> dict[str, Any]:
         batch: dict[str, Any] = {
-            "image": self.transform.collate([t for t, _, _ in items]),
             "text": self.tokenizer([c for _, c, _ in items]),
             "bad_samples": dict(counts),  # observed since this worker's previous batch
         }
+        if self.on_device:
+            batch.update(device_decode.collate_images([t for t, _, _ in items], self.image_size))
+            # Rows after the originals are refills, already counted: a failure there is no new bad sample.
+            batch["jpeg_refill"] = torch.arange(len(items)) >= (len(items) if originals is None else originals)
+            batch.update(device_decode.collate_spares(spares or [], self.tokenizer, self.image_size))
+        else:
+            batch["image"] = self.transform.collate([t for t, _, _ in items])
         if self.return_keys:
             batch["key"] = [k for _, _, k in items]
             batch["epoch"] = epoch  # the epoch whose sample order this batch comes from

@@ -2,7 +2,8 @@
 
     python -m clip_pl.train debug=smoke      # model=tiny data=synthetic trainer=cpu, 20 steps
 
-Each sample is a deterministic function of (seed, index): a random image and a random token
+Each sample is a deterministic function of (seed, index): a random uint8 image (the loaders' batch
+contract: ``CLIPModule.on_after_batch_transfer`` normalises it on the device) and a random token
 sequence of random length. Global batch t holds samples [t·W·b, (t+1)·W·b) and rank r takes rows
 [r·b, (r+1)·b) of it, so W processes with b each see exactly the samples one process sees with
 W·b (the single-process vs multi-process equality tests rely on that).
@@ -40,7 +41,7 @@ class SyntheticPairs(IterableDataset):
 
     def sample(self, index: int) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        image = torch.randn(3, self.image_size, self.image_size, generator=gen)
+        image = torch.randint(0, 256, (3, self.image_size, self.image_size), dtype=torch.uint8, generator=gen)
         length = int(torch.randint(3, self.context_length + 1, (1,), generator=gen))
         text = torch.zeros(self.context_length, dtype=torch.long)
         text[0] = _SOT

@@ -225,8 +225,9 @@ class _KeyRecorder:  # a LightningModule built lazily so importing this file sta
 
             def training_step(self, batch, batch_idx):
                 self.keys += batch["key"]
-                self.pixels += batch["image"].sum(dim=(1, 2, 3)).tolist()
-                return self.layer(batch["image"].mean(dim=(2, 3))).mean()
+                image = batch["image"].float()  # uint8 pixels: no CLIPModule here to normalise them
+                self.pixels += image.sum(dim=(1, 2, 3)).tolist()
+                return self.layer(image.mean(dim=(2, 3))).mean()
 
             def configure_optimizers(self):
                 return torch.optim.SGD(self.parameters(), lr=0.01)

@@ -89,20 +89,3 @@ def test_val_loader_uses_eval_transform_and_equal_batches(two_sources):
     assert len(keys) == len(set(keys)) == 12, "the ranks evaluate disjoint samples"
     for batches, first_again in ranks:
         assert torch.equal(first_again["image"], batches[0]["image"]), "eval: no random crop, same pixels every time"
-
-
-def test_batched_transform_matches_the_per_image_compose():
-    from clip_pl.data.batch_transform import BatchedImageTransform
-    from tests.support.fake_shards import synthetic_image
-    from clip_pl.model import image_transforms
-
-    images = [synthetic_image(i, 70 + 9 * i, 90 - 5 * i) for i in range(4)]
-    for compose in image_transforms(48):
-        batched = BatchedImageTransform(compose)
-        assert batched.fast
-        torch.manual_seed(3)
-        reference = torch.stack([compose(img) for img in images])
-        torch.manual_seed(3)
-        fast = batched.collate([batched.per_image(img) for img in images])
-        assert fast.shape == (4, 3, 48, 48) and fast.is_contiguous()
-        assert torch.allclose(fast, reference, atol=1e-5)
