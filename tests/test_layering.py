@@ -38,7 +38,8 @@ LAYERS: list[tuple[int, tuple[str, ...], str]] = [
      "engines share; built on the foundations only"),
     (2, ("clip_pl.module", "clip_pl.strategies", "clip_pl.checkpointing", "clip_pl.csv_metrics", "clip_pl.inference",
          "clip_pl.data.stream", "clip_pl.data.datamodule", "clip_pl.data.synthetic",
-         "clip_pl.eval.datasets", "clip_pl.eval.zeroshot", "clip_pl.eval.retrieval"),
+         "clip_pl.eval.datasets", "clip_pl.eval.zeroshot", "clip_pl.eval.retrieval",
+         "clip_pl.eval.tasks", "clip_pl.eval.linear_probe", "clip_pl.eval.suite"),
      "engines: the LightningModule, strategies, atomic checkpoint files and the resume choice, the CSV "
      "logger, the data pipelines (training and evaluation), the evaluators, inference; each usable alone, "
      "none knows the training loop's callbacks"),
