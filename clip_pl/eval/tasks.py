@@ -96,7 +96,7 @@ class Task:
 
 
 def _fail(where: str, problem: str, fix: str) -> TaskListError:
-    return TaskListError(f"{where}: {problem} — {fix}")
+    return TaskListError(f"{where}: {problem.rstrip('.')} — {fix}")
 
 
 def _resolve(path: str, base: Path) -> str:
@@ -272,8 +272,8 @@ def parse_task(name: str, entry: Any, base: Path, source: str) -> Task:
     train = parse_data(entry.get("train"), base, f"{where} (train)", split="train")
     test = parse_data(entry.get("test"), base, f"{where} (test)", split="test")
     val = parse_data(entry["val"], base, f"{where} (val)", split="val") if entry.get("val") is not None else None
-    classnames = _classnames(entry, train, where) if (entry.get("classnames") or train.root or
-                                                        train.format == "imagefolder") else ()
+    # A probe learns its classes from the labels: names are optional (checked against the folders if given).
+    classnames = _classnames(entry, train, where) if entry.get("classnames") else ()
     fewshot_k = int(entry.get("fewshot_k", -1))
     if fewshot_k == 0 or fewshot_k < -1:
         raise _fail(where, f"fewshot_k={fewshot_k}", "use -1 (all training images) or k > 0 images per class")
