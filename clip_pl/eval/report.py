@@ -10,6 +10,8 @@ from typing import Any, Mapping, Sequence
 def _shown(metric: str, value: Any) -> str:
     if metric == "seconds":
         return f"{value:.1f}"
+    if metric == "weight_decay":  # the linear probe's chosen regularisation, not a rate
+        return f"{value:.3g}"
     if isinstance(value, int):  # counts (samples, images …)
         return str(value)
     return f"{100 * value:.2f} %"
