@@ -48,7 +48,7 @@ LAYERS: list[tuple[int, tuple[str, ...], str]] = [
      "telemetry, progress, heatmap, CSV continuity, key recording, evaluation); may use any engine"),
     (4, ("clip_pl.config_checks", "clip_pl.assembly"),
      "assembly: a Hydra config checked, then turned into data, module, callbacks and trainer"),
-    (5, ("clip_pl.train", "clip_pl.eval.__main__", "clip_pl.demo", "clip_pl.plots",
+    (5, ("clip_pl.train", "clip_pl.eval.__main__", "clip_pl.eval.demo_tasks", "clip_pl.demo", "clip_pl.plots",
          "clip_pl.data.audit", "clip_pl.data.plan"),
      "entry points: command lines (python -m …); nothing imports them but each other"),
     # data_prep never imports clip_pl (and clip_pl never imports data_prep: the demo runs it as a command).

@@ -37,7 +37,8 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from clip_pl.eval import datasets
-from clip_pl.eval.labels import check_templates, check_unique, load_classnames, load_templates
+from clip_pl.eval.labels import (BUILTIN_CLASSNAMES, BUILTIN_TEMPLATES, check_templates, check_unique, load_classnames,
+                                 load_templates)
 
 ZEROSHOT, RETRIEVAL, LINEAR_PROBE = "zeroshot_classification", "retrieval", "linear_probe"
 TASK_TYPES = (ZEROSHOT, RETRIEVAL, LINEAR_PROBE)
@@ -165,9 +166,14 @@ def class_folders(root: str) -> list[str]:
     return sorted((p.name for p in Path(root).iterdir() if p.is_dir()), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
 
 
-def _classnames(entry: Mapping, data: DataSpec, where: str) -> list[str]:
+def _relative_file(spec: Any, builtins: Mapping, base: Path) -> Any:
+    """A file name in the list is relative to the list's folder; built-in names and lists stay as they are."""
+    return _resolve(spec, base) if isinstance(spec, str) and spec not in builtins else spec
+
+
+def _classnames(entry: Mapping, data: DataSpec, where: str, base: Path) -> list[str]:
     """The given class names, else the clip_benchmark folder's, else the ImageFolder's folder names."""
-    spec = entry.get("classnames")
+    spec = _relative_file(entry.get("classnames"), BUILTIN_CLASSNAMES, base)
     try:
         if spec is not None:
             names = load_classnames(spec if isinstance(spec, str) else list(spec))
@@ -207,8 +213,8 @@ def _check_folders_match(names: Sequence[str], root: str, where: str) -> None:
                     f"list them in sorted folder order ({folders[:4]}…) or leave classnames out")
 
 
-def _templates(entry: Mapping, data: DataSpec, where: str) -> list[str]:
-    spec = entry.get("templates")
+def _templates(entry: Mapping, data: DataSpec, where: str, base: Path) -> list[str]:
+    spec = _relative_file(entry.get("templates"), BUILTIN_TEMPLATES, base)
     if spec is None and data.root is not None:
         spec = str(data.root / CLIP_BENCHMARK_TEMPLATES)
     if spec is None:
@@ -254,8 +260,8 @@ def parse_task(name: str, entry: Any, base: Path, source: str) -> Task:
     batch_size = entry.get("batch_size")
     if task_type == ZEROSHOT:
         data = parse_data(entry.get("data"), base, where)
-        classnames = _classnames(entry, data, where)
-        templates = _templates(entry, data, where)
+        classnames = _classnames(entry, data, where, base)
+        templates = _templates(entry, data, where, base)
         metrics, main = _metrics(entry, task_type, CLASSIFICATION_METRICS, where)
         return Task(name, task_type, metrics, main, data=data, classnames=tuple(classnames),
                     templates=tuple(templates), batch_size=batch_size)
@@ -273,7 +279,7 @@ def parse_task(name: str, entry: Any, base: Path, source: str) -> Task:
     test = parse_data(entry.get("test"), base, f"{where} (test)", split="test")
     val = parse_data(entry["val"], base, f"{where} (val)", split="val") if entry.get("val") is not None else None
     # A probe learns its classes from the labels: names are optional (checked against the folders if given).
-    classnames = _classnames(entry, train, where) if entry.get("classnames") else ()
+    classnames = _classnames(entry, train, where, base) if entry.get("classnames") else ()
     fewshot_k = int(entry.get("fewshot_k", -1))
     if fewshot_k == 0 or fewshot_k < -1:
         raise _fail(where, f"fewshot_k={fewshot_k}", "use -1 (all training images) or k > 0 images per class")
