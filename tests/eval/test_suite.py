@@ -103,3 +103,23 @@ def test_the_command_line_prints_one_table_and_the_average(suite, tmp_path):
     assert "zs  " in done.stdout and "mean_recall@1 *" in done.stdout and "acc1 *" in done.stdout
     assert f"DataComp-style: {100 * written['average']:.2f} %" in done.stdout
     assert written["average"] == pytest.approx((written["zs/acc1"] + written["captions/mean_recall@1"]) / 2)
+
+
+def test_the_suite_runs_during_training_every_n_steps(suite, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from clip_pl.callbacks.evaluation import SuiteCallback
+    from clip_pl.config_dir import config_dir
+    from clip_pl.train import train
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["debug=smoke", "trainer.max_steps=3", "scheduler.warmup_steps=1",
+                                          "data.batch_size=4", f"paths.root_dir={tmp_path}", "run_name=run", "eval=suite",
+                                          f"eval.task_list={suite['task_list']}", "eval.callbacks.suite.every_n_steps=2",
+                                          "eval.callbacks.suite.num_workers=0"])
+        trainer = train(cfg)
+    callback = next(cb for cb in trainer.callbacks if isinstance(cb, SuiteCallback))
+    assert [step for step, _ in callback.history] == [2, 3]
+    final = callback.last_metrics
+    assert final["average"] == pytest.approx((final["zs/acc1"] + final["captions/mean_recall@1"]) / 2)
+    assert float(trainer.callback_metrics["eval/suite/zs/acc1"]) == pytest.approx(final["zs/acc1"])
