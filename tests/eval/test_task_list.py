@@ -90,3 +90,23 @@ def test_a_clip_benchmark_folder_and_labelled_shards_read_like_the_imagefolder(t
     results = evaluate_tasks(model, config, tasks, batch_size=4)
     assert results["folder"] == results["benchmark"] == results["shards"]
     assert results["folder"]["samples"] == 14 and set(results["folder"]) >= {"acc1", "acc5", "mean_per_class_recall"}
+
+
+def test_the_documented_task_lists_use_only_known_types_and_keys():
+    """The YAML examples of README.md and docs/evaluation.md (their /data paths do not exist here)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from clip_pl.eval.tasks import _DATA_KEYS, _KEYS
+
+    repo = Path(__file__).resolve().parents[2]
+    blocks = [b for doc in ("README.md", "docs/evaluation.md")
+              for b in re.findall(r"```yaml\n(.*?)```", (repo / doc).read_text(), flags=re.S)]
+    tasks = [task for block in blocks for task in yaml.safe_load(block)["tasks"].values()]
+    assert len(tasks) >= 6
+    for task in tasks:
+        assert set(task) <= _KEYS[task["type"]], task
+        for data in (task.get(k) for k in ("data", "train", "val", "test")):
+            assert data is None or isinstance(data, str) or set(data) <= _DATA_KEYS, task
