@@ -263,6 +263,9 @@ def parse_task(name: str, entry: Any, base: Path, source: str) -> Task:
         classnames = _classnames(entry, data, where, base)
         templates = _templates(entry, data, where, base)
         metrics, main = _metrics(entry, task_type, CLASSIFICATION_METRICS, where)
+        if main == "acc5" and len(classnames) < 5:
+            raise _fail(where, f"main_metric acc5 with {len(classnames)} classes (top-5 needs at least 5)",
+                        "use acc1 or mean_per_class_recall")
         return Task(name, task_type, metrics, main, data=data, classnames=tuple(classnames),
                     templates=tuple(templates), batch_size=batch_size)
     if task_type == RETRIEVAL:

@@ -57,6 +57,7 @@ def test_named_class_folders_must_match_the_class_names(tmp_path):
     assert load_task_list(write_task_list(tmp_path / "ok.yaml", "tasks:\n" + task))[0].classnames == ("circle", "square")
     _refused(tmp_path, task + "    classnames: [square, circle]\n", r"folder names in another order")
     _refused(tmp_path, task + "    classnames: [circle, square, star]\n", r"2 class folders .* but 3 class names")
+    _refused(tmp_path, task + "    main_metric: acc5\n", r"main_metric acc5 with 2 classes")
 
 
 def test_a_bad_list_fails_before_the_checkpoint_is_read(tmp_path):
