@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: zero-shot classification and/or retrieval; prints a table, writes JSON.
+"""Evaluate a checkpoint: zero-shot classification, retrieval, or a task list (eval=suite); prints a table, writes JSON.
 
     python -m clip_pl.eval checkpoint=runs/x/checkpoints/last.ckpt eval=demo_digits
     python -m clip_pl.eval checkpoint=last.ckpt eval=imagenet_zeroshot paths.imagenet_val_dir=/data/val

@@ -30,7 +30,7 @@ Relative paths are relative to the task list's folder. Every problem is reported
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -93,7 +93,6 @@ class Task:
     val_fraction: float = 0.2
     seed: int = 0
     batch_size: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _fail(where: str, problem: str, fix: str) -> TaskListError:
