@@ -7,7 +7,6 @@ and for a rank that receives nothing at all; a whole task list (zero-shot, retri
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from clip_pl.eval.retrieval import retrieval_evaluate
@@ -70,7 +69,6 @@ def evaluate_suite(rank: int, world_size: int, checkpoint: str, task_list: str) 
                           batch_size=4)
 
 
-@pytest.mark.slow  # ~35 s on the loaded 2-core box: two spawned ranks, four tasks
 def test_a_task_list_on_two_gloo_ranks_equals_one_process(tmp_path):
     """Zero-shot (13 images), retrieval (3 shards of 9 images), linear probes (15 / 7 images, held-out val,
     few-shot): odd sizes, so the ranks get unequal slices."""
