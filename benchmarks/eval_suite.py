@@ -88,7 +88,7 @@ def clip_benchmark_tasks(model, transform, tokenizer, root: Path, classnames, te
     seconds["shape_captions"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    real_cuda = torch.nn.Module.cuda, torch.Tensor.cuda
+    real_cuda, real_accuracy = (torch.nn.Module.cuda, torch.Tensor.cuda), linear_probe.accuracy
     torch.nn.Module.cuda = lambda self, *a, **k: self  # its probe hard-codes CUDA; the arithmetic is unchanged
     torch.Tensor.cuda = lambda self, *a, **k: self
     try:
@@ -117,6 +117,7 @@ def clip_benchmark_tasks(model, transform, tokenizer, root: Path, classnames, te
         linear_probe.infer(final, DataLoader(linear_probe.FeatureDataset(*features["test"]), batch_size=BATCH), False, "cpu")
     finally:
         torch.nn.Module.cuda, torch.Tensor.cuda = real_cuda
+        linear_probe.accuracy = real_accuracy
     seconds["shapes_probe"] = time.perf_counter() - start
     return seconds
 
