@@ -7,8 +7,11 @@ Each stage is the command a user would type, run as a subprocess, so the demo ex
 the public entry points:
   1. python -m data_prep.demo --out ROOT/demo_out/corpus        local HTTP server → img2dataset
   2. python -m clip_pl.train experiment=demo …                  tiny CLIP, zero-shot every 100 steps
-  3. python -m clip_pl.eval checkpoint=…/last.ckpt eval=demo_digits   held-out digits, prompts
-then plots the curves and prints a summary (also written to ROOT/runs/demo/demo_summary.json).
+  3. python -m clip_pl.eval.demo_tasks --out ROOT/demo_out/tasks …   draws the shape tasks, lists the suite
+     python -m clip_pl.eval checkpoint=…/last.ckpt eval=suite eval.task_list=…/tasks.yaml
+                                                                held-out digits, shapes, captions, a linear probe
+then plots the curves and prints a summary (also written to ROOT/runs/demo/demo_summary.json), ending
+with the suite's table.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def summarize(run_dir: Path, corpus: Path, eval_json: Path, stage_seconds: dict)
     bad = {k.split("/", 2)[2]: int(v[-1][1]) for k, v in series.items() if k.startswith("data/bad_samples/")}
     manifest = json.loads((corpus / "manifest.json").read_text())
     stats = manifest["stats"]
-    results = json.loads(eval_json.read_text())["results"]["demo_digits"]
+    suite = json.loads(eval_json.read_text())["results"]["suite"]
+    results = {"top1": suite["digits/acc1"], "top5": suite["digits/acc5"], "samples": suite["digits/samples"]}
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*")) if (run_dir / "wandb").is_dir() else []
     return {
         "samples_seen": end["global_step"] * end["global_batch_size"],
@@ -53,6 +57,7 @@ def summarize(run_dir: Path, corpus: Path, eval_json: Path, stage_seconds: dict)
         "zero_shot_top1": results["top1"],
         "zero_shot_top5": results["top5"],
         "held_out_images": results.get("samples"),
+        "suite": suite,
         "seconds": stage_seconds,
         "paths": {
             "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
@@ -60,6 +65,7 @@ def summarize(run_dir: Path, corpus: Path, eval_json: Path, stage_seconds: dict)
             "curves": str(run_dir / "plots" / "curves.png"),
             "similarity_heatmaps": str(run_dir / "plots"),
             "eval_json": str(eval_json),
+            "task_list": str(corpus.parent / "tasks" / "tasks.yaml"),
             "wandb_offline_run": str(wandb_runs[-1]) if wandb_runs else None,
         },
     }
@@ -79,6 +85,12 @@ def print_summary(summary: dict) -> None:
         print(f"{name:<21}{path}")
     if summary["paths"]["wandb_offline_run"]:
         print(f"W&B                  offline run; upload it with: wandb sync {summary['paths']['wandb_offline_run']}")
+    from clip_pl.eval.report import format_suite_table
+    from clip_pl.eval.tasks import load_task_list
+
+    tasks = load_task_list(summary["paths"]["task_list"])
+    print("\n=== evaluation suite (python -m clip_pl.eval … eval=suite)")
+    print(format_suite_table(summary["suite"], [(t.name, t.type, t.main_metric) for t in tasks]))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -103,10 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
         train.append(f"trainer.max_steps={args.steps}")
     seconds["train"] = run_stage("2/3 training the tiny CLIP (zero-shot on held-out digits every 100 steps)",
                                  train + args.overrides, root)
-    eval_json = run_dir / "eval_demo_digits.json"
-    seconds["eval"] = run_stage("3/3 zero-shot evaluation of the final checkpoint",
-                                [python, "-m", "clip_pl.eval", f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}",
-                                 "eval=demo_digits", f"paths.demo_dir={corpus}", f"output_json={eval_json}"], root)
+    eval_json, tasks = run_dir / "eval_suite.json", root / "demo_out" / "tasks"
+    seconds["eval"] = run_stage("3/3 the evaluation suite on the final checkpoint: drawing its tasks",
+                                [python, "-m", "clip_pl.eval.demo_tasks", "--out", str(tasks),
+                                 "--digits", str(corpus / "test")], root)
+    seconds["eval"] += run_stage("3/3 the evaluation suite: digits, shapes, shape captions, a linear probe",
+                                 [python, "-m", "clip_pl.eval", f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}",
+                                  "eval=suite", f"eval.task_list={tasks / 'tasks.yaml'}", f"output_json={eval_json}"], root)
     plot_training_curves(run_dir / "csv" / "metrics.csv", run_dir / "plots" / "curves.png")
     summary = summarize(run_dir, corpus, eval_json, seconds)
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -29,3 +29,5 @@ def test_the_demo_pipeline_learns_and_reports(tmp_path, capsys):
     assert summary["paths"]["wandb_offline_run"] and "offline-run" in summary["paths"]["wandb_offline_run"]
     printed = capsys.readouterr().out
     assert "zero-shot" in printed and "wandb sync" in printed
+    assert printed.rstrip().splitlines()[-1].startswith("average of the 4 main metrics (*), DataComp-style")
+    assert {"digits/acc1", "shapes/acc1", "shape_captions/mean_recall@1", "shapes_probe/lp_acc1"} <= set(summary["suite"])

@@ -38,7 +38,8 @@ LAYERS: list[tuple[int, tuple[str, ...], str]] = [
      "engines share; built on the foundations only"),
     (2, ("clip_pl.module", "clip_pl.strategies", "clip_pl.checkpointing", "clip_pl.csv_metrics", "clip_pl.inference",
          "clip_pl.data.stream", "clip_pl.data.datamodule", "clip_pl.data.synthetic",
-         "clip_pl.eval.datasets", "clip_pl.eval.zeroshot", "clip_pl.eval.retrieval"),
+         "clip_pl.eval.datasets", "clip_pl.eval.zeroshot", "clip_pl.eval.retrieval",
+         "clip_pl.eval.tasks", "clip_pl.eval.linear_probe", "clip_pl.eval.suite"),
      "engines: the LightningModule, strategies, atomic checkpoint files and the resume choice, the CSV "
      "logger, the data pipelines (training and evaluation), the evaluators, inference; each usable alone, "
      "none knows the training loop's callbacks"),
@@ -47,7 +48,7 @@ LAYERS: list[tuple[int, tuple[str, ...], str]] = [
      "telemetry, progress, heatmap, CSV continuity, key recording, evaluation); may use any engine"),
     (4, ("clip_pl.config_checks", "clip_pl.assembly"),
      "assembly: a Hydra config checked, then turned into data, module, callbacks and trainer"),
-    (5, ("clip_pl.train", "clip_pl.eval.__main__", "clip_pl.demo", "clip_pl.plots",
+    (5, ("clip_pl.train", "clip_pl.eval.__main__", "clip_pl.eval.demo_tasks", "clip_pl.demo", "clip_pl.plots",
          "clip_pl.data.audit", "clip_pl.data.plan"),
      "entry points: command lines (python -m …); nothing imports them but each other"),
     # data_prep never imports clip_pl (and clip_pl never imports data_prep: the demo runs it as a command).

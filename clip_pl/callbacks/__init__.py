@@ -8,7 +8,7 @@
     metrics_continuity.py   ContinueMetrics: a resumed run's CSV log continues at its step
     keys.py                 KeyRecorder: the sample keys each rank trained on (data.record_keys)
     ema.py                  EMA: an fp32 moving average of the weights, kept in the checkpoint (callbacks.ema)
-    evaluation.py           ZeroShotCallback, RetrievalCallback: evaluation during training
+    evaluation.py           ZeroShotCallback, RetrievalCallback, SuiteCallback: evaluation during training
     loop.py                 RunEvents (events.jsonl), GradNorm, StepSleep (debug=throttle)
 
 The configs name them as ``clip_pl.callbacks.<Name>`` (conf/callbacks, conf/eval). Names are
@@ -27,6 +27,6 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "metrics_continuity": ["ContinueMetrics"],
     "keys": ["KeyRecorder"],
     "ema": ["EMA"],
-    "evaluation": ["ZeroShotCallback", "RetrievalCallback"],
+    "evaluation": ["ZeroShotCallback", "RetrievalCallback", "SuiteCallback"],
     "loop": ["RunEvents", "GradNorm", "StepSleep"],
 })

@@ -4,6 +4,7 @@ Configured in ``clip_pl/conf/eval/*.yaml`` under ``callbacks:``; the training co
 
     python -m clip_pl.train eval=demo_digits                  # zero-shot on the demo's held-out digits
     python -m clip_pl.train eval=imagenet_zeroshot eval.callbacks.imagenet.every_n_steps=2000
+    python -m clip_pl.train experiment=demo eval=suite eval.task_list=demo_out/tasks.yaml   # a task list
 
 Every ``every_n_steps`` optimiser steps (and once when training ends, unless that step was just
 evaluated) each rank evaluates its slice of the data with the model in eval mode under the
@@ -27,7 +28,10 @@ from torch import nn
 from clip_pl.eval import datasets
 from clip_pl.eval.common import AutocastFactory, no_autocast
 from clip_pl.eval.labels import load_classnames, load_templates
+from clip_pl.eval.report import format_suite_table, format_table
 from clip_pl.eval.retrieval import RECALL_K, retrieval_evaluate
+from clip_pl.eval.suite import AVERAGE, evaluate_tasks, suite_average
+from clip_pl.eval.tasks import load_task_list
 from clip_pl.eval.zeroshot import zero_shot_evaluate
 from clip_pl.callbacks.telemetry import pause_clock
 from clip_pl.callbacks.ema import evaluation_weights
@@ -69,6 +73,10 @@ class _PeriodicEvaluation(pl.Callback, ABC):
     def evaluate(self, model: nn.Module, model_config: Mapping[str, Any],
                  autocast: AutocastFactory = no_autocast) -> dict[str, float]:
         """This task's metrics for ``model``, computed over all ranks (every rank calls it)."""
+
+    def table(self, metrics: Mapping[str, float]) -> str:
+        """How ``python -m clip_pl.eval`` prints this callback's metrics."""
+        return format_table({self.name: metrics})
 
     def _evaluate_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         start = time.perf_counter()
@@ -160,3 +168,31 @@ class RetrievalCallback(_PeriodicEvaluation):
                                   num_workers=self.num_workers, text_key=self.text_key,
                                   caption_separator=self.caption_separator, ks=self.ks,
                                   chunk_size=self.chunk_size, autocast=autocast)
+
+
+class SuiteCallback(_PeriodicEvaluation):
+    """Every task of a task list (``clip_pl/eval/tasks.py``: zero-shot classification, retrieval, linear
+    probes), each sharded across ranks; logs ``eval/<name>/<task>/<metric>`` and ``eval/<name>/average``
+    (the mean of each task's main metric, DataComp-style). The list is read and checked here, at
+    construction, so a bad list fails before the model is loaded or training starts.
+    """
+
+    def __init__(self, task_list: str, name: str = "suite", every_n_steps: int = 1000, at_train_end: bool = True,
+                 batch_size: int = 64, num_workers: int = 4):
+        super().__init__(name, every_n_steps, at_train_end)
+        if not task_list:
+            raise ValueError(f"eval callback {name!r}: no task list given; pass eval.task_list=PATH to a YAML task "
+                             f"list (format: clip_pl/eval/tasks.py, example: docs/evaluation.md).")
+        self.tasks = load_task_list(task_list)
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def evaluate(self, model: nn.Module, model_config: Mapping[str, Any],
+                 autocast: AutocastFactory = no_autocast) -> dict[str, float]:
+        results = evaluate_tasks(model, model_config, self.tasks, batch_size=self.batch_size,
+                                 num_workers=self.num_workers, autocast=autocast)
+        flat = {f"{task}/{metric}": value for task, metrics in results.items() for metric, value in metrics.items()}
+        flat[AVERAGE] = suite_average(results, self.tasks)
+        return flat
+
+    def table(self, metrics: Mapping[str, float]) -> str:
+        return format_suite_table(metrics, [(t.name, t.type, t.main_metric) for t in self.tasks])

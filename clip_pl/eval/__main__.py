@@ -1,9 +1,10 @@
-"""Evaluate a checkpoint: zero-shot classification and/or retrieval; prints a table, writes JSON.
+"""Evaluate a checkpoint: zero-shot classification, retrieval, or a task list (eval=suite); prints a table, writes JSON.
 
     python -m clip_pl.eval checkpoint=runs/x/checkpoints/last.ckpt eval=demo_digits
     python -m clip_pl.eval checkpoint=last.ckpt eval=imagenet_zeroshot paths.imagenet_val_dir=/data/val
     python -m clip_pl.eval checkpoint=last.ckpt eval=retrieval paths.retrieval_shards='/data/coco/{0000..0004}.tar'
     python -m clip_pl.eval checkpoint=ViT-B-32.pt arch=ViT-B-32-quickgelu eval=imagenet_zeroshot   # OpenAI weights
+    python -m clip_pl.eval checkpoint=last.ckpt eval=suite eval.task_list=demo_out/tasks.yaml   # a task list
     torchrun --nproc-per-node 8 -m clip_pl.eval checkpoint=… eval=…       # sharded over 8 GPUs
 
 The config is clip_pl/conf/eval_app.yaml; every task is a callback under ``eval.callbacks`` (the same ones
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clip_pl.config_dir import config_dir
 from clip_pl.distributed import rank_and_world_size
-from clip_pl.eval.report import format_table, write_json
+from clip_pl.eval.report import write_json
 from clip_pl.interchange import build_from_checkpoint, read_model_checkpoint
 
 CONF_DIR = config_dir()  # clip_pl/conf, inside the package
@@ -77,7 +78,7 @@ def run(cfg: DictConfig, eval_choice: str = "eval") -> dict[str, Any]:
     payload = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "arch": loaded.arch, "eval": eval_choice,
                "world_size": rank_and_world_size()[1], "results": results}
     if rank_and_world_size()[0] == 0:
-        print(format_table(results))
+        print("\n\n".join(callbacks[name].table(metrics) for name, metrics in results.items()))
         checkpoint = Path(cfg.checkpoint)
         output = cfg.output_json or checkpoint.with_name(f"{checkpoint.stem}.eval-{eval_choice}.json")
         print(f"wrote {write_json(output, payload)}")

@@ -34,6 +34,7 @@ from clip_pl.data.reader import read_shard
 from clip_pl.data.shardspec import resolve_shards
 
 _SPEC_CHARS = ("{", "*", "?", "[", "::", "pipe:", "://")
+POSITIONS_PER_SHARD = 1 << 32  # a sample's position: shard number × this + its place in the shard
 
 
 # --------------------------------------------------------------------------- locating the data
@@ -73,12 +74,13 @@ class ClassIndexImageFolder(ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
 
-def imagefolder_for_rank(root: str | Path, transform: Callable, num_classes: int, rank: int,
+def imagefolder_for_rank(root: str | Path, transform: Callable, num_classes: int | None, rank: int,
                          world_size: int) -> Dataset:
     dataset = ClassIndexImageFolder(str(root), transform=transform, allow_empty=True)
     numeric = all(name.isdigit() for name in dataset.classes)
     highest = max(dataset.class_to_idx.values())
-    if (numeric and highest >= num_classes) or (not numeric and len(dataset.classes) != num_classes):
+    if num_classes is not None and ((numeric and highest >= num_classes) or
+                                    (not numeric and len(dataset.classes) != num_classes)):
         raise ValueError(
             f"ImageFolder {str(root)!r} has class folders {dataset.classes[:5]}… "
             f"({len(dataset.classes)} of them, largest index {highest}) but {num_classes} class names were "
@@ -116,11 +118,17 @@ class ShardSamples(IterableDataset):
     on one rank only when every rank reads it.
     """
 
-    def __init__(self, urls: Sequence[str], sample_fn: Callable[[dict, Counter], Any], rank: int, world_size: int):
+    def __init__(self, urls: Sequence[str], sample_fn: Callable[[dict, Counter], Any], rank: int, world_size: int,
+                 with_position: bool = False):
         self.urls, self.sample_fn = list(urls), sample_fn
         self.keep: _KeepSamplesOfRank | None = None
         self.owned = list(range(len(self.urls)))  # shards whose read errors this rank counts
+        # with_position: each item ends with its place in the whole set (shard, then sample within the
+        # shard), so results gathered from any number of ranks and workers can be put back in one order.
+        self.with_position = with_position
+        self.shard_number = list(range(len(self.urls)))
         if world_size > 1 and len(self.urls) >= world_size:
+            self.shard_number = self.shard_number[rank::world_size]
             self.urls, self.owned = self.urls[rank::world_size], list(range(len(self.urls[rank::world_size])))
         elif world_size > 1:
             self.keep = _KeepSamplesOfRank(rank, world_size)
@@ -131,7 +139,7 @@ class ShardSamples(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for index in range(worker, len(self.urls), workers):
             events: Counter = Counter()
-            for raw in read_shard(self.urls[index], None, events):
+            for position, raw in enumerate(read_shard(self.urls[index], None, events)):
                 if self.keep is not None and not self.keep(raw):
                     continue
                 counts: Counter = Counter()
@@ -142,7 +150,7 @@ class ShardSamples(IterableDataset):
                     item = None
                 yield from (Skipped(reason, n) for reason, n in counts.items())
                 if item is not None:
-                    yield item
+                    yield (*item, self.shard_number[index] * POSITIONS_PER_SHARD + position) if self.with_position else item
             if index in self.owned:
                 yield from (Skipped(reason, n) for reason, n in events.items())
 
@@ -188,8 +196,31 @@ class _CaptionedSample:
 
 
 def labelled_webdataset(shards: list[str], transform: Callable, label_key: str, rank: int,
-                        world_size: int) -> IterableDataset:
-    return ShardSamples(shards, _LabelledSample(transform, label_key), rank, world_size)
+                        world_size: int, with_position: bool = False) -> IterableDataset:
+    return ShardSamples(shards, _LabelledSample(transform, label_key), rank, world_size, with_position)
+
+
+class _WithPosition(Dataset):
+    """(image, label, index in the whole ImageFolder) for rank ``rank``'s images r, r+W, r+2W …"""
+
+    def __init__(self, subset: Subset):
+        self.subset = subset
+
+    def __len__(self) -> int:
+        return len(self.subset)
+
+    def __getitem__(self, i: int):
+        return (*self.subset[i], self.subset.indices[i])
+
+
+def labelled_for_rank(data: str | Sequence[str], transform: Callable, num_classes: int | None, label_key: str,
+                      rank: int, world_size: int, with_position: bool = False) -> Dataset | IterableDataset:
+    """This rank's (image, label[, position]) items of an ImageFolder or labelled shards. ``num_classes``
+    None: the folders need no class names (a linear probe learns from the labels alone)."""
+    if is_imagefolder(data):
+        subset = imagefolder_for_rank(data, transform, num_classes, rank, world_size)
+        return _WithPosition(subset) if with_position else subset
+    return labelled_webdataset(expand_shards(data), transform, label_key, rank, world_size, with_position)
 
 
 def captioned_webdataset(shards: list[str], transform: Callable, tokenizer: Callable, text_key: str,

@@ -49,6 +49,19 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = TO
     return torch.stack([found[:, : min(k, largest)].any(dim=1).sum() for k in ks])
 
 
+def class_counts(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(2, C): images of each class, and those among them whose top-1 prediction is right."""
+    right = logits.argmax(dim=1) == labels
+    return torch.stack([torch.bincount(labels, minlength=num_classes),
+                        torch.bincount(labels[right], minlength=num_classes)])
+
+
+def mean_per_class_recall(counts: torch.Tensor) -> float:
+    """Mean over the classes that have images of their top-1 recall (sklearn's balanced accuracy)."""
+    present = counts[0] > 0
+    return float((counts[1][present].double() / counts[0][present].double()).mean())
+
+
 def zero_shot_evaluate(model: nn.Module, model_config: Mapping[str, Any], data: str | Sequence[str],
                        classnames: Sequence[str], templates: Sequence[str], batch_size: int = 64,
                        num_workers: int = 0, label_key: str = "cls",
@@ -67,6 +80,8 @@ def zero_shot_evaluate(model: nn.Module, model_config: Mapping[str, Any], data: 
     device, dtype = placement(model)
     hits = torch.zeros(len(TOP_K), dtype=torch.long, device=device)
     count = torch.zeros(1, dtype=torch.long, device=device)
+    # Per class: images, and images whose top-1 is right (mean per-class recall, clip_benchmark's metric).
+    per_class = torch.zeros((2, len(classnames)), dtype=torch.long, device=device)
     bad: Counter = Counter()
     with evaluation_mode(model):
         classifier = build_classifier(model, tokenizer, classnames, templates, int(model_config["embed_dim"]),
@@ -82,13 +97,16 @@ def zero_shot_evaluate(model: nn.Module, model_config: Mapping[str, Any], data: 
                                  f"the class-name list and the dataset's labels disagree.")
             with autocast():
                 features = model.encode_image(images.to(device, dtype), normalize=True)
-            hits += topk_hits(features.float() @ classifier, labels)
+            logits = features.float() @ classifier
+            hits += topk_hits(logits, labels)
             count += labels.numel()
-    totals = all_reduce_sum(torch.cat([hits, count]))
-    total = int(totals[-1])
+            per_class += class_counts(logits, labels, len(classnames))
+    totals = all_reduce_sum(torch.cat([hits, count, per_class.flatten()]))
+    total = int(totals[len(TOP_K)])
     if total == 0:
         raise ValueError(f"zero-shot data {data!r} yielded no samples.")
     result = {f"top{k}": float(totals[i]) / total for i, k in enumerate(TOP_K)}
+    result["mean_per_class_recall"] = mean_per_class_recall(totals[len(TOP_K) + 1:].reshape(2, -1))
     result["samples"] = total
     result.update(bad_sample_metrics(bad))
     return result
