@@ -31,3 +31,14 @@ def test_the_demo_pipeline_learns_and_reports(tmp_path, capsys):
     assert "zero-shot" in printed and "wandb sync" in printed
     assert printed.rstrip().splitlines()[-1].startswith("average of the 4 main metrics (*), DataComp-style")
     assert {"digits/acc1", "shapes/acc1", "shape_captions/mean_recall@1", "shapes_probe/lp_acc1"} <= set(summary["suite"])
+    # stage 4, curation: the URL table balanced (the head entry "one" cut towards t), every stored pair
+    # scored by the trained model and the 90 % cut; each count adds up and the cut separates scores
+    balance, cut = summary["curation"]["balance"], summary["curation"]["clip_score_cut"]
+    assert balance["rows"] == summary["download"]["urls"]
+    assert balance["kept"] + sum(balance["removed_by_reason"].values()) == balance["rows"]
+    assert balance["top_entry"]["before"] > balance["threshold"] and balance["top_entry"]["after"] < balance["top_entry"]["before"]
+    assert cut["scored"] == summary["download"]["stored"]
+    assert cut["kept"] == round(0.9 * cut["scored"]) or abs(cut["kept"] - 0.9 * cut["scored"]) <= 1
+    assert cut["kept"] + sum(cut["removed_by_reason"].values()) == cut["scored"]
+    assert cut["median_score_kept"] > cut["median_score_removed"]
+    assert "balancing" in printed and "CLIP-score cut" in printed
