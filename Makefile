@@ -30,6 +30,8 @@ bench: setup
 	$(PY) -m benchmarks.train_throughput
 	$(PY) -m benchmarks.loader_bench
 	$(PY) -m benchmarks.grad_cache_memory
+	$(PY) -m benchmarks.eval_suite
+	$(PY) -m benchmarks.curate_bench
 
 clean:
 	rm -rf $(VENV) outputs runs demo_out .pytest_cache

@@ -1,5 +1,7 @@
 """Every CPU benchmark script runs, scaled down, through its own command line (the GPU check has its
-dry-run in tests/test_gpu_check.py; the scale tables in tests/test_scale_plan.py). They report; these
+dry-run in tests/test_gpu_check.py, the scale tables tests/test_scale_plan.py, the curation benchmark
+tests/data_prep/test_score.py; the LiT comparison, benchmarks/lit_vs_scratch.py, trains two demo runs and
+is not run here: its recipe, experiment=lit_demo, is, in tests/test_config.py). They report; these
 tests check that each runs to its result and that the result is the shape RESULTS.md reads, not speed.
 
     pytest tests/test_benchmarks.py      # ~2 min on 2 cores
@@ -56,3 +58,15 @@ def test_strategy_memory_shows_a_locked_tower_holding_less(tmp_path):
     rows = json.loads(out.read_text())
     # a locked image tower drops its gradients and Adam moments: 12 of its 16 bytes per parameter
     assert rows["ddp_image_locked"]["model_state_mb"] < rows["ddp"]["model_state_mb"]
+
+
+def test_the_eval_suite_benchmark_times_every_task_on_both_sides(tmp_path, capsys):
+    from benchmarks.eval_suite import main
+
+    result = main(["--per-class", "1", "--repeats", "1", "--json", str(tmp_path / "r.json")])
+    assert set(result["tasks"]) == {"shapes", "shape_captions", "shapes_probe"}
+    for row in result["tasks"].values():
+        assert row["clip_pl_s"] > 0 and row["clip_benchmark_s"] > 0
+        assert row["ratio"] == pytest.approx(row["clip_benchmark_s"] / row["clip_pl_s"])
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+    assert "| all |" in capsys.readouterr().out
