@@ -65,6 +65,21 @@ class _CaptionShards(Dataset):
         return self.transform(Image.open(io.BytesIO(data)).convert("RGB")), captions
 
 
+def clip_benchmark_weight_decay(train_loader, val_loader, dim: int, classes: int, seed: int) -> float:
+    """clip_benchmark's weight-decay search, in the order its linear_probe.evaluate runs it: 7 values on
+    a log grid of 97 from 1e-6 to 1e2, then a binary refinement around the best (lr 0.1, 10 epochs)."""
+    from clip_benchmark.metrics import linear_probe
+
+    args = (train_loader, val_loader, dim, classes, 0.1, 10, False, "cpu", False, seed)
+    wds = np.logspace(-6, 2, num=97).tolist()
+    peak = linear_probe.find_peak(wds, [i for i, v in enumerate(wds) if v in np.logspace(-6, 2, num=7).tolist()], *args)
+    span = 8
+    while span > 0:
+        peak = linear_probe.find_peak(wds, [max(peak - span, 0), peak, min(peak + span, len(wds) - 1)], *args)
+        span //= 2
+    return wds[peak]
+
+
 def clip_benchmark_tasks(model, transform, tokenizer, root: Path, classnames, templates) -> dict[str, float]:
     """Seconds per task for clip_benchmark's functions."""
     from clip_benchmark.metrics import linear_probe, zeroshot_classification, zeroshot_retrieval
@@ -103,16 +118,10 @@ def clip_benchmark_tasks(model, transform, tokenizer, root: Path, classnames, te
         train_loader = DataLoader(train_set, batch_size=BATCH, shuffle=True)
         val_loader = DataLoader(val_set, batch_size=BATCH, shuffle=True)
         classes = int(features["train"][1].max()) + 1
-        args = (train_loader, val_loader, features["train"][0].shape[1], classes, 0.1, 10, False, "cpu", False, 0)
         linear_probe.accuracy = _accuracy  # NumPy 2 refuses its float() of a 1-element array
-        wds = np.logspace(-6, 2, num=97).tolist()
-        peak = linear_probe.find_peak(wds, [i for i, v in enumerate(wds) if v in np.logspace(-6, 2, num=7).tolist()], *args)
-        span = 8
-        while span > 0:
-            peak = linear_probe.find_peak(wds, [max(peak - span, 0), peak, min(peak + span, len(wds) - 1)], *args)
-            span //= 2
+        weight_decay = clip_benchmark_weight_decay(train_loader, val_loader, features["train"][0].shape[1], classes, 0)
         final = linear_probe.train(DataLoader(linear_probe.FeatureDataset(*features["train"]), batch_size=BATCH,
-                                              shuffle=True), features["train"][0].shape[1], classes, wds[peak],
+                                              shuffle=True), features["train"][0].shape[1], classes, weight_decay,
                                    0.1, 10, False, "cpu", 0)
         linear_probe.infer(final, DataLoader(linear_probe.FeatureDataset(*features["test"]), batch_size=BATCH), False, "cpu")
     finally:
@@ -174,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "ratio": theirs[name] / ours[name]} for name in ours}
     total = {"clip_pl_s": sum(ours.values()), "clip_benchmark_s": sum(theirs.values())}
     total["ratio"] = total["clip_benchmark_s"] / total["clip_pl_s"]
-    print(f"| task | type | clip_pl s | clip_benchmark s | clip_benchmark / clip_pl |\n|---|---|---|---|---|")
+    print("| task | type | clip_pl s | clip_benchmark s | clip_benchmark / clip_pl |\n|---|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['type']} | {row['clip_pl_s']:.2f} | {row['clip_benchmark_s']:.2f} | {row['ratio']:.2f} |")
     print(f"| all | | {total['clip_pl_s']:.2f} | {total['clip_benchmark_s']:.2f} | **{total['ratio']:.2f}** |")

@@ -20,6 +20,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader
 
+from benchmarks.eval_suite import clip_benchmark_weight_decay
 from clip_pl.eval.linear_probe import encode_labelled, fit_and_score
 from clip_pl.eval.suite import evaluate_tasks
 from clip_pl.eval.tasks import DataSpec, load_task_list
@@ -67,18 +68,12 @@ def clip_benchmark_probe(train, val, test, fewshot_k: int, seed: int, monkeypatc
     val_loader = DataLoader(linear_probe.FeatureDataset(*val), batch_size=64, shuffle=True)
     both = linear_probe.FeatureDataset(np.concatenate((features[idxs], val[0])), np.concatenate((targets[idxs], val[1])))
     classes = int(targets.max()) + 1
-    args = (train_loader, val_loader, features.shape[1], classes, 0.1, 10, False, "cpu", False, seed)
-    wds = np.logspace(-6, 2, num=97).tolist()
-    peak = linear_probe.find_peak(wds, [i for i, v in enumerate(wds) if v in np.logspace(-6, 2, num=7).tolist()], *args)
-    span = 8
-    while span > 0:
-        peak = linear_probe.find_peak(wds, [max(peak - span, 0), peak, min(peak + span, len(wds) - 1)], *args)
-        span //= 2
+    weight_decay = clip_benchmark_weight_decay(train_loader, val_loader, features.shape[1], classes, seed)
     final_loader = train_loader if fewshot_k > 0 else DataLoader(both, batch_size=64, shuffle=True)
-    model = linear_probe.train(final_loader, features.shape[1], classes, wds[peak], 0.1, 10, False, "cpu", seed)
+    model = linear_probe.train(final_loader, features.shape[1], classes, weight_decay, 0.1, 10, False, "cpu", seed)
     logits, target = linear_probe.infer(model, DataLoader(linear_probe.FeatureDataset(*test), batch_size=64), False, "cpu")
     acc1, acc5 = _accuracy(logits.float(), target, topk=(1, 5))
-    return {"weight_decay": wds[peak], "lp_acc1": acc1, "lp_acc5": acc5,
+    return {"weight_decay": weight_decay, "lp_acc1": acc1, "lp_acc5": acc5,
             "lp_mean_per_class_recall": balanced_accuracy_score(target, logits.argmax(1))}
 
 
