@@ -11,7 +11,6 @@ on average (interpolation tolerance: 0.3–1.1 measured on these noisy synthetic
 
 from __future__ import annotations
 
-import functools
 import json
 from collections import Counter
 

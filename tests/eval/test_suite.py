@@ -8,7 +8,6 @@ command line prints one table with the DataComp-style average.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
