@@ -18,6 +18,7 @@ from typing import Sequence
 
 from clip_pl.data.shardspec import Shard, ShardSet
 from clip_pl.data.stream import WebDatasetStream, worker_batches, worker_slice
+from clip_pl.model import image_transforms
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class EpochPlan:
     left_out: int  # the remainder: samples of the epoch's order not trained this epoch
 
 
+# The plan reads no image: the stream only needs a transform it accepts (the loaders' contract).
+PLAN_IMAGE_SIZE = 32
+
+
 def epoch_plan(sizes: Sequence[int], world_size: int, num_workers: int, batch_size: int,
                seed: int = 0, epoch: int = 0) -> EpochPlan:
     shards = ShardSet(shards=tuple(Shard(url=f"{i:05d}.tar", size=int(n), source=0) for i, n in enumerate(sizes)),
@@ -49,7 +54,8 @@ def epoch_plan(sizes: Sequence[int], world_size: int, num_workers: int, batch_si
     total = sum(int(n) for n in sizes)
     batches_per_rank = total // (world_size * batch_size)
     stream = WebDatasetStream(shards, batch_size=batch_size, batches_per_rank=batches_per_rank, rank=0,
-                              world_size=world_size, transform=lambda x: x, tokenizer=lambda x: x, image_size=1,
+                              world_size=world_size, transform=image_transforms(PLAN_IMAGE_SIZE)[1],
+                              tokenizer=lambda x: x, image_size=PLAN_IMAGE_SIZE,
                               seed=seed, epoch_samples=total)
     order = [int(s.url[:5]) for s in stream.epoch_order(epoch)]
     ends = list(accumulate(int(sizes[i]) for i in order))  # position after each shard of the order
