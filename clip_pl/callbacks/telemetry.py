@@ -221,6 +221,9 @@ class Telemetry(L.Callback):
     def _log_window(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         w = self.window
         self._synchronize(trainer)
+        # A collective: every rank calls it at every logged step, before anything rank-local can return
+        # early (a rank that skipped it would pair its next collective with this one: a hang).
+        bad_samples = sum_over_ranks(self.bad_samples)
         elapsed = time.perf_counter() - w["start"] - (self.paused_s - w["paused"])
         if elapsed <= 0 or w["steps"] == 0:
             return
@@ -236,8 +239,7 @@ class Telemetry(L.Callback):
             metrics["perf/mfu"] = per_device * self.flops["train"] / self.peak_flops
         if trainer.strategy.root_device.type == "cuda":
             metrics["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
-        # Every rank calls the gather (no rank waits alone); reason sets may differ per rank.
-        for reason, count in sum_over_ranks(self.bad_samples).items():
+        for reason, count in bad_samples.items():  # reason sets may differ per rank
             metrics[f"data/bad_samples/{reason}"] = float(count)
         self.last_metrics = metrics
         if trainer.global_rank == 0:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import warnings
 from typing import Any, Sequence
 
@@ -31,7 +30,7 @@ from clip_pl.data.shardspec import ShardSet, resolve_shards, resolve_shards_once
 from clip_pl.data.stream import WebDatasetStream
 from clip_pl.distributed import rank_and_world_size
 from clip_pl.model import get_tokenizer, image_transforms
-from clip_pl.data.workers import WorkerInit
+from clip_pl.data.workers import START_METHOD, worker_context, worker_options
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         prefetch_factor: int = 2,
         pin_memory: bool | None = None,
-        multiprocessing_context: str | None = "fork",
+        multiprocessing_context: str | None = START_METHOD,
         return_keys: bool = False,
         record_keys: bool = False,
         decode_on: str = "cpu",
@@ -107,9 +106,9 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.shuffle_buffer, self.max_image_pixels = int(shuffle_buffer), int(max_image_pixels)
         self.prefetch_factor = int(prefetch_factor)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
-        # fork: workers start in milliseconds and share the parsed shard list; it is what a rank launched by
-        # srun/torchrun gets on Linux anyway, also when the rank itself was spawned (as in the tests).
-        self.multiprocessing_context = multiprocessing_context if hasattr(os, "fork") else None
+        # forkserver, not fork: see clip_pl/data/workers.py (a fork of a rank can hang its worker for good).
+        worker_context(multiprocessing_context)  # an unknown start method fails here, before any work
+        self.multiprocessing_context = multiprocessing_context
         # record_keys: batches carry their samples' __key__, which clip_pl.callbacks.keys.KeyRecorder
         # appends to RUN_DIR/keys/rank<r>.jsonl for `python -m clip_pl.data.audit`.
         self.record_keys = bool(record_keys)
@@ -216,10 +215,10 @@ class WebDatasetDataModule(L.LightningDataModule):
         return self._loader(stream, lambda: (0, 0))
 
     def _loader(self, stream: WebDatasetStream, position_fn) -> DataLoader:
-        # WorkerInit: workers ignore SIGUSR1/SIGTERM (forked, they would run the trainer's handlers).
+        # Workers start from a forkserver and ignore SIGUSR1/SIGTERM (clip_pl/data/workers.py).
         extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": True,
-                 "multiprocessing_context": self.multiprocessing_context,
-                 "worker_init_fn": WorkerInit(self._topology()[0])} if self.num_workers else {}
+                 **worker_options(self.num_workers, self._topology()[0], self.multiprocessing_context)
+                 } if self.num_workers else {}
         return EpochAwareLoader(stream, position_fn, num_workers=self.num_workers,
                                 pin_memory=self.pin_memory, **extra)
 

@@ -15,6 +15,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clip_pl.data.workers import worker_options
+
 _SOT, _EOT = 49406, 49407  # open_clip's start/end-of-text ids: the text tower pools at the EOT token
 _VOCAB_WORDS = 49405  # ordinary BPE ids live below the special tokens
 
@@ -71,7 +73,7 @@ class SyntheticDataModule(L.LightningDataModule):
         dataset = SyntheticPairs(self.num_samples, self.image_size, self.context_length, self.seed,
                                  batch_size=self.batch_size, rank=rank, world_size=world_size)
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, **worker_options(self.num_workers, rank))
 
     def batches_per_epoch(self, world_size: int = 1) -> int:
         return self.num_samples // (self.batch_size * world_size)

@@ -1,14 +1,30 @@
-"""``worker_init_fn`` of every DataLoader of the project (training, validation, evaluation).
+"""How every DataLoader of the project (training, validation, evaluation) starts its workers.
 
-SLURM signals every process of the step, and a forked worker inherits the training process's Python
-signal handlers: the workers must leave SIGUSR1 / SIGTERM to the training process, where
-``clip_pl.callbacks.preemption.PreemptionCheckpoint`` turns them into a save at a step boundary.
+Where from: a forkserver, not a fork of the training process. A rank's process has threads that are
+not Python's (gloo's run loops, NCCL's watchdog), and a fork copies whatever lock such a thread held at
+that instant. Seen here: about one DataLoader start in thirty under two gloo ranks hung for good, the new
+worker stuck inside ``os.fork`` (``PyOS_AfterFork_Child`` → ``_PyThreadState_DeleteExcept``) waiting for
+the interpreter's thread-list lock, which a ``pt_gloo_runloop`` thread had held when the rank forked; its
+rank then waited for that worker's batch and the other ranks in the next collective, forever. The
+forkserver is a fresh single-threaded process (one per rank, started at the first loader with workers)
+that has imported the loader's modules once (:mod:`clip_pl.data.forkserver_preload`); workers forked
+from it start in milliseconds and inherit no lock. ``data.multiprocessing_context=fork`` restores the old way.
+
+What they do with signals: SLURM signals every process of the step, and a forked worker inherits the
+training process's Python signal handlers. The workers (and the forkserver) leave SIGUSR1 / SIGTERM to
+the training process, where ``clip_pl.callbacks.preemption.PreemptionCheckpoint`` turns them into a save
+at a step boundary.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
+from typing import Any
+
+START_METHOD = "forkserver"
+_START_METHODS = ("forkserver", "spawn", "fork")
 
 
 def ignore_stop_signals() -> None:
@@ -34,3 +50,40 @@ class WorkerInit:
         if int(os.environ.get("PL_SEED_WORKERS", 0)):
             from lightning.fabric.utilities.seed import pl_worker_init_function
             pl_worker_init_function(worker_id, rank=self.rank)
+
+
+def worker_context(method: str | None = START_METHOD):
+    """The multiprocessing context DataLoader workers start from (None: torch's default, i.e. fork)."""
+    if method is None:
+        return None
+    if method not in _START_METHODS or method not in multiprocessing.get_all_start_methods():
+        raise ValueError(f"data.multiprocessing_context={method!r}: one of "
+                         f"{[m for m in _START_METHODS if m in multiprocessing.get_all_start_methods()]} "
+                         "(forkserver unless you know why; see clip_pl/data/workers.py).")
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # Read when this process's forkserver starts (its first loader with workers); the same list each time.
+        context.set_forkserver_preload(_preload())
+    return context
+
+
+def _preload() -> list[str]:
+    """What the forkserver imports before its first fork. Each worker, like a spawned process, first
+    re-runs the main module as ``__mp_main__`` (so a script that builds loaders needs the usual
+    ``if __name__ == "__main__":`` guard); with the modules it imports already loaded in the server,
+    that re-run costs milliseconds, not seconds."""
+    import sys
+
+    modules = ["__main__"]  # a script run by path: multiprocessing imports it in the server itself
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(main_spec, "name", None)
+    if name and not name.endswith("__main__"):  # `python -m clip_pl.train`
+        modules.append(name)
+    return [*modules, "clip_pl.data.forkserver_preload"]
+
+
+def worker_options(num_workers: int, rank: int = 0, method: str | None = START_METHOD) -> dict[str, Any]:
+    """DataLoader keyword arguments for ``num_workers`` workers: where they start from, and their init."""
+    if num_workers == 0:
+        return {}
+    return {"multiprocessing_context": worker_context(method), "worker_init_fn": WorkerInit(rank)}

@@ -257,8 +257,9 @@ def loader(dataset: Any, batch_size: int, num_workers: int, collate_fn: Callable
     """Batches as ``(batch or None, {reason: count})``: the batch's skipped / converted samples ride along."""
     if batch_size <= 0:
         raise ValueError(f"evaluation batch_size={batch_size} must be positive.")
-    from clip_pl.data.workers import WorkerInit  # workers ignore SIGUSR1/SIGTERM (evaluation runs inside training)
+    # Workers start from a forkserver and ignore SIGUSR1/SIGTERM: evaluation runs inside training (clip_pl/data/workers.py).
+    from clip_pl.data.workers import worker_options
 
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
                       collate_fn=_CountingCollate(collate_fn or default_collate), drop_last=False,
-                      worker_init_fn=WorkerInit() if num_workers else None)
+                      **worker_options(num_workers))

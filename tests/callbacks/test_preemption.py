@@ -149,6 +149,27 @@ class _SignalSelf(IterableDataset):
         yield os.getpid()
 
 
+class _NoPosition:
+    """What the datamodule's loader sets each epoch; these datasets have no epochs (picklable: the
+    workers start from a forkserver and receive the dataset pickled)."""
+
+    def set(self, *args) -> None:
+        pass
+
+
+class _Parent(IterableDataset):
+    """In the worker: report which process started it."""
+
+    position = _NoPosition()
+
+    def __iter__(self):
+        yield os.getppid()
+
+
+def _first(batch):
+    return batch[0]
+
+
 def _marker_handler(path: Path):
     def handler(signum, frame):
         with open(path, "a") as f:
@@ -187,7 +208,7 @@ def test_datamodule_loaders_ignore_stop_signals_in_workers(tmp_path):
 
     dm = WebDatasetDataModule(train_shards="unused", num_workers=1, batch_size=1)
     stream = _SignalSelf()
-    stream.position = type("P", (), {"set": lambda self, *a: None})()
+    stream.position = _NoPosition()
     marker = tmp_path / "handled.txt"
     old = {s: signal.signal(s, _marker_handler(marker)) for s in (signal.SIGUSR1, signal.SIGTERM)}
     try:
@@ -200,13 +221,38 @@ def test_datamodule_loaders_ignore_stop_signals_in_workers(tmp_path):
     assert len(pids) == 1 and not marker.exists(), marker.read_text() if marker.exists() else ""
 
 
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]  # R, S, Z (dead, unreaped) …
+
+
+def test_workers_start_from_a_forkserver_that_outlives_slurms_signals(tmp_path):
+    """Workers are not forks of the training process (a fork there can copy a lock that a gloo thread
+    holds, and the worker hangs for good; clip_pl/data/workers.py). The forkserver they come from gets
+    SLURM's SIGUSR1/SIGTERM too, and must live on: dead, it makes its workers look dead to the loader."""
+    from multiprocessing import forkserver
+
+    from clip_pl.data import WebDatasetDataModule
+
+    dm = WebDatasetDataModule(train_shards="unused", num_workers=1, batch_size=1)
+    loader = dm._loader(_Parent(), lambda: (0, 0))
+    [parent] = list(loader)
+    server = forkserver._forkserver._forkserver_pid
+    assert parent != os.getpid() and parent == server, "the worker was not started by the forkserver"
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        os.kill(server, signum)
+    time.sleep(0.5)
+    assert _state(server) != "Z", "the forkserver died of SLURM's stop signals"
+    assert list(loader) == [server]  # its persistent worker still serves the next epoch
+    del loader
+
+
 def test_evaluation_loaders_ignore_stop_signals_in_workers(tmp_path):
     from clip_pl.eval.datasets import loader
 
     marker = tmp_path / "handled.txt"
     old = {s: signal.signal(s, _marker_handler(marker)) for s in (signal.SIGUSR1, signal.SIGTERM)}
     try:
-        pids = list(loader(_SignalSelf(), batch_size=1, num_workers=1, collate_fn=lambda b: b[0]))
+        pids = list(loader(_SignalSelf(), batch_size=1, num_workers=1, collate_fn=_first))
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import os
+import queue as queue_module
 import sys
+import time
 import traceback
 from typing import Any, Callable
 
@@ -41,10 +43,16 @@ def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, timeout: float) -> None:
+    import faulthandler
+
     import torch
     import torch.distributed as dist
 
+    # A rank still running shortly before the parent gives up prints every thread's stack to stderr
+    # (pytest shows it with the failure): a hang then says where it is.
+    faulthandler.enable()  # and a rank killed by SIGSEGV / SIGABRT prints its stack before it dies
+    faulthandler.dump_traceback_later(max(timeout - 15, 1), exit=False)
     torch.set_num_threads(1)  # W processes share 2 cores; oversubscription makes tests crawl
     # What a launcher (srun, torchrun) would set; Lightning reads them to see that the process
     # group exists already. MASTER_PORT is the parent's store, which nobody else can bind.
@@ -72,20 +80,24 @@ def run_distributed(fn: Callable, world_size: int, args: tuple = (), timeout: fl
     queue = ctx.Queue()
     store = rendezvous_store()  # kept alive (and its port held) until every worker is done
     port = store.port
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, timeout))
              for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, status, payload = queue.get(timeout=timeout)
+        while len(results) < world_size and not errors:
+            try:
+                rank, status, payload = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                errors.extend(_silent_deaths(procs, results, queue, deadline))
+                continue
             if status == "ok":
                 results[rank] = _from_bytes(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
-                break
     finally:
         for p in procs:
             p.join(timeout=10)
@@ -95,3 +107,21 @@ def run_distributed(fn: Callable, world_size: int, args: tuple = (), timeout: fl
     if errors:
         raise RuntimeError("distributed worker failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def _silent_deaths(procs, results: dict, queue, deadline: float) -> list[str]:
+    """Ranks that left without a report (killed by a signal, aborted in C++), or the timeout: a rank that
+    reported put its result on the queue before exiting, so one that is gone and silent died."""
+    gone = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
+    if gone:
+        time.sleep(2)  # a report written just before the exit may still be on its way
+        if not queue.empty():
+            return []
+        return [f"rank {r} exited with code {procs[r].exitcode} without reporting"
+                f"{' (killed by signal %d)' % -procs[r].exitcode if procs[r].exitcode < 0 else ''};"
+                " its stderr (above, in pytest's captured output) has faulthandler's traceback if it crashed"
+                for r in gone]
+    if time.monotonic() > deadline:
+        alive = [r for r, p in enumerate(procs) if p.is_alive()]
+        return [f"timed out: ranks {alive} still running (their stacks were dumped to stderr shortly before)"]
+    return []
