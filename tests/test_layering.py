@@ -37,7 +37,7 @@ LAYERS: list[tuple[int, tuple[str, ...], str]] = [
      "configs, shard specs, tars, samples, key files, class lists, reports) and the small pieces the "
      "engines share; built on the foundations only"),
     (2, ("clip_pl.module", "clip_pl.strategies", "clip_pl.checkpointing", "clip_pl.csv_metrics", "clip_pl.inference",
-         "clip_pl.data.stream", "clip_pl.data.datamodule", "clip_pl.data.synthetic",
+         "clip_pl.data.stream", "clip_pl.data.datamodule", "clip_pl.data.synthetic", "clip_pl.data.forkserver_preload",
          "clip_pl.eval.datasets", "clip_pl.eval.zeroshot", "clip_pl.eval.retrieval",
          "clip_pl.eval.tasks", "clip_pl.eval.linear_probe", "clip_pl.eval.suite"),
      "engines: the LightningModule, strategies, atomic checkpoint files and the resume choice, the CSV "
