@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.curate.score import SCORES_DIR, read_scores
-from data_prep.curate.shardio import copy_samples, shard_names
+from data_prep.curate.shardio import check_output_folder, copy_samples, shard_names
 from data_prep.shards import write_json_atomic, write_sizes
 
 UNSCORED_REASONS = ("no_image", "undecodable_image", "missing_caption")
@@ -45,10 +45,7 @@ def filter_shards(shards_dir: str | Path, output_dir: str | Path, keep_fraction:
     if keep_fraction is not None and not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     shards_dir, output = Path(shards_dir), Path(output_dir)
-    if output.resolve() == shards_dir.resolve():
-        raise ValueError("the output folder must differ from the shards folder: the input shards are read, not rewritten")
-    if (output / "stats.json").exists() and not overwrite:
-        raise FileExistsError(f"{output} holds an earlier cut (stats.json); pass --overwrite or pick another folder")
+    check_output_folder(shards_dir, output, overwrite, "an earlier cut")
     names = shard_names(shards_dir)
     scores = read_scores(Path(scores_dir) if scores_dir else shards_dir / SCORES_DIR, names, shards_dir)
 

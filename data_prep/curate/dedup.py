@@ -31,7 +31,7 @@ from PIL import Image
 
 from data_prep.curate.cut import write_selection
 from data_prep.curate.score import SCORES_DIR, embeddings_of, load_model, read_scores
-from data_prep.curate.shardio import image_of, iter_samples, shard_names
+from data_prep.curate.shardio import check_output_folder, image_of, iter_samples, shard_names
 from data_prep.shards import IMAGE_EXTENSIONS, write_json_atomic
 
 QUERY_ROWS = 16_384  # range_search results for this many queries at a time: bounded memory
@@ -90,10 +90,7 @@ def dedup_shards(shards_dir: str | Path, output_dir: str | Path, threshold: floa
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold is a cosine similarity in (0, 1], got {threshold}")
     shards_dir, output = Path(shards_dir), Path(output_dir)
-    if output.resolve() == shards_dir.resolve():
-        raise ValueError("the output folder must differ from the shards folder: the input shards are read, not rewritten")
-    if (output / "stats.json").exists() and not overwrite:
-        raise FileExistsError(f"{output} holds an earlier run (stats.json); pass --overwrite or pick another folder")
+    check_output_folder(shards_dir, output, overwrite, "an earlier run")
     names = shard_names(shards_dir)
     scores_dir = Path(scores_dir) if scores_dir else shards_dir / SCORES_DIR
     scores = read_scores(scores_dir, names, shards_dir)  # only samples still in the shards (a cut's output)

@@ -25,6 +25,15 @@ def shard_names(shards_dir: str | Path) -> list[str]:
     return names
 
 
+def check_output_folder(shards_dir: Path, output: Path, overwrite: bool, earlier: str) -> None:
+    """Refuse, before any work, an output folder that is the input (its shards are read, not rewritten)
+    or that holds an ``earlier`` run's ``stats.json`` without ``overwrite``."""
+    if output.resolve() == shards_dir.resolve():
+        raise ValueError("the output folder must differ from the shards folder: the input shards are read, not rewritten")
+    if (output / "stats.json").exists() and not overwrite:
+        raise FileExistsError(f"{output} holds {earlier} (stats.json); pass --overwrite or pick another folder")
+
+
 def iter_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) for each sample of a tar, in order."""
     key, files = None, {}
