@@ -30,7 +30,7 @@ from clip_pl.data.shardspec import ShardSet, resolve_shards, resolve_shards_once
 from clip_pl.data.stream import WebDatasetStream
 from clip_pl.distributed import rank_and_world_size
 from clip_pl.model import get_tokenizer, image_transforms
-from clip_pl.data.workers import START_METHOD, worker_context, worker_options
+from clip_pl.data.workers import START_METHOD, start_worker_server, worker_context, worker_options
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,8 @@ class WebDatasetDataModule(L.LightningDataModule):
 
     # ---- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
+        if self.num_workers:
+            start_worker_server(self.multiprocessing_context)  # imports its modules while the rank sets up
         rank, world = self._topology()
         samples = self.epoch_samples()
         batches = samples // (world * self.batch_size)

@@ -26,3 +26,6 @@ if in_forkserver():
     import torch  # noqa: F401
     import clip_pl.data.stream  # noqa: F401  (and through it the decoders and the batch transform)
     import open_clip.tokenizer  # noqa: F401  (the loaders' tokenizer comes pickled with the dataset)
+    # WorkerInit seeds each worker as Lightning would (seed_everything(workers=True)); unloaded, that import
+    # alone made every worker of every fit start 3 s late.
+    import lightning.fabric.utilities.seed  # noqa: F401

@@ -82,6 +82,20 @@ def _preload() -> list[str]:
     return [*modules, "clip_pl.data.forkserver_preload"]
 
 
+def start_worker_server(method: str | None = START_METHOD) -> None:
+    """Start this process's forkserver now, in the background, if workers will come from one.
+
+    The server's first job is to import the loader's modules (seconds). Started from the datamodule's
+    ``setup``, it does that while the rank wraps the model and restores its checkpoint, instead of
+    when the first epoch asks for workers. Safe in a process with threads: multiprocessing starts the
+    server with fork + exec, and no Python runs in between."""
+    if method == "forkserver":
+        from multiprocessing import forkserver
+
+        worker_context(method)
+        forkserver.ensure_running()
+
+
 def worker_options(num_workers: int, rank: int = 0, method: str | None = START_METHOD) -> dict[str, Any]:
     """DataLoader keyword arguments for ``num_workers`` workers: where they start from, and their init."""
     if num_workers == 0:
