@@ -30,7 +30,7 @@ from clip_pl.data.shardspec import ShardSet, resolve_shards, resolve_shards_once
 from clip_pl.data.stream import WebDatasetStream
 from clip_pl.distributed import rank_and_world_size
 from clip_pl.model import get_tokenizer, image_transforms
-from clip_pl.data.workers import START_METHOD, start_worker_server, worker_context, worker_options
+from clip_pl.data.workers import START_METHOD, check_start_method, worker_context, worker_options
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.prefetch_factor = int(prefetch_factor)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         # forkserver, not fork: see clip_pl/data/workers.py (a fork of a rank can hang its worker for good).
-        worker_context(multiprocessing_context)  # an unknown start method fails here, before any work
+        check_start_method(multiprocessing_context)  # an unknown one fails here, before any work
         self.multiprocessing_context = multiprocessing_context
         # record_keys: batches carry their samples' __key__, which clip_pl.callbacks.keys.KeyRecorder
         # appends to RUN_DIR/keys/rank<r>.jsonl for `python -m clip_pl.data.audit`.
@@ -168,7 +168,7 @@ class WebDatasetDataModule(L.LightningDataModule):
     # ---- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.num_workers:
-            start_worker_server(self.multiprocessing_context)  # imports its modules while the rank sets up
+            worker_context(self.multiprocessing_context)  # the forkserver imports its modules while the rank sets up
         rank, world = self._topology()
         samples = self.epoch_samples()
         batches = samples // (world * self.batch_size)

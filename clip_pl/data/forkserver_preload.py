@@ -20,9 +20,15 @@ def in_forkserver() -> bool:
 
 
 if in_forkserver():
+    import warnings
+
     from clip_pl.data.workers import ignore_stop_signals
 
     ignore_stop_signals()
+    # The server imported the main module (`python -m clip_pl.train`) on purpose, so that each worker's re-run
+    # of it as __mp_main__ finds its imports loaded; runpy warns about exactly that, once per worker.
+    warnings.filterwarnings("ignore", message=r"'.*' found in sys.modules after import of package",
+                            category=RuntimeWarning)
     import torch  # noqa: F401
     import clip_pl.data.stream  # noqa: F401  (and through it the decoders and the batch transform)
     import open_clip.tokenizer  # noqa: F401  (the loaders' tokenizer comes pickled with the dataset)

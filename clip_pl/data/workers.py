@@ -52,19 +52,50 @@ class WorkerInit:
             pl_worker_init_function(worker_id, rank=self.rank)
 
 
+def check_start_method(method: str | None) -> None:
+    """Refuse an unknown ``data.multiprocessing_context`` at construction, before any work."""
+    available = [m for m in _START_METHODS if m in multiprocessing.get_all_start_methods()]
+    if method is not None and method not in available:
+        raise ValueError(f"data.multiprocessing_context={method!r}: one of {available} "
+                         "(forkserver unless you know why; see clip_pl/data/workers.py).")
+
+
 def worker_context(method: str | None = START_METHOD):
-    """The multiprocessing context DataLoader workers start from (None: torch's default, i.e. fork)."""
+    """The multiprocessing context DataLoader workers start from (None: torch's default, i.e. fork).
+
+    For forkserver and spawn it also starts, now, the helper processes they need: the forkserver
+    (which then imports the loader's modules while this process goes on) and multiprocessing's
+    resource tracker. Safe in a process with threads: both start by fork + exec, no Python in between."""
+    check_start_method(method)
     if method is None:
         return None
-    if method not in _START_METHODS or method not in multiprocessing.get_all_start_methods():
-        raise ValueError(f"data.multiprocessing_context={method!r}: one of "
-                         f"{[m for m in _START_METHODS if m in multiprocessing.get_all_start_methods()]} "
-                         "(forkserver unless you know why; see clip_pl/data/workers.py).")
     context = multiprocessing.get_context(method)
     if method == "forkserver":
         # Read when this process's forkserver starts (its first loader with workers); the same list each time.
         context.set_forkserver_preload(_preload())
+    if method in ("forkserver", "spawn"):
+        _start_helpers(method)
     return context
+
+
+def _start_helpers(method: str) -> None:
+    """Start the resource tracker (and the forkserver) with SIGUSR1/SIGTERM blocked.
+
+    SLURM signals every process of the step. The tracker ignores SIGTERM but not SIGUSR1: killed, it
+    is relaunched with an empty registry and prints a traceback for every semaphore freed after, and
+    what it tracked may leak. A signal mask survives fork + exec, so blocked here, the signals never
+    reach the helpers; this thread only holds them back for these milliseconds (Python's handlers run
+    in the main thread whichever thread the signal lands on, and nothing is lost)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    stops = {signal.SIGUSR1, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        resource_tracker.ensure_running()
+        if method == "forkserver":
+            forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _preload() -> list[str]:
@@ -80,20 +111,6 @@ def _preload() -> list[str]:
     if name and not name.endswith("__main__"):  # `python -m clip_pl.train`
         modules.append(name)
     return [*modules, "clip_pl.data.forkserver_preload"]
-
-
-def start_worker_server(method: str | None = START_METHOD) -> None:
-    """Start this process's forkserver now, in the background, if workers will come from one.
-
-    The server's first job is to import the loader's modules (seconds). Started from the datamodule's
-    ``setup``, it does that while the rank wraps the model and restores its checkpoint, instead of
-    when the first epoch asks for workers. Safe in a process with threads: multiprocessing starts the
-    server with fork + exec, and no Python runs in between."""
-    if method == "forkserver":
-        from multiprocessing import forkserver
-
-        worker_context(method)
-        forkserver.ensure_running()
 
 
 def worker_options(num_workers: int, rank: int = 0, method: str | None = START_METHOD) -> dict[str, Any]:

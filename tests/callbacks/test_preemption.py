@@ -25,6 +25,8 @@ from clip_pl.callbacks.preemption import PreemptionCheckpoint
 from clip_pl.data.workers import WorkerInit
 from tests.support.distributed import run_distributed
 
+REPO = Path(__file__).resolve().parents[2]
+
 MAX_STEPS = 12
 
 
@@ -157,15 +159,6 @@ class _NoPosition:
         pass
 
 
-class _Parent(IterableDataset):
-    """In the worker: report which process started it."""
-
-    position = _NoPosition()
-
-    def __iter__(self):
-        yield os.getppid()
-
-
 def _first(batch):
     return batch[0]
 
@@ -221,29 +214,60 @@ def test_datamodule_loaders_ignore_stop_signals_in_workers(tmp_path):
     assert len(pids) == 1 and not marker.exists(), marker.read_text() if marker.exists() else ""
 
 
-def _state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]  # R, S, Z (dead, unreaped) …
+_RANK_WITH_WORKERS = """
+import json, os, signal, sys, time
+from multiprocessing import forkserver, resource_tracker
+from tests.support.fake_shards import write_shards
+from clip_pl.data import WebDatasetDataModule
+
+def state(pid):  # R, S, Z (dead, not yet reaped) ...
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+
+def main():
+    write_shards(sys.argv[1], [8, 8], image_px=(32, 32))
+    dm = WebDatasetDataModule(train_shards=sys.argv[1], batch_size=2, num_workers=2, image_size=32, prefetch_factor=1)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    try:
+        first = len(list(loader))
+        server, tracker = forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid
+        workers = [w.pid for w in loader._iterator._workers]
+        parents = [int(open(f"/proc/{w}/stat").read().rsplit(")", 1)[1].split()[1]) for w in workers]
+        for pid in (server, tracker, *workers):  # what `scancel --signal=USR1` and a preemption's SIGTERM do
+            for signum in (signal.SIGUSR1, signal.SIGTERM):
+                os.kill(pid, signum)
+        time.sleep(0.5)
+        alive = {name: state(pid) != "Z" for name, pid in (("forkserver", server), ("resource tracker", tracker))}
+        print(json.dumps({"me": os.getpid(), "server": server, "parents": parents, "alive": alive,
+                          "epochs": [first, len(list(loader))]}))
+    finally:
+        # As Lightning does at a fit's end. Left to interpreter exit, multiprocessing would SIGTERM the
+        # workers, which ignore it, and wait for them forever.
+        if loader._iterator is not None:
+            loader._iterator._shutdown_workers()
+
+main()
+"""
 
 
-def test_workers_start_from_a_forkserver_that_outlives_slurms_signals(tmp_path):
-    """Workers are not forks of the training process (a fork there can copy a lock that a gloo thread
-    holds, and the worker hangs for good; clip_pl/data/workers.py). The forkserver they come from gets
-    SLURM's SIGUSR1/SIGTERM too, and must live on: dead, it makes its workers look dead to the loader."""
-    from multiprocessing import forkserver
+def test_workers_start_from_a_forkserver_and_the_helpers_outlive_slurms_signals(tmp_path):
+    """In a fresh process, as a rank is: the datamodule's workers are not forks of it (a fork there
+    can copy a lock that a gloo thread holds, and the worker hangs for good; clip_pl/data/workers.py)
+    but of its forkserver. SLURM signals every process of the step: the forkserver and multiprocessing's
+    resource tracker must live on (a dead server makes its workers look dead to the loader; a dead
+    tracker is relaunched empty and prints a traceback per semaphore), and the workers too."""
+    import json
+    import subprocess
+    import sys
 
-    from clip_pl.data import WebDatasetDataModule
-
-    dm = WebDatasetDataModule(train_shards="unused", num_workers=1, batch_size=1)
-    loader = dm._loader(_Parent(), lambda: (0, 0))
-    [parent] = list(loader)
-    server = forkserver._forkserver._forkserver_pid
-    assert parent != os.getpid() and parent == server, "the worker was not started by the forkserver"
-    for signum in (signal.SIGUSR1, signal.SIGTERM):
-        os.kill(server, signum)
-    time.sleep(0.5)
-    assert _state(server) != "Z", "the forkserver died of SLURM's stop signals"
-    assert list(loader) == [server]  # its persistent worker still serves the next epoch
-    del loader
+    out = subprocess.run([sys.executable, "-c", _RANK_WITH_WORKERS, str(tmp_path / "shards")], cwd=REPO,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["parents"] == [report["server"]] * 2 and report["server"] != report["me"]
+    assert report["alive"] == {"forkserver": True, "resource tracker": True}
+    assert report["epochs"] == [8, 8]  # the persistent workers served the epoch after the signals
+    assert "Traceback" not in out.stderr and "resource_tracker" not in out.stderr, out.stderr[-3000:]
 
 
 def test_evaluation_loaders_ignore_stop_signals_in_workers(tmp_path):
