@@ -1,14 +1,15 @@
 """How every DataLoader of the project (training, validation, evaluation) starts its workers.
 
-Where from: a forkserver, not a fork of the training process. A rank's process has threads that are
-not Python's (gloo's run loops, NCCL's watchdog), and a fork copies whatever lock such a thread held at
-that instant. Seen here: about one DataLoader start in thirty under two gloo ranks hung for good, the new
-worker stuck inside ``os.fork`` (``PyOS_AfterFork_Child`` → ``_PyThreadState_DeleteExcept``) waiting for
-the interpreter's thread-list lock, which a ``pt_gloo_runloop`` thread had held when the rank forked; its
-rank then waited for that worker's batch and the other ranks in the next collective, forever. The
-forkserver is a fresh single-threaded process (one per rank, started at the first loader with workers)
-that has imported the loader's modules once (:mod:`clip_pl.data.forkserver_preload`); workers forked
-from it start in milliseconds and inherit no lock. ``data.multiprocessing_context=fork`` restores the old way.
+Where from: a forkserver, not a fork of the training process. A rank's process has threads that are not
+Python's (gloo's run loops, NCCL's watchdog), and a fork copies whatever lock such a thread held at that
+instant. Seen here: about one run in a dozen of a test that starts 24 workers under two gloo ranks hung
+for good, a new worker stuck inside ``os.fork`` (``PyOS_AfterFork_Child`` →
+``_PyThreadState_DeleteExcept``) waiting for the interpreter's thread-list lock, which a
+``pt_gloo_runloop`` thread had held when the rank forked; its rank then waited for that worker's batch
+and the other ranks in the next collective, forever. The forkserver is a fresh single-threaded process
+(one per rank, started at the datamodule's setup or the first loader with workers) that has imported the
+loader's modules once (:mod:`clip_pl.data.forkserver_preload`); workers forked from it start in
+milliseconds and inherit no lock. ``data.multiprocessing_context=fork`` restores the old way.
 
 What they do with signals: SLURM signals every process of the step, and a forked worker inherits the
 training process's Python signal handlers. The workers (and the forkserver) leave SIGUSR1 / SIGTERM to
