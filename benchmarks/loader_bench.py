@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(os.environ.get("CLIP_PL_BENCH_DIR", "/tmp/clip_pl_bench"))
@@ -88,48 +89,82 @@ def run_open_clip(shards: str, image_size: int, batch_size: int, workers: int, c
 TARGETS = {"ViT-B/16": 3200, "ViT-B/32": 9000}  # samples/s one H100/H200 trains at 40 % MFU (issue #16)
 
 
-def _image_bytes(shards: Path) -> list[bytes]:
-    from clip_pl.data.decode import IMAGE_KEYS
+def _samples(shards: Path) -> list[dict]:
     from clip_pl.data.reader import read_shard
 
     sizes = json.loads((shards / "sizes.json").read_text())
-    samples = (s for name in sorted(sizes) for s in read_shard(str(shards / name)))
-    return [next(s[k] for k in IMAGE_KEYS if k in s) for s in samples]
+    return [s for name in sorted(sizes) for s in read_shard(str(shards / name))]
+
+
+def _image_bytes(shards: Path) -> list[bytes]:
+    from clip_pl.data.decode import image_bytes
+
+    return [image_bytes(s) for s in _samples(shards)]
+
+
+def _rate(count: int, work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    return count / (time.perf_counter() - start)
 
 
 def run_per_core(shards: str, image_size: int, batch_size: int, context_length: int, rounds: int) -> dict:
+    """See the module doc. Besides the two loaders, each stage a CPU path cannot skip is timed alone on the
+    same samples (tar reading, tokenizing, crop + resize of the decoded pixels): their sum with the decode
+    is the best any loader made of these stages could do, its ``ceiling``."""
     from collections import Counter
 
-    from clip_pl.data import WebDatasetDataModule
-    from clip_pl.data.decode import decode_image
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
 
-    blobs = _image_bytes(Path(shards))
+    from clip_pl.data import WebDatasetDataModule
+    from clip_pl.data.decode import decode_caption, decode_image, decode_pixels
+
+    samples = _samples(Path(shards))
+    blobs = [{"jpg": s["jpg"]} for s in samples]
+    captions = [decode_caption(s) for s in samples]
     loaders = {}
     for decode_on in ("cpu", "device"):
         dm = WebDatasetDataModule(shards, batch_size=batch_size, num_workers=0, image_size=image_size,
                                   context_length=context_length, decode_on=decode_on)
         dm.setup("fit")
         loaders[decode_on] = dm.train_dataloader()
-    decode_rates, path_rates, device_rates = [], [], []
-    for _ in range(rounds):  # interleaved, so both see the same load on a shared box
-        start = time.perf_counter()
-        for blob in blobs:
-            decode_image({"jpg": blob}, image_size, Counter())
-        decode_rates.append(len(blobs) / (time.perf_counter() - start))
-        for decode_on, rates in (("cpu", path_rates), ("device", device_rates)):
-            start = time.perf_counter()
-            samples = sum(batch["text"].shape[0] for batch in loaders[decode_on])  # one exact epoch
-            rates.append(samples / (time.perf_counter() - start))
-    decode, path, device = max(decode_rates), max(path_rates), max(device_rates)
-    return {"samples": len(blobs), "decode_only": decode, "cpu_path": path, "ratio": path / decode,
-            "device_path_cpu": device,
+    stream = loaders["cpu"].dataset
+    decoded = [decode_pixels(b, image_size, Counter()) for b in blobs]  # the resize stage's input
+    stages = {
+        # decode only, two ways: PIL as the loader used before (pixels left in PIL's memory, no copy out),
+        # and torchvision's decode_jpeg into a tensor (no reduced-scale decode: slower on large JPEGs).
+        "decode_pil": lambda: [decode_image(b, image_size, Counter()) for b in blobs],
+        "decode_torchvision": lambda: [decode_jpeg(torch.frombuffer(bytearray(b["jpg"]), dtype=torch.uint8),
+                                                   mode=ImageReadMode.RGB) for b in blobs],
+        "tar": lambda: _samples(Path(shards)),
+        "tokenize": lambda: [stream.tokenizer(captions[i: i + batch_size]) for i in range(0, len(captions), batch_size)],
+        "crop_resize": lambda: [stream.transform.per_image(x) for x in decoded],
+        "cpu_path": lambda: sum(batch["text"].shape[0] for batch in loaders["cpu"]),  # one exact epoch
+        "device_path_cpu": lambda: sum(batch["text"].shape[0] for batch in loaders["device"]),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in stages}
+    for _ in range(rounds):  # interleaved, so all see the same load on a shared box
+        for name, work in stages.items():
+            rates[name].append(_rate(len(samples), work))
+    best = {name: max(r) for name, r in rates.items()}
+    decode = max(best["decode_pil"], best["decode_torchvision"])  # the faster decode is the reference
+    fixed = 1 / best["tar"] + 1 / best["tokenize"]
+    ceiling = 1 / (1 / decode + fixed + 1 / best["crop_resize"])
+    ceiling_without_resize = 1 / (1 / decode + fixed)
+    path, device = best["cpu_path"], best["device_path_cpu"]
+    return {"samples": len(samples), "decode_only": decode, "cpu_path": path, "ratio": path / decode,
+            "ceiling": ceiling, "ceiling_ratio": ceiling / decode,
+            "ceiling_ratio_without_resize": ceiling_without_resize / decode,
+            "device_path_cpu": device, "stage_rates": best,
             "cores_needed": {name: target / path for name, target in TARGETS.items()},
             "cores_needed_device_path": {name: target / device for name, target in TARGETS.items()},
-            "decode_rates": decode_rates, "cpu_path_rates": path_rates, "device_path_cpu_rates": device_rates}
+            "rounds": rates}
 
 
 def per_core_report(args) -> list[dict]:
-    corpora = [("LAION-like JPEGs (256 px)", laion_like_corpus(args.out, args.laion_per_shard)),
+    corpora = [("synthetic JPEGs (256 px)", laion_like_corpus(args.out, args.laion_per_shard)),
+               ("photo JPEGs (256 px, q95)", photo_corpus(args.out, args.laion_per_shard)),
                ("large JPEGs (512-800 px)", large_corpus(args.out, args.large_per_shard))]
     rows = []
     for name, shards in corpora:
@@ -142,12 +177,16 @@ def per_core_report(args) -> list[dict]:
             raise RuntimeError(f"per-core measurement failed:\n{done.stderr[-3000:]}")
         rows.append({"corpus": name, **json.loads(done.stdout.strip().splitlines()[-1])})
     print(f"{'corpus (224 px out, 1 thread)':<32} {'decode /s':>10} {'CPU path /s':>12} {'ratio':>6} "
-          f"{'cores B/16':>10} {'cores B/32':>10} {'device path CPU /s':>19} {'cores B/32':>10}")
+          f"{'ceiling':>8} {'w/o resize':>10} {'cores B/16':>10} {'cores B/32':>10} {'device path CPU /s':>19} "
+          f"{'cores B/32':>10}")
     for r in rows:
         need, need_device = r["cores_needed"], r["cores_needed_device_path"]
         print(f"{r['corpus']:<32} {r['decode_only']:>10.0f} {r['cpu_path']:>12.0f} {r['ratio']:>6.2f} "
+              f"{r['ceiling_ratio']:>8.2f} {r['ceiling_ratio_without_resize']:>10.2f} "
               f"{need['ViT-B/16']:>10.1f} {need['ViT-B/32']:>10.1f} {r['device_path_cpu']:>19.0f} "
               f"{need_device['ViT-B/32']:>10.1f}")
+    print("stage rates (samples/s, best round): " + "; ".join(
+        f"{r['corpus']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_rates"].items()) for r in rows))
     return rows
 
 
@@ -178,6 +217,39 @@ def laion_like_corpus(out: Path, per_shard: int) -> Path:
         from tests.support.fake_shards import write_shards
 
         write_shards(str(target), [per_shard] * 8, image_px=(256, 256))
+    return target
+
+
+def photo_corpus(out: Path, per_shard: int) -> Path:
+    """256-px JPEGs at quality 95 (img2dataset's default) cut from the two photographs scikit-learn ships:
+    real-photo detail, which the synthetic images lack, costs the JPEG decoder more per pixel."""
+    target = out / "photo256"
+    if not (target / "sizes.json").exists():
+        import io
+        import random
+
+        from PIL import Image
+        from sklearn.datasets import load_sample_images
+
+        from tests.support.fake_shards import make_sample, write_shards
+
+        photos = [Image.fromarray(a) for a in load_sample_images().images]
+
+        def sample(key: str, index: int) -> dict[str, bytes]:
+            rng = random.Random(index)
+            photo = photos[index % len(photos)]
+            side = rng.randint(160, min(photo.size))
+            width = min(photo.width, int(side * rng.uniform(0.75, 1.33)))
+            left, top = rng.randint(0, photo.width - width), rng.randint(0, photo.height - side)
+            crop = photo.crop((left, top, left + width, top + side))
+            scale = 256 / min(crop.size)  # shortest side 256, as img2dataset's keep_ratio writes
+            crop = crop.resize((max(256, round(crop.width * scale)), max(256, round(crop.height * scale))),
+                               Image.BICUBIC)
+            buf = io.BytesIO()
+            crop.save(buf, format="JPEG", quality=95)
+            return {**make_sample(key, index, (8, 8)), "jpg": buf.getvalue()}
+
+        write_shards(str(target), [per_shard] * 8, sample_fn=sample)
     return target
 
 

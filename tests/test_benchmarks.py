@@ -70,3 +70,20 @@ def test_the_eval_suite_benchmark_times_every_task_on_both_sides(tmp_path, capsy
         assert row["ratio"] == pytest.approx(row["clip_benchmark_s"] / row["clip_pl_s"])
     assert json.loads((tmp_path / "r.json").read_text()) == result
     assert "| all |" in capsys.readouterr().out
+
+
+def test_loader_per_core_reports_each_corpus_against_its_decode(tmp_path):
+    """``loader_bench --per-core`` on tiny corpora: every row has the CPU path, its decode-only reference,
+    the ceiling of its stages and the device path's CPU share (the comparison with open_clip_train needs an
+    old webdataset from PyPI and is not run here)."""
+    out = tmp_path / "out.json"
+    _benchmark("benchmarks.loader_bench", "--per-core", "--out", str(tmp_path), "--laion-per-shard", "3",
+               "--large-per-shard", "2", "--rounds", "1", "--batch-size", "4", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [r["corpus"].split(" (")[0] for r in rows] == ["synthetic JPEGs", "photo JPEGs", "large JPEGs"]
+    for row in rows:
+        assert row["samples"] == 8 * (2 if row["corpus"].startswith("large") else 3)
+        assert row["decode_only"] == max(row["stage_rates"]["decode_pil"], row["stage_rates"]["decode_torchvision"])
+        assert 0 < row["ratio"] == row["cpu_path"] / row["decode_only"]
+        assert 0 < row["ceiling_ratio"] < row["ceiling_ratio_without_resize"] < 1
+        assert row["device_path_cpu"] > 0

@@ -1,9 +1,16 @@
-"""One raw webdataset sample (bytes) → (RGB PIL image, caption), or a named reason to skip it.
+"""One raw webdataset sample (bytes) → (RGB image, caption), or a named reason to skip it.
 
 Everything here runs inside DataLoader workers. A sample is never allowed to raise anything but
 :class:`BadSample`, whose ``reason`` is counted (``skipped/<reason>``); images in a mode other
 than RGB are converted and counted too (``converted/<what>``). Training (``clip_pl.data.stream``)
 and evaluation (``clip_pl.eval.datasets``) decode with these same rules.
+
+Training's workers call :func:`decode_pixels`: a plain RGB or grey JPEG that needs no reduced-scale
+decode (LAION's 256-px shards) is decoded by ``torchvision.io.decode_jpeg`` straight into a uint8
+tensor. PIL decodes the same pixels (both are libjpeg-turbo, same IDCT and upsampling; tested), but
+its header parse and the copy out of its image memory cost about as much as the decode itself at
+256 px. Everything else (large JPEGs, which PIL's draft mode decodes at a reduced scale; PNG, WebP,
+CMYK; whatever the header walk cannot vouch for) takes :func:`decode_image`.
 """
 
 from __future__ import annotations
@@ -14,11 +21,17 @@ from collections import Counter
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from clip_pl.data.jpeg import COMPONENT_MODES, draft_size, ends_complete, jpeg_frame, pixel_limit
 
 # The extensions a sample's image may have, in the order they are looked for.
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 CAPTION_KEY = "txt"
+# A read-only array (PIL's buffer) is wrapped, never written: every later step makes a new tensor.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 # PIL's own bomb threshold (~89.5 Mpx): larger images are refused before any pixel is decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
@@ -94,6 +107,37 @@ def decode_image(sample: Mapping[str, Any], target_size: int | None, counts: Cou
     except Exception as e:
         raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
     return to_rgb(img, counts)
+
+
+def quick_jpeg(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[str, int, int] | None:
+    """(mode, width, height) of an RGB or grey JPEG from its header walk (``clip_pl.data.jpeg``), refusing a
+    decompression bomb as :func:`open_image` would; None when the walk cannot vouch for it (PIL decides)."""
+    frame = jpeg_frame(data)
+    if frame is None or frame[2] not in COMPONENT_MODES:
+        return None
+    width, height, components = frame
+    if width * height > pixel_limit(max_pixels):
+        raise BadSample("decompression_bomb", f"{width}x{height} > {max_pixels} px")
+    return COMPONENT_MODES[components], width, height
+
+
+def decode_pixels(sample: Mapping[str, Any], target_size: int | None, counts: Counter,
+                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """The sample's image as uint8 3×H×W RGB, with :func:`decode_image`'s rules and counts (see the module doc
+    for which decoder runs). A JPEG without its end-of-image marker goes to PIL, which refuses it if truncated."""
+    data = image_bytes(sample)
+    header = quick_jpeg(data, max_pixels)
+    if header is None or draft_size(header[1], header[2], target_size) != header[1:] or not ends_complete(data):
+        return torch.from_numpy(np.asarray(decode_image(sample, target_size, counts, max_pixels))).permute(2, 0, 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except Exception as e:  # libjpeg's fatal errors: the same files PIL refuses
+        raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+    if header[0] == "L":
+        counts["converted/grayscale"] += 1
+    return pixels
 
 
 def to_rgb(img: Image.Image, counts: Counter) -> Image.Image:

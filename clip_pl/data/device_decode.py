@@ -32,7 +32,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from clip_pl.data.batch_transform import BatchedImageTransform, random_resized_box
-from clip_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS, BadSample, decode_image, draft_for, image_bytes, open_image
+from clip_pl.data.decode import (DEFAULT_MAX_IMAGE_PIXELS, BadSample, decode_image, draft_for, image_bytes, open_image,
+                                 quick_jpeg)
+from clip_pl.data.jpeg import draft_size, ends_complete
 
 SPARES = 4  # good samples shipped with each batch for rows whose JPEG fails only on the device
 _DEVICE_MODES = {"RGB": None, "L": "grayscale"}  # JPEG colour modes decode_jpeg(mode=RGB) converts alike
@@ -52,12 +54,9 @@ def prepare(sample: Mapping[str, Any], transform: BatchedImageTransform, target_
     decode it. Raises :class:`BadSample` exactly where the CPU path's header checks would."""
     step = transform.random_crop
     data = image_bytes(sample)
-    frame = jpeg_frame(data)
-    if frame is not None and frame[2] in _COMPONENT_MODES and step is not None:
-        full_width, full_height, components = frame
-        if full_width * full_height > _pixel_limit(max_pixels):
-            raise BadSample("decompression_bomb", f"{full_width}x{full_height} > {max_pixels} px")
-        mode = _COMPONENT_MODES[components]
+    header = quick_jpeg(data, max_pixels) if step is not None else None
+    if header is not None:
+        mode, full_width, full_height = header
         width, height = draft_size(full_width, full_height, target_size)
     else:  # anything the quick scan cannot vouch for: PIL's header parser decides, as on the CPU path
         img = open_image(data, max_pixels)
@@ -66,7 +65,7 @@ def prepare(sample: Mapping[str, Any], transform: BatchedImageTransform, target_
         mode, (full_width, full_height) = img.mode, img.size
         draft_for(img, target_size)
         width, height = img.size  # the size the CPU path would decode at and crop from
-    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+    if not ends_complete(data):
         # PIL refuses a truncated JPEG, libjpeg only warns and fills grey: refuse it here, as the CPU path does.
         raise BadSample("corrupt_image", "truncated JPEG (no end-of-image marker)")
     if _DEVICE_MODES[mode]:
@@ -76,59 +75,6 @@ def prepare(sample: Mapping[str, Any], transform: BatchedImageTransform, target_
     top, left = min(int(round(top * sy)), full_height - 1), min(int(round(left * sx)), full_width - 1)
     h, w = min(max(1, int(round(h * sy))), full_height - top), min(max(1, int(round(w * sx))), full_width - left)
     return Jpeg(data, (top, left, h, w))
-
-
-# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic): they hold the size.
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-_COMPONENT_MODES = {1: "L", 3: "RGB"}  # the mode PIL gives a JPEG with that many components
-
-
-def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
-    """(width, height, components) from a JPEG's frame header, walking the marker segments up to it;
-    None when the walk cannot tell (not a JPEG, a scan before any frame, a malformed segment).
-
-    Why not PIL's header parser: it builds every table and the EXIF/ICC info (~0.1 ms a sample), a third
-    of the device path's whole CPU share; this walk reads a few bytes per segment. Whatever it cannot
-    vouch for goes to PIL, as on the CPU path (``prepare``)."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    pos, end = 2, len(data)
-    while pos + 4 <= end:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            pos += 2
-            continue
-        if marker in _SOF_MARKERS:
-            if pos + 10 > end:
-                return None
-            height, width = int.from_bytes(data[pos + 5: pos + 7], "big"), int.from_bytes(data[pos + 7: pos + 9], "big")
-            return (width, height, data[pos + 9]) if width and height else None
-        if marker in (0xDA, 0xD9):  # a scan or the end before any frame header
-            return None
-        pos += 2 + int.from_bytes(data[pos + 2: pos + 4], "big")
-    return None
-
-
-def draft_size(width: int, height: int, target_size: int | None) -> tuple[int, int]:
-    """The size PIL's draft mode decodes a ``width × height`` JPEG at for ``target_size`` (decode.draft_for):
-    the largest DCT scale 1/8, 1/4, 1/2 or 1 that keeps both sides at least the target, sides rounded up."""
-    if not target_size or min(width, height) < 2 * target_size:
-        return width, height
-    fits = min(width // target_size, height // target_size)
-    scale = next(s for s in (8, 4, 2, 1) if fits >= s)
-    return (width + scale - 1) // scale, (height + scale - 1) // scale
-
-
-def _pixel_limit(max_pixels: int) -> float:
-    # PIL itself refuses more than twice its MAX_IMAGE_PIXELS when it opens a file: the CPU path's limit too.
-    from PIL import Image
-
-    return min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS) if Image.MAX_IMAGE_PIXELS else max_pixels
 
 
 def collate_images(items: Sequence[Jpeg | torch.Tensor], size: int) -> dict[str, Any]:

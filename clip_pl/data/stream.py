@@ -33,7 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_pl.data.batch_transform import BatchedImageTransform
 from clip_pl.data import device_decode
-from clip_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS, BadSample, decode_caption, decode_image
+from clip_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS, BadSample, decode_caption, decode_pixels
 from clip_pl.data.reader import Missing, read_shard
 from clip_pl.data.shardspec import Shard, ShardSet
 
@@ -282,9 +282,9 @@ class WebDatasetStream(IterableDataset):
             if self.on_device:
                 tensor = device_decode.prepare(item, self.transform, self.image_size, counts, self.max_image_pixels)
             else:
-                image = decode_image(item, self.image_size, counts, self.max_image_pixels)
+                pixels = decode_pixels(item, self.image_size, counts, self.max_image_pixels)
                 try:
-                    tensor = self.transform.per_image(image)
+                    tensor = self.transform.per_image(pixels)
                 except Exception as e:
                     raise BadSample("corrupt_image", f"transform failed: {e}") from None
         except BadSample as e:

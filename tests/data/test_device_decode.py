@@ -172,7 +172,7 @@ def test_quick_jpeg_header_walk_agrees_with_pil():
     from PIL import Image
 
     from clip_pl.data.decode import draft_for, open_image
-    from clip_pl.data.device_decode import draft_size, jpeg_frame
+    from clip_pl.data.jpeg import draft_size, jpeg_frame
 
     cases = []
     for i, (w, h) in enumerate([(40, 44), (448, 500), (1000, 460), (300, 1800), (225, 224)]):
