@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clip_pl.data.device_decode import decode_batch
+from clip_pl.data.device_resize import resize_batch
 from clip_pl.model import build_clip, resolve_model_config, restore_scalar_shapes
 from clip_pl.pixels import normalize
 from clip_pl.towers import TOWER_LR_DEFAULTS, apply_lr_scales, base_lr, lock_towers, tower_parameter_groups
@@ -198,9 +199,12 @@ class CLIPModule(L.LightningModule):
         floats here, on the device, for training and validation alike. The float batch then gets the
         cast the precision plugin gives float inputs (bf16/fp16 under "-true" precisions, as before).
         A batch whose image is already floating (benchmarks' device-made batches) passes unchanged.
-        With ``data.decode_on=device`` the batch brings JPEG bytes, decoded and cropped here first."""
+        With ``data.decode_on=device`` the batch brings JPEG bytes, decoded and cropped here first; with
+        ``data.resize_on=device``, crops, resized here first."""
         if isinstance(batch, Mapping) and "jpeg" in batch:
             batch = decode_batch(batch)
+        if isinstance(batch, Mapping) and "crop" in batch:
+            batch = resize_batch(batch)
         image = batch.get("image") if isinstance(batch, Mapping) else None
         if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
             image = normalize(image)

@@ -86,13 +86,18 @@ class WebDatasetDataModule(L.LightningDataModule):
         return_keys: bool = False,
         record_keys: bool = False,
         decode_on: str = "cpu",
+        resize_on: str | None = None,
     ) -> None:
         super().__init__()
         if decode_on not in ("cpu", "device"):
             raise ValueError(f"data.decode_on={decode_on!r}: 'cpu' (workers decode, crop, resize) or 'device' "
                              "(workers ship JPEG bytes; the training device decodes them, see docs/data.md).")
+        if resize_on not in (None, "worker", "device") or (decode_on == "device" and resize_on == "worker"):
+            raise ValueError(f"data.resize_on={resize_on!r} with data.decode_on={decode_on}: null (where the decode "
+                             "runs), 'worker', or 'device' (workers decode and crop, the device resizes the batch); "
+                             "the device path decodes on the device, so it resizes there too.")
         # Training batches only: validation is a few batches, decoded on the CPU path whatever this says.
-        self.decode_on = decode_on
+        self.decode_on, self.resize_on = decode_on, resize_on
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"data.batch_size={batch_size} must be >= 1 and data.num_workers={num_workers} >= 0.")
         if num_samples is not None and num_samples < 1:
@@ -194,7 +199,8 @@ class WebDatasetDataModule(L.LightningDataModule):
             rank=rank, world_size=world, transform=train_tf, tokenizer=get_tokenizer(self.context_length),
             image_size=self.image_size, resampled=self.resampled, shuffle=True, seed=self.seed,
             shuffle_buffer=self.shuffle_buffer, max_image_pixels=self.max_image_pixels,
-            epoch_samples=self.epoch_samples(), return_keys=self.return_keys, decode_on=self.decode_on)
+            epoch_samples=self.epoch_samples(), return_keys=self.return_keys, decode_on=self.decode_on,
+            resize_on=self.resize_on)
         return self._loader(stream, self._train_position)
 
     def val_dataloader(self) -> DataLoader | list:

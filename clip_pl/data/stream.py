@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_pl.data.batch_transform import BatchedImageTransform
-from clip_pl.data import device_decode
+from clip_pl.data import device_decode, device_resize
 from clip_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS, BadSample, decode_caption, decode_pixels
 from clip_pl.data.reader import Missing, read_shard
 from clip_pl.data.shardspec import Shard, ShardSet
@@ -125,6 +125,7 @@ class WebDatasetStream(IterableDataset):
         return_keys: bool = False,
         position: EpochPosition | None = None,
         decode_on: str = "cpu",
+        resize_on: str | None = None,
     ) -> None:
         super().__init__()
         if not resampled and not shards.sizes_known:
@@ -148,6 +149,11 @@ class WebDatasetStream(IterableDataset):
         if self.on_device and self.transform.random_crop is None:
             raise ValueError("data.decode_on=device runs training's RandomResizedCrop on the device; this "
                              "loader's transform is something else (validation decodes on the CPU).")
+        # "device" with the CPU decode: ship the crops, resized on the device (clip_pl/data/device_resize.py).
+        self.resize_on_device = resize_on == "device" and not self.on_device
+        if self.resize_on_device and self.transform.random_crop is None:
+            raise ValueError("data.resize_on=device resizes training's RandomResizedCrop crops on the device; this "
+                             "loader's transform is something else (validation resizes in the workers).")
 
     def __len__(self) -> int:
         return self.batches_per_rank
@@ -284,7 +290,10 @@ class WebDatasetStream(IterableDataset):
             else:
                 pixels = decode_pixels(item, self.image_size, counts, self.max_image_pixels)
                 try:
-                    tensor = self.transform.per_image(pixels)
+                    if self.resize_on_device:
+                        tensor = device_resize.crop(pixels, self.transform.random_crop)
+                    else:
+                        tensor = self.transform.per_image(pixels)
                 except Exception as e:
                     raise BadSample("corrupt_image", f"transform failed: {e}") from None
         except BadSample as e:
@@ -303,6 +312,8 @@ class WebDatasetStream(IterableDataset):
             # Rows after the originals are refills, already counted: a failure there is no new bad sample.
             batch["jpeg_refill"] = torch.arange(len(items)) >= (len(items) if originals is None else originals)
             batch.update(device_decode.collate_spares(spares or [], self.tokenizer, self.image_size))
+        elif self.resize_on_device:
+            batch.update(device_resize.collate_crops([t for t, _, _ in items], self.image_size))
         else:
             batch["image"] = self.transform.collate([t for t, _, _ in items])
         if self.return_keys:
