@@ -23,7 +23,9 @@ Every run is a fresh process with its own timeout, inside one overall budget (``
   at 224 px with 12 workers: samples/s, to hold against the GPU's (is the GPU fed?).
   ``loader_device``: the same with ``data.decode_on=device``: workers ship JPEG bytes, each batch is
   moved to the device and decoded/cropped/normalised there (``CLIPModule.on_after_batch_transfer``'s
-  code, ``clip_pl.data.device_decode``), synchronised per batch.
+  code, ``clip_pl.data.device_decode``), synchronised per batch. ``loader_resize_device``: the same with
+  ``data.resize_on=device``: workers decode and crop, each batch's crops are resized on the device
+  (``clip_pl.data.device_resize``).
 * ``env``: the device, library versions and a bf16 matmul's TFLOP/s (the practical ceiling).
 
 ``all`` runs them in order of importance and writes ``results.json``, ``results.md`` (the table for
@@ -461,15 +463,17 @@ def write_jpeg_shards(directory: Path, images: int, per_shard: int, image_px: tu
 
 
 def decoded_on(loader, device: str) -> Iterator[dict]:
-    """The device path's second half, as the module runs it after the transfer: decode, crop, normalise."""
+    """The device's share, as the module runs it after the transfer: decode and crop (decode_on=device) or
+    resize (resize_on=device), then normalise."""
     import torch
 
     from clip_pl.data.device_decode import decode_batch
+    from clip_pl.data.device_resize import resize_batch
     from clip_pl.pixels import normalize
 
     for batch in loader:
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        batch = decode_batch(batch)
+        batch = decode_batch(batch) if "jpeg" in batch else resize_batch(batch)
         batch["image"] = normalize(batch["image"])
         synchronize(device)
         yield batch
@@ -488,17 +492,18 @@ def run_loader(args) -> dict[str, Any]:
         shards = write_jpeg_shards(work, args.images, args.batch_size, tuple(args.image_px))
         written_s = time.perf_counter() - started
         data = WebDatasetDataModule(str(shards), batch_size=args.batch_size, num_workers=args.workers,
-                                    image_size=args.image_size, prefetch_factor=2, decode_on=args.decode_on)
+                                    image_size=args.image_size, prefetch_factor=2, decode_on=args.decode_on,
+                                    resize_on=args.resize_on)
         data.setup("fit")
         loader = data.train_dataloader()
-        if args.decode_on == "device":
+        if args.decode_on == "device" or args.resize_on == "device":
             loader = decoded_on(loader, args.device)
         measurement = _measure(loader, args.workers, epochs=1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"workers": args.workers, "images": args.images, "image_px": list(args.image_px),
             "image_size": args.image_size, "batch_size": args.batch_size, "cpu_count": os.cpu_count(),
-            "decode_on": args.decode_on, "write_s": written_s, **measurement}
+            "decode_on": args.decode_on, "resize_on": args.resize_on, "write_s": written_s, **measurement}
 
 
 # =============================================================================== the machine
@@ -563,6 +568,7 @@ def plan_runs(plan: Plan, device: str) -> list[Run]:
                          *common], timeout))
     # Last: the newest measurement must not push the older ones out of the budget.
     runs.append(Run("loader_device", [*loader, "--decode-on", "device", "--device", device], t["loader"]))
+    runs.append(Run("loader_resize_device", [*loader, "--resize-on", "device", "--device", device], t["loader"]))
     return runs
 
 
@@ -654,7 +660,8 @@ def goals(plan: Plan, report: dict[str, Any], data) -> list[dict[str, Any]]:
             value = rows[(model, run)]["vs_open_clip"]
             found.append({"goal": f"{run} / open_clip samples/s on {model} >= {target}", "value": value,
                           "met": value >= target})
-    for name, what in (("loader", "loader"), ("loader_device", "decode_on=device loader")):
+    for name, what in (("loader", "loader"), ("loader_device", "decode_on=device loader"),
+                       ("loader_resize_device", "resize_on=device loader")):
         loader = data(name)
         if not loader:
             continue
@@ -686,10 +693,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- loss trajectory, {t['model']}, {t['compared']}: max relative difference "
                      f"{t['max_relative_difference']:.2e} (tolerance {t['tolerance']:.2e}): "
                      f"{'agree' if t['agree'] else 'DIFFER'}")
-    for name in ("loader", "loader_device"):
+    for name in ("loader", "loader_device", "loader_resize_device"):
         loader = report["runs"].get(name, {}).get("result")
         if loader:
-            lines.append(f"- {name} alone (decode_on={loader.get('decode_on', 'cpu')}): {loader['samples_per_s']:.0f} "
+            lines.append(f"- {name} alone (decode_on={loader.get('decode_on', 'cpu')}, "
+                         f"resize_on={loader.get('resize_on')}): {loader['samples_per_s']:.0f} "
                          f"samples/s ({loader['workers']} workers, {loader['image_px'][0]}-{loader['image_px'][1]} px "
                          f"JPEGs at {loader['image_size']} px, batch {loader['batch_size']}, {loader['cpu_count']} cores)")
     for g in report["goals"]:
@@ -762,7 +770,9 @@ def main(argv: list[str] | None = None) -> int:
     loader.add_argument("--image-size", type=int, default=64)
     loader.add_argument("--batch-size", type=int, default=8)
     loader.add_argument("--decode-on", choices=["cpu", "device"], default="cpu", help="data.decode_on")
-    loader.add_argument("--device", choices=sorted(PLANS), default="cpu", help="where decode_on=device decodes")
+    loader.add_argument("--resize-on", choices=["worker", "device"], default=None, help="data.resize_on")
+    loader.add_argument("--device", choices=sorted(PLANS), default="cpu",
+                        help="where decode_on=device decodes, resize_on=device resizes")
     env = commands.add_parser("env", help="device, versions, bf16 matmul TFLOP/s")
     env.add_argument("--device", choices=sorted(PLANS), default="cpu")
     for command in (side, loader, env):

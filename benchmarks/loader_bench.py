@@ -124,11 +124,12 @@ def run_per_core(shards: str, image_size: int, batch_size: int, context_length: 
     blobs = [{"jpg": s["jpg"]} for s in samples]
     captions = [decode_caption(s) for s in samples]
     loaders = {}
-    for decode_on in ("cpu", "device"):
+    for name, decode_on, resize_on in (("cpu", "cpu", None), ("device", "device", None),
+                                       ("resize_on_device", "cpu", "device")):
         dm = WebDatasetDataModule(shards, batch_size=batch_size, num_workers=0, image_size=image_size,
-                                  context_length=context_length, decode_on=decode_on)
+                                  context_length=context_length, decode_on=decode_on, resize_on=resize_on)
         dm.setup("fit")
-        loaders[decode_on] = dm.train_dataloader()
+        loaders[name] = dm.train_dataloader()
     stream = loaders["cpu"].dataset
     decoded = [decode_pixels(b, image_size, Counter()) for b in blobs]  # the resize stage's input
     stages = {
@@ -142,6 +143,7 @@ def run_per_core(shards: str, image_size: int, batch_size: int, context_length: 
         "crop_resize": lambda: [stream.transform.per_image(x) for x in decoded],
         "cpu_path": lambda: sum(batch["text"].shape[0] for batch in loaders["cpu"]),  # one exact epoch
         "device_path_cpu": lambda: sum(batch["text"].shape[0] for batch in loaders["device"]),
+        "resize_on_device_cpu": lambda: sum(batch["text"].shape[0] for batch in loaders["resize_on_device"]),
     }
     rates: dict[str, list[float]] = {name: [] for name in stages}
     for _ in range(rounds):  # interleaved, so all see the same load on a shared box
@@ -152,8 +154,10 @@ def run_per_core(shards: str, image_size: int, batch_size: int, context_length: 
     fixed = 1 / best["tar"] + 1 / best["tokenize"]
     ceiling = 1 / (1 / decode + fixed + 1 / best["crop_resize"])
     ceiling_without_resize = 1 / (1 / decode + fixed)
-    path, device = best["cpu_path"], best["device_path_cpu"]
+    path, device, split = best["cpu_path"], best["device_path_cpu"], best["resize_on_device_cpu"]
     return {"samples": len(samples), "decode_only": decode, "cpu_path": path, "ratio": path / decode,
+            "resize_on_device_cpu": split, "resize_on_device_ratio": split / decode,
+            "cores_needed_resize_on_device": {name: target / split for name, target in TARGETS.items()},
             "ceiling": ceiling, "ceiling_ratio": ceiling / decode,
             "ceiling_ratio_without_resize": ceiling_without_resize / decode,
             "device_path_cpu": device, "stage_rates": best,
@@ -176,15 +180,16 @@ def per_core_report(args) -> list[dict]:
         if done.returncode != 0:
             raise RuntimeError(f"per-core measurement failed:\n{done.stderr[-3000:]}")
         rows.append({"corpus": name, **json.loads(done.stdout.strip().splitlines()[-1])})
-    print(f"{'corpus (224 px out, 1 thread)':<32} {'decode /s':>10} {'CPU path /s':>12} {'ratio':>6} "
-          f"{'ceiling':>8} {'w/o resize':>10} {'cores B/16':>10} {'cores B/32':>10} {'device path CPU /s':>19} "
-          f"{'cores B/32':>10}")
+    print(f"{'corpus (224 px out, 1 thread)':<28} {'decode /s':>9} {'CPU path /s':>11} {'ratio':>5} "
+          f"{'ceiling':>7} {'resize on device /s':>19} {'ratio':>5} {'ceiling':>7} {'cores B/16':>10} "
+          f"{'cores B/32':>10} {'device path CPU /s':>18} {'cores B/32':>10}")
     for r in rows:
-        need, need_device = r["cores_needed"], r["cores_needed_device_path"]
-        print(f"{r['corpus']:<32} {r['decode_only']:>10.0f} {r['cpu_path']:>12.0f} {r['ratio']:>6.2f} "
-              f"{r['ceiling_ratio']:>8.2f} {r['ceiling_ratio_without_resize']:>10.2f} "
-              f"{need['ViT-B/16']:>10.1f} {need['ViT-B/32']:>10.1f} {r['device_path_cpu']:>19.0f} "
-              f"{need_device['ViT-B/32']:>10.1f}")
+        need, split, device = r["cores_needed"], r["cores_needed_resize_on_device"], r["cores_needed_device_path"]
+        print(f"{r['corpus']:<28} {r['decode_only']:>9.0f} {r['cpu_path']:>11.0f} {r['ratio']:>5.2f} "
+              f"{r['ceiling_ratio']:>7.2f} {r['resize_on_device_cpu']:>19.0f} {r['resize_on_device_ratio']:>5.2f} "
+              f"{r['ceiling_ratio_without_resize']:>7.2f} {need['ViT-B/16']:>4.1f}|{split['ViT-B/16']:<5.1f} "
+              f"{need['ViT-B/32']:>4.1f}|{split['ViT-B/32']:<5.1f} {r['device_path_cpu']:>18.0f} "
+              f"{device['ViT-B/32']:>10.1f}")
     print("stage rates (samples/s, best round): " + "; ".join(
         f"{r['corpus']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_rates"].items()) for r in rows))
     return rows

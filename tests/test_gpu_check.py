@@ -22,7 +22,8 @@ from benchmarks.gpu_check import BF16_TOLERANCE, PLANS, build_report
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_RUNS = ["env", "open_clip-tiny", "clip_pl-tiny", "loader", "clip_pl-tiny-grad_cache4",
-                 "clip_pl-tiny-deepspeed2", "clip_pl-tiny-compile", "loader_device"]
+                 "clip_pl-tiny-deepspeed2", "clip_pl-tiny-compile", "loader_device",
+                 "loader_resize_device"]
 
 
 @pytest.mark.slow
@@ -51,7 +52,7 @@ def test_the_gpu_check_runs_on_cpu(tmp_path):
     assert first["compared"] == "clip_pl vs open_clip" and first["agree"] and first["steps"] == total
     assert len(report["trajectories"]) == 4 and all(t["agree"] for t in report["trajectories"])
 
-    for name in EXPECTED_RUNS[1:3] + EXPECTED_RUNS[4:-1]:
+    for name in EXPECTED_RUNS[1:3] + EXPECTED_RUNS[4:-2]:
         result = runs[name]
         assert result["samples_per_s"] > 0 and result["step_ms"] > 0 and result["peak_rss_gb"] > 0
         assert result["profile"]["top"] and "Self CPU" in result["profile"]["table"]
@@ -61,6 +62,7 @@ def test_the_gpu_check_runs_on_cpu(tmp_path):
     assert ours["telemetry"]["perf/data_wait_share"] < 0.05
     assert runs["loader"]["samples_per_s"] > 0 and runs["loader"]["workers"] == plan.loader_workers
     assert runs["loader_device"]["samples_per_s"] > 0 and runs["loader_device"]["decode_on"] == "device"
+    assert runs["loader_resize_device"]["samples_per_s"] > 0 and runs["loader_resize_device"]["resize_on"] == "device"
     assert {row["run"] for row in report["comparisons"]} == {
         "open_clip", "clip_pl", "clip_pl grad_cache4", "clip_pl deepspeed2", "clip_pl compile"}
     assert "| tiny | clip_pl |" in (out / "results.md").read_text()

@@ -58,13 +58,19 @@ def test_batched_resize_equals_torchvisions_per_image_resize_within_tolerance(si
 
 
 def test_identity_and_padding_do_not_leak():
-    """A crop already at the output size comes back unchanged, and the canvas's zero padding around a
-    smaller crop never weighs in (a crop on a bright canvas resizes as it does alone)."""
+    """A crop already at the output size comes back unchanged, and whatever the canvas holds around a
+    smaller crop never weighs in (the canvas is left uninitialised there): filled white, the crop still
+    resizes exactly as it does alone."""
     photo = _photos()[1]
     exact = photo[:, :32, :32]
     small = photo[:, 40:70, 50:75]
     batch = collate_crops([exact, small, photo[:, :90, :120]], 32)
-    out = resize_crops(batch["crop"], batch["crop_size"], 32)
+    canvas = batch["crop"]
+    canvas[:2, :, 32:, :] = 255
+    canvas[:2, :, :, 32:] = 255
+    canvas[1, :, 30:, :] = 255
+    canvas[1, :, :, 25:] = 255
+    out = resize_crops(canvas, batch["crop_size"], 32)
     assert torch.equal(out[0], exact)
     alone = collate_crops([small], 32)
     assert torch.equal(out[1], resize_crops(alone["crop"], alone["crop_size"], 32)[0])
