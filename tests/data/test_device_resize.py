@@ -65,11 +65,11 @@ def test_identity_and_padding_do_not_leak():
     exact = photo[:, :32, :32]
     small = photo[:, 40:70, 50:75]
     batch = collate_crops([exact, small, photo[:, :90, :120]], 32)
-    canvas = batch["crop"]
-    canvas[:2, :, 32:, :] = 255
-    canvas[:2, :, :, 32:] = 255
-    canvas[1, :, 30:, :] = 255
-    canvas[1, :, :, 25:] = 255
+    canvas = batch["crop"]  # B×H×W×3
+    canvas[:2, 32:] = 255
+    canvas[:2, :, 32:] = 255
+    canvas[1, 30:] = 255
+    canvas[1, :, 25:] = 255
     out = resize_crops(canvas, batch["crop_size"], 32)
     assert torch.equal(out[0], exact)
     alone = collate_crops([small], 32)
