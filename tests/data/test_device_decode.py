@@ -19,6 +19,7 @@ import torch
 
 from clip_pl.data import WebDatasetDataModule
 from clip_pl.data.device_decode import SPARES, decode_batch
+from clip_pl.data.device_resize import resize_batch
 from tests.data.test_loader import _write_broken_corpus
 from tests.support.fake_shards import jpeg_bytes, make_sample, synthetic_image, write_shard, write_shards
 
@@ -34,6 +35,8 @@ def device_only_failure(index: int) -> dict[str, bytes]:
 
 
 def _batches(shards, decode_on, image_size=32, resume=None, **kw):
+    """One epoch of 2-worker batches, each put through the device's share as CLIPModule.on_after_batch_transfer
+    does (here on the CPU): decode_on=device's decode or resize_on=device's resize."""
     args = dict(batch_size=4, num_workers=2, image_size=image_size, context_length=CONTEXT, seed=7,
                 return_keys=True, shuffle_buffer=8, decode_on=decode_on)
     args.update(kw)
@@ -45,8 +48,11 @@ def _batches(shards, decode_on, image_size=32, resume=None, **kw):
     for batch in dm.train_dataloader():
         if decode_on == "device":
             assert batch["image"].dtype == torch.uint8 and isinstance(batch["jpeg"], list)
-            batch = decode_batch(batch)  # what CLIPModule.on_after_batch_transfer does, here on the CPU
+            batch = decode_batch(batch)
             assert "jpeg" not in batch and not any(k.startswith("spare_") for k in batch)
+        elif kw.get("resize_on") == "device":
+            assert "image" not in batch and batch["crop"].dtype == torch.uint8
+            batch = resize_batch(batch)
         out.append(batch)
     return out
 
@@ -118,25 +124,36 @@ def test_resume_mid_epoch_on_the_device_path(tmp_path):
                 + [make_sample(f"late{i}", 500 + i) for i in range(2)])
     sizes = json.loads((tmp_path / "sizes.json").read_text())
     (tmp_path / "sizes.json").write_text(json.dumps({**sizes, "00003.tar": 4}))
-    full = _batches(tmp_path, "device")
-    resumed = _batches(tmp_path, "device", resume=3)
-    assert len(full) == 9 and len(resumed) == 6
-    for a, b in zip(full[3:], resumed):
+    assert_resume_replays(tmp_path, batches=9, at=3, decode_on="device")
+
+
+def assert_resume_replays(shards, batches: int, at: int, **settings) -> None:
+    """Resumed at batch ``at``, the epoch's remaining batches are the uninterrupted run's, pixel for pixel."""
+    full = _batches(shards, resume=None, **settings)
+    resumed = _batches(shards, resume=at, **settings)
+    assert len(full) == batches and len(resumed) == batches - at
+    for a, b in zip(full[at:], resumed):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
 
 
 def test_unsupported_settings_are_refused_before_start(tmp_path):
+    """Both device-side options (decode_on=device here, resize_on=device in test_device_resize.py)."""
     with pytest.raises(ValueError, match="decode_on"):
         WebDatasetDataModule(str(tmp_path), decode_on="gpu")
+    with pytest.raises(ValueError, match="resize_on"):
+        WebDatasetDataModule(str(tmp_path), resize_on="gpu")
+    with pytest.raises(ValueError, match="resize_on"):
+        WebDatasetDataModule(str(tmp_path), decode_on="device", resize_on="worker")
     from clip_pl.data.stream import WebDatasetStream
     from clip_pl.data.shardspec import resolve_shards
     from clip_pl.model import get_tokenizer, image_transforms
 
     write_shards(str(tmp_path), [4])
-    with pytest.raises(ValueError, match="RandomResizedCrop"):
-        WebDatasetStream(resolve_shards(str(tmp_path), None, None), batch_size=2, batches_per_rank=1, rank=0,
-                         world_size=1, transform=image_transforms(32)[1], tokenizer=get_tokenizer(CONTEXT),
-                         image_size=32, decode_on="device")
+    for setting in ({"decode_on": "device"}, {"resize_on": "device"}):
+        with pytest.raises(ValueError, match="RandomResizedCrop"):
+            WebDatasetStream(resolve_shards(str(tmp_path), None, None), batch_size=2, batches_per_rank=1, rank=0,
+                             world_size=1, transform=image_transforms(32)[1], tokenizer=get_tokenizer(CONTEXT),
+                             image_size=32, **setting)
 
 
 def test_clip_module_trains_on_the_device_path(tmp_path):
@@ -155,14 +172,22 @@ def test_clip_module_trains_on_the_device_path(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen_bad.update(batch["bad_samples"])
 
-    dm = WebDatasetDataModule(str(tmp_path), batch_size=4, num_workers=0, image_size=16, context_length=8, seed=5,
-                              shuffle_buffer=4, decode_on="device")
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                        num_sanity_val_steps=0, callbacks=[Count()])
-    trainer.fit(module, datamodule=dm)
+    fit_one_epoch(tmp_path, module, Count(), decode_on="device")
     assert len(module.seen) == 3 and all(x.dtype == torch.float32 and x.shape == (4, 3, 16, 16) for x in module.seen)
     assert seen_bad == {"skipped/corrupt_image": 1, "refilled": 1}
+
+
+def fit_one_epoch(shards, module, callback, **data_settings) -> WebDatasetDataModule:
+    """One epoch of a real Lightning fit on the CPU, 16-px images, batch 4, ``data_settings`` for the loader."""
+    import lightning as L
+
+    dm = WebDatasetDataModule(str(shards), batch_size=4, num_workers=0, image_size=16, context_length=8, seed=5,
+                              shuffle_buffer=4, **data_settings)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=shards,
+                        num_sanity_val_steps=0, callbacks=[callback])
+    trainer.fit(module, datamodule=dm)
+    return dm
 
 
 def test_quick_jpeg_header_walk_agrees_with_pil():

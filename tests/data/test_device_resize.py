@@ -10,16 +10,16 @@ CPU path's weights are fixed-point, the device's float).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import pytest
 import torch
 from torchvision import transforms as T
 
-from clip_pl.data import WebDatasetDataModule
 from clip_pl.data.batch_transform import random_resized_box, resized_crop
 from clip_pl.data.device_resize import collate_crops, crop, resize_batch, resize_crops
+from tests.data.test_device_decode import _batches as decode_path_batches
+from tests.data.test_device_decode import assert_resume_replays, fit_one_epoch
 from tests.data.test_loader import _write_broken_corpus
 from tests.support.fake_shards import write_shards
 
@@ -77,20 +77,7 @@ def test_identity_and_padding_do_not_leak():
 
 
 def _batches(shards, resize_on, image_size=32, resume=None, **kw):
-    args = dict(batch_size=4, num_workers=2, image_size=image_size, context_length=CONTEXT, seed=7,
-                return_keys=True, shuffle_buffer=8, resize_on=resize_on)
-    args.update(kw)
-    dm = WebDatasetDataModule(str(shards), **args)
-    dm.setup("fit")
-    if resume is not None:
-        dm.resume_from(0, resume)
-    out = []
-    for batch in dm.train_dataloader():
-        if resize_on == "device":
-            assert "image" not in batch and batch["crop"].dtype == torch.uint8
-            batch = resize_batch(batch)  # what CLIPModule.on_after_batch_transfer does, here on the CPU
-        out.append(batch)
-    return out
+    return decode_path_batches(shards, "cpu", image_size, resume, resize_on=resize_on, **kw)
 
 
 @pytest.mark.parametrize("image_px,image_size", [((24, 60), 32), ((200, 300), 64)])
@@ -121,27 +108,7 @@ def test_bad_samples_counted_alike(tmp_path):
 
 def test_resume_mid_epoch(tmp_path):
     write_shards(str(tmp_path), [10, 9, 13], image_px=(24, 60))
-    full = _batches(tmp_path, "device")
-    resumed = _batches(tmp_path, "device", resume=3)
-    assert len(full) == 8 and len(resumed) == 5
-    for a, b in zip(full[3:], resumed):
-        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
-
-
-def test_refused_before_start(tmp_path):
-    with pytest.raises(ValueError, match="resize_on"):
-        WebDatasetDataModule(str(tmp_path), resize_on="gpu")
-    with pytest.raises(ValueError, match="resize_on"):
-        WebDatasetDataModule(str(tmp_path), decode_on="device", resize_on="worker")
-    from clip_pl.data.shardspec import resolve_shards
-    from clip_pl.data.stream import WebDatasetStream
-    from clip_pl.model import get_tokenizer, image_transforms
-
-    write_shards(str(tmp_path), [4])
-    with pytest.raises(ValueError, match="RandomResizedCrop"):
-        WebDatasetStream(resolve_shards(str(tmp_path), None, None), batch_size=2, batches_per_rank=1, rank=0,
-                         world_size=1, transform=image_transforms(32)[1], tokenizer=get_tokenizer(CONTEXT),
-                         image_size=32, resize_on="device")
+    assert_resume_replays(tmp_path, batches=8, at=3, decode_on="cpu", resize_on="device")
 
 
 def test_clip_module_trains_with_the_resize_on_device(tmp_path):
@@ -158,11 +125,6 @@ def test_clip_module_trains_with_the_resize_on_device(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             shapes.append((tuple(batch["image"].shape), batch["image"].dtype, "crop" in batch))
 
-    dm = WebDatasetDataModule(str(tmp_path), batch_size=4, num_workers=0, image_size=16, context_length=8, seed=5,
-                              shuffle_buffer=4, resize_on="device")
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                        num_sanity_val_steps=0, callbacks=[Seen()])
-    trainer.fit(module, datamodule=dm)
+    dm = fit_one_epoch(tmp_path, module, Seen(), resize_on="device")
     assert shapes == [((4, 3, 16, 16), torch.float32, False)] * 4
-    assert json.dumps(dm.resize_on) == '"device"'
+    assert dm.resize_on == "device"
