@@ -62,7 +62,23 @@ def is_imagefolder(data: str | Sequence[str]) -> bool:
 
 
 class ClassIndexImageFolder(ImageFolder):
-    """ImageFolder whose all-integer folder names are the class indices themselves."""
+    """ImageFolder whose all-integer folder names are the class indices themselves, and whose images are
+    decoded by training's rules (``clip_pl.data.decode``): an image that cannot be used (corrupt,
+    truncated, a decompression bomb, unreadable) is a :class:`Skipped` item, counted like a bad shard
+    sample, instead of an exception that ends the evaluation."""
+
+    def __getitem__(self, index: int) -> "tuple[Any, int] | Skipped":
+        path, target = self.samples[index]
+        try:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise BadSample("unreadable_file", f"{path}: {e}") from None
+            image = _image({"jpg": data}, self.transform or (lambda x: x), Counter())
+        except BadSample as e:
+            return Skipped(f"skipped/{e.reason}")
+        return image, self.target_transform(target) if self.target_transform else target
 
     def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
         classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
@@ -210,7 +226,8 @@ class _WithPosition(Dataset):
         return len(self.subset)
 
     def __getitem__(self, i: int):
-        return (*self.subset[i], self.subset.indices[i])
+        item = self.subset[i]
+        return item if isinstance(item, Skipped) else (*item, self.subset.indices[i])
 
 
 def labelled_for_rank(data: str | Sequence[str], transform: Callable, num_classes: int | None, label_key: str,

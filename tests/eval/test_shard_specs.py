@@ -17,7 +17,7 @@ from clip_pl.data.shardspec import resolve_shards
 from clip_pl.eval import datasets
 from clip_pl.eval.zeroshot import zero_shot_evaluate
 from tests.support.eval import (CLASSNAMES, TEMPLATES, labelled_samples, random_images, tiny_model,
-                                     write_shards)
+                                     write_imagefolder, write_shards)
 
 CORRUPT = b"\xff\xd8\xff\xe0 this is not a JPEG"
 
@@ -115,3 +115,23 @@ def test_each_bad_sample_is_counted_by_one_rank_only(shards, tmp_path):
                     keys.append(item[1])
         assert counts == {"skipped/corrupt_image": 1, "skipped/truncated_tar": 1}, world_size
         assert len(keys) == len(set(keys)), world_size
+
+
+def test_a_corrupt_imagefolder_image_is_skipped_and_counted_too(shards, tmp_path):
+    """An ImageFolder takes the same rules: a corrupt or truncated file is counted, the others evaluated."""
+    images = random_images(12, seed=3)
+    labels = [i % len(CLASSNAMES) for i in range(12)]
+    folder = write_imagefolder(tmp_path / "folder", images, labels)
+    clean = _evaluate(shards, str(folder))
+    (folder / str(labels[1]) / "0001.png").write_bytes(CORRUPT)
+    cut = folder / str(labels[2]) / "0002.png"
+    cut.write_bytes(cut.read_bytes()[:40])
+    result = _evaluate(shards, str(folder))
+    assert result["bad_samples/skipped/corrupt_image"] == 2 and result["samples"] == clean["samples"] - 2 == 10
+    # The linear probe's positioned items: the bad ones stand as Skipped markers in their place.
+    items = [datasets.labelled_for_rank(str(folder), lambda x: x, None, "cls", rank, 2, with_position=True)[i]
+             for rank in (0, 1) for i in range(6)]
+    assert sum(isinstance(item, datasets.Skipped) for item in items) == 2
+    order = [path for path, _ in datasets.ClassIndexImageFolder(str(folder)).samples]
+    bad = {order.index(str(folder / str(labels[i]) / f"{i:04d}.png")) for i in (1, 2)}
+    assert sorted(item[2] for item in items if not isinstance(item, datasets.Skipped)) == sorted(set(range(12)) - bad)
