@@ -42,6 +42,18 @@ def test_same_ids_as_open_clip_on_varied_and_random_captions():
     assert one([]).shape == (0, 77)
 
 
+def test_plain_ascii_captions_skip_a_cleaning_that_would_change_nothing():
+    """The shortcut's premise, on 20 000 random captions of printable ASCII without "&": ftfy and the
+    HTML unescaping leave them unchanged, so open_clip's cleaning equals the shortcut's."""
+    from open_clip.tokenizer import _clean_lower
+
+    rng = random.Random(3)
+    chars = [chr(c) for c in range(0x20, 0x7F) if chr(c) != "&"]
+    for _ in range(20_000):
+        text = "".join(rng.choice(chars) for _ in range(rng.randint(0, 60)))
+        assert _clean_lower(text) == " ".join(text.split()).lower(), repr(text)
+
+
 def test_the_memory_is_bounded_and_forgetting_changes_nothing():
     captions = _random_texts(300, seed=2)
     small = CLIPTokenizer(context_length=77, max_words=50)
