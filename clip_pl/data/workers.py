@@ -14,12 +14,16 @@ milliseconds and inherit no lock. ``data.multiprocessing_context=fork`` restores
 What they do with signals: SLURM signals every process of the step, and a forked worker inherits the
 training process's Python signal handlers. The workers (and the forkserver) leave SIGUSR1 / SIGTERM to
 the training process, where ``clip_pl.callbacks.preemption.PreemptionCheckpoint`` turns them into a save
-at a step boundary.
+at a step boundary. Because they ignore SIGTERM, multiprocessing's own exit handler (SIGTERM to daemon
+children, then join) would wait forever for the workers of a loader still alive at interpreter exit
+(a loader or iterator held by a module-level name of a script); an exit hook ends them first.
 """
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 from typing import Any
@@ -114,8 +118,32 @@ def _preload() -> list[str]:
     return [*modules, "clip_pl.data.forkserver_preload"]
 
 
+def stop_workers_left_running(grace_s: float = 1.0) -> None:
+    """At interpreter exit, before multiprocessing's handler (atexit runs the later registration first):
+    do what that handler does to daemon children (DataLoader workers are daemons), SIGTERM, then kill
+    those still alive after ``grace_s``. Ours ignore SIGTERM, and the handler would join them forever.
+    A worker only reads and decodes: killing it loses nothing; another daemon still gets its SIGTERM."""
+    import time
+
+    daemons = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in daemons:
+        child.terminate()
+    deadline = time.monotonic() + grace_s
+    for child in daemons:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join(grace_s)
+
+
+_exit_hook: list[bool] = []
+
+
 def worker_options(num_workers: int, rank: int = 0, method: str | None = START_METHOD) -> dict[str, Any]:
     """DataLoader keyword arguments for ``num_workers`` workers: where they start from, and their init."""
     if num_workers == 0:
         return {}
+    if not _exit_hook:  # once per process; multiprocessing.util (imported above) registered its handler before
+        atexit.register(stop_workers_left_running)
+        _exit_hook.append(True)
     return {"multiprocessing_context": worker_context(method), "worker_init_fn": WorkerInit(rank)}

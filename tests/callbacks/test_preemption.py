@@ -270,6 +270,40 @@ def test_workers_start_from_a_forkserver_and_the_helpers_outlive_slurms_signals(
     assert "Traceback" not in out.stderr and "resource_tracker" not in out.stderr, out.stderr[-3000:]
 
 
+_SCRIPT_LEAVING_A_LOADER = """
+import sys
+from tests.support.fake_shards import write_shards
+from clip_pl.data import WebDatasetDataModule
+
+if __name__ == "__main__":
+    write_shards(sys.argv[1], [8, 8], image_px=(32, 32))
+    dm = WebDatasetDataModule(train_shards=sys.argv[1], batch_size=2, num_workers=2, image_size=32)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batches = iter(loader)  # a module-level name: alive at interpreter exit, its workers running
+    print(next(batches)["image"].shape[0], flush=True)
+"""
+
+
+def test_a_script_leaving_a_loader_alive_still_exits(tmp_path):
+    """Workers ignore SIGTERM (for preemption), so multiprocessing's exit handler, which SIGTERMs and joins
+    them, would wait forever; clip_pl's exit hook kills them first and the script ends."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "leaves_a_loader.py"
+    script.write_text(_SCRIPT_LEAVING_A_LOADER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    try:
+        done = subprocess.run([sys.executable, str(script), str(tmp_path / "shards")], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"the script did not exit: {e.stderr}") from None
+    assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def test_evaluation_loaders_ignore_stop_signals_in_workers(tmp_path):
     from clip_pl.eval.datasets import loader
 
