@@ -96,12 +96,6 @@ def _samples(shards: Path) -> list[dict]:
     return [s for name in sorted(sizes) for s in read_shard(str(shards / name))]
 
 
-def _image_bytes(shards: Path) -> list[bytes]:
-    from clip_pl.data.decode import image_bytes
-
-    return [image_bytes(s) for s in _samples(shards)]
-
-
 def _rate(count: int, work: Callable[[], object]) -> float:
     start = time.perf_counter()
     work()

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import open_clip
 import torch
 from open_clip.transform import image_transform
+from open_clip.tokenizer import whitespace_clean
 from torch import nn
 
 # Keys of an open_clip model config that describe the architecture (everything CLIP(...) takes).
@@ -136,7 +137,7 @@ class CLIPTokenizer(open_clip.SimpleTokenizer):
         ids: list[int] = []
         remembered = self.word_ids
         plain = text.isascii() and text.isprintable() and "&" not in text
-        for word in self.pat.findall(" ".join(text.split()).lower() if plain else self.clean_fn(text)):
+        for word in self.pat.findall(whitespace_clean(text).lower() if plain else self.clean_fn(text)):
             word_ids = remembered.get(word)
             if word_ids is None:
                 pieces = self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8"))).split(" ")

@@ -19,7 +19,6 @@ crops still depend only on the seed the loader sets per batch (resume re-crops a
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -28,13 +27,12 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
+from clip_pl.data.decode import as_tensor
 from clip_pl.pixels import MEAN, STD
 
 # Steps that need no work here: images reach the transform RGB already (decode.to_rgb), and
 # ToTensor + Normalize are clip_pl.pixels.normalize on the device.
 _DEVICE_OR_NOOP = ("MaybeConvertMode", "_convert_to_rgb", "MaybeToTensor", "ToTensor", "Normalize")
-# A read-only array (PIL's buffer) is wrapped, never written: resizing makes a new tensor.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 _TRIES = 10  # as torchvision's RandomResizedCrop
@@ -96,7 +94,7 @@ class BatchedImageTransform:
 
     def pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """One image (RGB PIL, or a uint8 3×H×W tensor) → uint8 3×h×w after the geometry steps."""
-        x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1) if isinstance(image, Image.Image) else image
+        x = as_tensor(image) if isinstance(image, Image.Image) else image
         for step in self.geometry:
             if isinstance(step, T.RandomResizedCrop):
                 x = resized_crop(x, random_resized_box(x.shape[1], x.shape[2], step.scale, step.ratio), step)

@@ -30,8 +30,6 @@ from clip_pl.data.jpeg import COMPONENT_MODES, draft_size, ends_complete, jpeg_f
 # The extensions a sample's image may have, in the order they are looked for.
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 CAPTION_KEY = "txt"
-# A read-only array (PIL's buffer) is wrapped, never written: every later step makes a new tensor.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 # PIL's own bomb threshold (~89.5 Mpx): larger images are refused before any pixel is decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
@@ -128,7 +126,7 @@ def decode_pixels(sample: Mapping[str, Any], target_size: int | None, counts: Co
     data = image_bytes(sample)
     header = quick_jpeg(data, max_pixels)
     if header is None or draft_size(header[1], header[2], target_size) != header[1:] or not ends_complete(data):
-        return torch.from_numpy(np.asarray(decode_image(sample, target_size, counts, max_pixels))).permute(2, 0, 1)
+        return as_tensor(decode_image(sample, target_size, counts, max_pixels))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -138,6 +136,15 @@ def decode_pixels(sample: Mapping[str, Any], target_size: int | None, counts: Co
     if header[0] == "L":
         counts["converted/grayscale"] += 1
     return pixels
+
+
+# A read-only array (PIL's buffer) is wrapped, never written: every later step makes a new tensor.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def as_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as uint8 3×H×W (height × width × channel in memory, as the decoders give it)."""
+    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
 
 
 def to_rgb(img: Image.Image, counts: Counter) -> Image.Image:

@@ -10,6 +10,8 @@ worker side (``clip_pl.data.device_decode.prepare``).
 
 from __future__ import annotations
 
+from PIL import Image
+
 # Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic): they hold the size.
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 COMPONENT_MODES = {1: "L", 3: "RGB"}  # the mode PIL gives a JPEG with that many components
@@ -55,8 +57,6 @@ def draft_size(width: int, height: int, target_size: int | None) -> tuple[int, i
 def pixel_limit(max_pixels: int) -> float:
     """The pixel count above which an image is a decompression bomb: ours, or PIL's own refusal when it
     opens a file (twice its MAX_IMAGE_PIXELS), whichever is lower, so both decoders refuse alike."""
-    from PIL import Image
-
     return min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS) if Image.MAX_IMAGE_PIXELS else max_pixels
 
 

@@ -26,6 +26,7 @@ import multiprocessing
 import multiprocessing.util
 import os
 import signal
+import time
 from typing import Any
 
 START_METHOD = "forkserver"
@@ -123,8 +124,6 @@ def stop_workers_left_running(grace_s: float = 1.0) -> None:
     do what that handler does to daemon children (DataLoader workers are daemons), SIGTERM, then kill
     those still alive after ``grace_s``. Ours ignore SIGTERM, and the handler would join them forever.
     A worker only reads and decodes: killing it loses nothing; another daemon still gets its SIGTERM."""
-    import time
-
     daemons = [child for child in multiprocessing.active_children() if child.daemon]
     for child in daemons:
         child.terminate()
@@ -136,14 +135,12 @@ def stop_workers_left_running(grace_s: float = 1.0) -> None:
             child.join(grace_s)
 
 
-_exit_hook: list[bool] = []
-
-
 def worker_options(num_workers: int, rank: int = 0, method: str | None = START_METHOD) -> dict[str, Any]:
     """DataLoader keyword arguments for ``num_workers`` workers: where they start from, and their init."""
     if num_workers == 0:
         return {}
-    if not _exit_hook:  # once per process; multiprocessing.util (imported above) registered its handler before
-        atexit.register(stop_workers_left_running)
-        _exit_hook.append(True)
+    # Once per process however many loaders (unregister drops an earlier registration); multiprocessing.util,
+    # imported above, registered its own handler before, so this one runs first.
+    atexit.unregister(stop_workers_left_running)
+    atexit.register(stop_workers_left_running)
     return {"multiprocessing_context": worker_context(method), "worker_init_fn": WorkerInit(rank)}
