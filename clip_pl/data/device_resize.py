@@ -24,31 +24,92 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torchvision import transforms as T
 
+from clip_pl.data.batch_rows import batch_tensor
 from clip_pl.data.batch_transform import random_resized_box
 
 _A = -0.5  # Keys' cubic as PIL (and torchvision's antialiased bicubic) define it
 
 
-def crop(pixels: torch.Tensor, step: T.RandomResizedCrop) -> torch.Tensor:
-    """The worker's share: uint8 3×H×W → the RandomResizedCrop box of it (a view), with the CPU path's draw."""
+def crop(pixels: torch.Tensor, step: T.RandomResizedCrop) -> np.ndarray:
+    """The worker's share: uint8 3×H×W → the RandomResizedCrop box of it, with the CPU path's draw, as an
+    H×W×3 NumPy view (the decoders' memory order; a NumPy view and copy cost ~2 µs where torch's
+    indexing took ~7, per sample)."""
     top, left, height, width = random_resized_box(pixels.shape[1], pixels.shape[2], step.scale, step.ratio)
-    return pixels[:, top: top + height, left: left + width]
+    return pixels.permute(1, 2, 0).numpy()[top: top + height, left: left + width]
 
 
-def collate_crops(crops: Sequence[torch.Tensor], out_size: int) -> dict[str, Any]:
-    """Crops (uint8 3×h×w views) → ``crop`` (uint8 B×Hmax×Wmax×3, each crop top-left, anything elsewhere),
-    ``crop_size`` (B×2) and ``crop_out_size`` (the side every row is resized to)."""
-    sizes = torch.tensor([tuple(c.shape[1:]) for c in crops], dtype=torch.long).reshape(len(crops), 2)
-    height, width = (int(v) for v in sizes.max(0).values) if len(crops) else (0, 0)
-    # Left uninitialised around each crop: resample_weights gives pixels outside a row's crop weight 0, and
-    # a uint8 times 0 is 0 whatever it holds (zeroing a 256-px batch cost ~5 % of a worker's time).
-    canvas = torch.empty((len(crops), height, width, 3), dtype=torch.uint8)
-    for row, c in enumerate(crops):
-        canvas[row, : c.shape[1], : c.shape[2]] = c.permute(1, 2, 0)
-    return {"crop": canvas, "crop_size": sizes, "crop_out_size": out_size}
+class CropCanvas:
+    """The batch's crops → ``crop`` (uint8 B×H×W×3, each crop in its row's top-left corner, anything
+    elsewhere), ``crop_size`` (B×2) and ``crop_out_size`` (the side every row is resized to).
+
+    Each crop is copied in by :meth:`add` as soon as it is cut, while its pixels are in cache
+    (clip_pl/data/batch_rows.py says why). The canvas starts as large as ``hint`` (the previous batch's
+    :meth:`next_hint`) and grows, copying the rows it holds, when a crop does not fit. Sides are rounded
+    up to a multiple of 32: shards of varied image sizes (img2dataset's keep_ratio) otherwise grew the
+    canvas by a pixel or two a few times a batch, each time copying every row. Left uninitialised
+    around each crop: resample_weights gives pixels outside a row's crop weight 0, and a uint8 times 0
+    is 0 whatever it holds (zeroing a 256-px batch cost ~5 % of a worker's time)."""
+
+    def __init__(self, rows: int, out_size: int, hint: tuple[int, int] = (0, 0)) -> None:
+        self.rows, self.out_size = rows, out_size
+        self.sizes: list[tuple[int, int]] = []
+        self.canvas = batch_tensor((rows, *hint, 3), torch.uint8) if min(hint) > 0 else None
+        self.pixels = self.canvas.numpy() if self.canvas is not None else None  # the same memory
+
+    def add(self, crop: np.ndarray | torch.Tensor) -> None:
+        """One crop: uint8 h×w×3 NumPy (what :func:`crop` gives) or 3×h×w tensor, any strides."""
+        if isinstance(crop, torch.Tensor):
+            crop = crop.permute(1, 2, 0).numpy()
+        height, width = crop.shape[0], crop.shape[1]
+        row = len(self.sizes)
+        if row == self.rows:
+            raise ValueError(f"a batch of {self.rows} crops got one more")
+        if self.canvas is None or height > self.canvas.shape[1] or width > self.canvas.shape[2]:
+            self._resize(_round_up(max(height, self.canvas.shape[1] if self.canvas is not None else 0)),
+                         _round_up(max(width, self.canvas.shape[2] if self.canvas is not None else 0)))
+        self.pixels[row, :height, :width] = crop
+        self.sizes.append((height, width))
+
+    def _resize(self, height: int, width: int) -> None:
+        canvas = batch_tensor((self.rows, height, width, 3), torch.uint8)
+        pixels = canvas.numpy()
+        for row, (h, w) in enumerate(self.sizes):
+            pixels[row, :h, :w] = self.pixels[row, :h, :w]
+        self.canvas, self.pixels = canvas, pixels
+
+    def _largest(self) -> tuple[int, int]:
+        return (max(h for h, _ in self.sizes), max(w for _, w in self.sizes)) if self.sizes else (0, 0)
+
+    def next_hint(self) -> tuple[int, int]:
+        """The canvas size for the next batch: this one's largest crop, sides rounded up."""
+        height, width = self._largest()
+        return _round_up(height), _round_up(width)
+
+    def result(self) -> dict[str, Any]:
+        if len(self.sizes) != self.rows:
+            raise ValueError(f"a batch of {self.rows} crops got {len(self.sizes)}")
+        height, width = self._largest()
+        if self.canvas is not None and height * width < 0.75 * self.canvas.shape[1] * self.canvas.shape[2]:
+            self._resize(height, width)  # much smaller crops than the hint: don't ship the margin
+        canvas = self.canvas if self.canvas is not None else torch.empty((0, 0, 0, 3), dtype=torch.uint8)
+        sizes = torch.tensor(self.sizes, dtype=torch.long).reshape(len(self.sizes), 2)
+        return {"crop": canvas, "crop_size": sizes, "crop_out_size": self.out_size}
+
+
+def _round_up(side: int, multiple: int = 32) -> int:
+    return -(-side // multiple) * multiple
+
+
+def collate_crops(crops: Sequence[np.ndarray | torch.Tensor], out_size: int) -> dict[str, Any]:
+    """:class:`CropCanvas` of ``crops`` all at once."""
+    canvas = CropCanvas(len(crops), out_size)
+    for c in crops:
+        canvas.add(c)
+    return canvas.result()
 
 
 def _cubic(x: torch.Tensor) -> torch.Tensor:

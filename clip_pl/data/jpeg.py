@@ -63,4 +63,5 @@ def pixel_limit(max_pixels: int) -> float:
 def ends_complete(data: bytes) -> bool:
     """Whether the file ends in the end-of-image marker (zero padding allowed). libjpeg only warns on a
     truncated file and fills the rest grey, where PIL refuses it."""
-    return data.rstrip(b"\0").endswith(b"\xff\xd9")
+    # endswith first: rstrip copies the whole file (always, for the tar reader's bytearrays)
+    return data.endswith(b"\xff\xd9") or data.rstrip(b"\0").endswith(b"\xff\xd9")

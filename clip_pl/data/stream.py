@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from clip_pl.data.batch_transform import BatchedImageTransform
+from clip_pl.data.batch_rows import StackedRows
+from clip_pl.data.batch_transform import BatchedImageTransform, crop_randomness
 from clip_pl.data import device_decode, device_resize
 from clip_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS, BadSample, decode_caption, decode_pixels
 from clip_pl.data.reader import Missing, read_shard
@@ -168,8 +169,7 @@ class WebDatasetStream(IterableDataset):
         worker = (physical + consumed) % num_workers
         to_make = worker_batches(self.batches_per_rank, num_workers, worker)
         to_skip = min(to_make, worker_batches_consumed(consumed, num_workers, worker))
-        ctx = _Context(epoch=epoch, worker=worker, num_workers=num_workers, consumed=consumed,
-                       reseed=info is not None)  # never reseed the training process itself
+        ctx = _Context(epoch=epoch, worker=worker, num_workers=num_workers, consumed=consumed)
         if self.resampled:
             yield from self._resampled(ctx, to_make - to_skip)
         else:
@@ -191,21 +191,23 @@ class WebDatasetStream(IterableDataset):
         counts.clear()
         fillers = _Fillers(self, order, start, stop, self._epoch_length())
         reservoir: list[tuple] = []
+        rows = _Rows(self)
         for index in range(to_skip, to_make):
             chunk = list(islice(raw, b))
             if len(chunk) != b:  # cannot happen with a consistent manifest; fail loudly, never hang
                 raise RuntimeError(f"rank {self.rank} worker {ctx.worker}: slice ended after {len(chunk)} "
                                    f"of {b} samples; sizes.json disagrees with the shards.")
+            rows.start()
             with ctx.augmentation_rng(self.seed, self.rank, index):  # never across the yield
-                good = [d for d in (self._decode(item, counts) for item in chunk) if d is not None]
+                good = [rows.add(d) for d in (self._decode(item, counts) for item in chunk) if d is not None]
                 originals = list(good)
                 while len(good) < b:
                     # A duplicate from the previous batch is harmless; within the batch it would be a false negative.
-                    good.append(reservoir.pop() if reservoir else fillers.next())
+                    good.append(rows.add(reservoir.pop() if reservoir else fillers.next()))
                     counts["refilled"] += 1
                 spares = self._spares(reservoir, fillers.next) if self.on_device else None
             reservoir = originals
-            yield self._collate(good, counts, ctx.epoch, spares, originals=len(originals))
+            yield self._collate(good, counts, ctx.epoch, spares, originals=len(originals), images=rows.result())
 
     def _resampled(self, ctx: "_Context", to_make: int) -> Iterator[dict[str, Any]]:
         counts: Counter = Counter()
@@ -213,8 +215,10 @@ class WebDatasetStream(IterableDataset):
         raw = iter(shuffle_buffer(self._draw_shards(rng, counts), self.shuffle_buffer_size, rng))
         bad_in_a_row = 0
         previous: list[tuple] = []
+        rows = _Rows(self)
         for index in range(to_make):
             batch: list[tuple] = []
+            rows.start()
             with ctx.augmentation_rng(self.seed, self.rank, index, ctx.consumed):  # resumed: new crops too
                 while len(batch) < self.batch_size:
                     decoded = self._decode(next(raw), counts)
@@ -225,12 +229,12 @@ class WebDatasetStream(IterableDataset):
                                                "check the shards and data.train_shards.")
                         continue
                     bad_in_a_row = 0
-                    batch.append(decoded)
+                    batch.append(rows.add(decoded))
                 spares = None
                 if self.on_device:  # the previous batch's samples; for the first, a few more draws
                     spares = self._spares(previous, lambda: self._next_good(raw, Counter()))
             previous = batch
-            yield self._collate(batch, counts, ctx.epoch, spares)
+            yield self._collate(batch, counts, ctx.epoch, spares, images=rows.result())
 
     def _draw_shards(self, rng: random.Random, counts: Counter) -> Iterator[dict | Missing]:
         shards = self.shards.shards
@@ -302,7 +306,10 @@ class WebDatasetStream(IterableDataset):
         return tensor, caption, item.get("__key__", "")
 
     def _collate(self, items: list[tuple], counts: Counter, epoch: int | None = None,
-                 spares: list[tuple] | None = None, originals: int | None = None) -> dict[str, Any]:
+                 spares: list[tuple] | None = None, originals: int | None = None,
+                 images: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The batch of ``items`` (image, caption, key); ``images``: their image fields, built as they were
+        decoded (:class:`_Rows`), else made here."""
         batch: dict[str, Any] = {
             "text": self.tokenizer([c for _, c, _ in items]),
             "bad_samples": dict(counts),  # observed since this worker's previous batch
@@ -312,6 +319,8 @@ class WebDatasetStream(IterableDataset):
             # Rows after the originals are refills, already counted: a failure there is no new bad sample.
             batch["jpeg_refill"] = torch.arange(len(items)) >= (len(items) if originals is None else originals)
             batch.update(device_decode.collate_spares(spares or [], self.tokenizer, self.image_size))
+        elif images is not None:
+            batch.update(images)
         elif self.resize_on_device:
             batch.update(device_resize.collate_crops([t for t, _, _ in items], self.image_size))
         else:
@@ -323,21 +332,42 @@ class WebDatasetStream(IterableDataset):
         return batch
 
 
-class _Context:
-    def __init__(self, epoch: int, worker: int, num_workers: int, consumed: int, reseed: bool) -> None:
-        self.epoch, self.worker, self.num_workers, self.consumed = epoch, worker, num_workers, consumed
-        self.reseed = reseed
+class _Rows:
+    """The images of the batch being made, copied into it one by one as they are decoded
+    (clip_pl/data/batch_rows.py says why); nothing on the device path, whose rows are JPEG bytes."""
 
-    @contextlib.contextmanager
-    def augmentation_rng(self, seed: int, rank: int, *batch_id: int) -> Iterator[None]:
-        """Random crops depend on (seed, epoch, rank, worker, batch) only, so a resumed epoch re-crops
-        alike. A worker reseeds its own RNG; the training process itself (num_workers=0) forks the
-        global RNG for the batch, so the model's random stream is left as it was."""
-        with contextlib.ExitStack() as stack:
-            if not self.reseed:
-                stack.enter_context(torch.random.fork_rng(devices=[]))
-            torch.manual_seed(derive_seed(seed, self.epoch, rank, self.worker, *batch_id, 3))
-            yield
+    def __init__(self, stream: WebDatasetStream) -> None:
+        self._stream, self._hint, self._rows = stream, (0, 0), None
+
+    def start(self) -> None:
+        stream = self._stream
+        if stream.resize_on_device:
+            self._rows = device_resize.CropCanvas(stream.batch_size, stream.image_size, self._hint)
+        elif not stream.on_device:
+            self._rows = StackedRows(stream.batch_size)
+
+    def add(self, decoded: tuple) -> tuple:
+        if self._rows is not None:
+            self._rows.add(decoded[0])
+        return decoded
+
+    def result(self) -> dict[str, Any] | None:
+        rows, self._rows = self._rows, None
+        if isinstance(rows, device_resize.CropCanvas):
+            self._hint = rows.next_hint()
+            return rows.result()
+        return None if rows is None else {"image": rows.result()}
+
+
+class _Context:
+    def __init__(self, epoch: int, worker: int, num_workers: int, consumed: int) -> None:
+        self.epoch, self.worker, self.num_workers, self.consumed = epoch, worker, num_workers, consumed
+
+    def augmentation_rng(self, seed: int, rank: int, *batch_id: int) -> contextlib.AbstractContextManager:
+        """Random crops depend on (seed, epoch, rank, worker, batch) only, so a resumed epoch re-crops alike.
+        They come from a ``random.Random`` of the batch's own (batch_transform.crop_randomness): torch's
+        global RNG, the training process's own with num_workers=0, is never touched."""
+        return crop_randomness(random.Random(derive_seed(seed, self.epoch, rank, self.worker, *batch_id, 3)))
 
 
 def read_positions(order: list[Shard], start: int, stop: int, counts: Counter | None) -> Iterator[dict | Missing]:

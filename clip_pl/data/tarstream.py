@@ -9,6 +9,7 @@ valid tar raises :class:`TarError` with what was wrong, so the caller can count 
 
 from __future__ import annotations
 
+import zlib
 from typing import BinaryIO, Iterator
 
 BLOCK = 512
@@ -28,6 +29,28 @@ def _read_exact(stream: BinaryIO, size: int) -> bytes:
     return data
 
 
+def _read_member(stream: BinaryIO, size: int) -> bytes | bytearray:
+    """A member's ``size`` bytes and its padding, in one read. Into a bytearray where the stream can
+    (files): writable, so the loader's ``torch.frombuffer`` wraps a JPEG without copying it (and
+    without warning that a bytes object is read-only). A pipe gives bytes."""
+    padding = -size % BLOCK
+    readinto = getattr(stream, "readinto", None)
+    if readinto is None:
+        data = _read_exact(stream, size + padding)
+        return data[:size] if padding else data
+    buffer = bytearray(size + padding)
+    with memoryview(buffer) as view:
+        got = 0
+        while got < len(buffer):
+            n = readinto(view[got:])
+            if not n:
+                raise TarError(f"unexpected end of data: needed {len(buffer)} bytes, got {got} (truncated tar?)")
+            got += n
+    if padding:
+        del buffer[size:]
+    return buffer
+
+
 def _number(field: bytes) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for sizes > 8 GiB
         return int.from_bytes(field[1:], "big")
@@ -38,13 +61,21 @@ def _number(field: bytes) -> int:
         raise TarError(f"bad number field {field!r} in tar header") from None
 
 
+_ADLER_MOD = 65521
+_BLANK_CHECKSUM = b" " * 8  # the checksum field counts as spaces in its own sum
+
+
 def _checksum_ok(header: bytes) -> bool:
+    """The header's byte sum against its stored checksum. The sum is taken by zlib's Adler-32, whose
+    low half is 1 + the byte sum modulo 65521 (a 512-byte sum is at most 130 560): ~0.4 µs a member,
+    where Python's ``sum`` over the bytes took ~2.4 µs (3 members a sample: 2 % of a worker's time on
+    256-px shards). Two sums that differ by exactly 65 521 pass alike, a risk no bit flip makes likely."""
     try:
         stored = _number(header[148:156])
     except TarError:
         return False
-    computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
-    return stored == computed
+    adler = zlib.adler32(header[156:], zlib.adler32(_BLANK_CHECKSUM, zlib.adler32(header[:148])))
+    return (adler & 0xFFFF) == (1 + stored) % _ADLER_MOD
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
@@ -77,10 +108,7 @@ def iter_tar(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             raise TarError("tar header checksum mismatch (not a tar file, or corrupted)")
         kind = header[156:157]
         size = int(pax["size"]) if "size" in pax and kind in _REGULAR else _number(header[124:136])
-        data = _read_exact(stream, size)
-        padding = -size % BLOCK
-        if padding:
-            _read_exact(stream, padding)
+        data = _read_member(stream, size)
         if kind == b"x":
             pax = _pax_records(data)
             continue

@@ -68,7 +68,8 @@ def test_random_boxes_follow_random_resized_crops_distribution():
             a, b = ours[:, column], theirs[:, column]
             assert abs(a.mean() - b.mean()) <= 0.5 + 0.1 * b.std(), (height, width, name, a.mean(), b.mean())
             assert abs(a.std() - b.std()) <= 0.5 + 0.1 * b.std(), (height, width, name, a.std(), b.std())
-            assert a.min() >= b.min() - 1 and a.max() <= b.max() + 1, (height, width, name)
+            for q in (0.01, 0.99):  # the tails (the sample's extremes themselves vary by a few pixels)
+                assert abs(a.quantile(q) - b.quantile(q)) <= 1 + 0.1 * b.std(), (height, width, name, q)
         inside = (ours[:, 0] + ours[:, 2] <= height) & (ours[:, 1] + ours[:, 3] <= width)
         assert inside.all() and (ours[:, 2:] > 0).all()
 

@@ -43,7 +43,7 @@ def _png(img: Image.Image) -> bytes:
 def decoders_used(monkeypatch):
     """Which decoder ran for each call: 'torchvision' or 'pil'."""
     used = []
-    real_jpeg, real_pil = decode_module.decode_jpeg, decode_module.decode_image
+    real_jpeg, real_pil = decode_module._decode_jpeg_rgb, decode_module.decode_image
 
     def via_torchvision(*args, **kwargs):
         used.append("torchvision")
@@ -53,7 +53,7 @@ def decoders_used(monkeypatch):
         used.append("pil")
         return real_pil(*args, **kwargs)
 
-    monkeypatch.setattr(decode_module, "decode_jpeg", via_torchvision)
+    monkeypatch.setattr(decode_module, "_decode_jpeg_rgb", via_torchvision)
     monkeypatch.setattr(decode_module, "decode_image", via_pil)
     return used
 
@@ -136,3 +136,23 @@ def test_damaged_jpegs_are_refused_or_decoded_as_pil_does():
             continue
         assert torch.equal(pixels, reference), f"seed {seed}: decoded, but not PIL's pixels"
     assert stricter <= 3
+
+
+def test_the_kernel_called_straight_is_torchvisions_decode_jpeg():
+    """decode_pixels calls torchvision's registered CPU kernel without its Python wrapper when the kernel
+    has the expected arguments (this torchvision's), else the public decode_jpeg: both give its pixels."""
+    import torchvision
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = torch.frombuffer(bytearray(jpeg_bytes(synthetic_image(0, 64, 48), quality=90)), dtype=torch.uint8)
+    reference = decode_jpeg(data, mode=ImageReadMode.RGB)
+    straight = decode_module._cpu_jpeg_decoder(torch.ops.image.decode_jpeg)
+    assert straight is not None and straight.__name__ == "kernel_rgb", f"torchvision {torchvision.__version__}'s kernel not taken"
+    assert torch.equal(straight(data), reference)
+
+    class OtherKernel:  # a future torchvision whose kernel takes other arguments
+        class default:
+            class _schema:
+                arguments = [type("A", (), {"name": n}) for n in ("data", "mode", "device")]
+    fallback = decode_module._cpu_jpeg_decoder(OtherKernel())
+    assert fallback.__name__ == "wrapper_rgb" and torch.equal(fallback(data), reference)

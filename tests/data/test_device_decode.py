@@ -48,6 +48,8 @@ def _batches(shards, decode_on, image_size=32, resume=None, **kw):
     for batch in dm.train_dataloader():
         if decode_on == "device":
             assert batch["image"].dtype == torch.uint8 and isinstance(batch["jpeg"], list)
+            # bytes objects: the DataLoader converts any other sequence (a bytearray) element by element
+            assert all(d is None or type(d) is bytes for d in batch["jpeg"] + (batch["spare_jpeg"] or []))
             batch = decode_batch(batch)
             assert "jpeg" not in batch and not any(k.startswith("spare_") for k in batch)
         elif kw.get("resize_on") == "device":

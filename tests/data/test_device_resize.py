@@ -50,7 +50,7 @@ def test_batched_resize_equals_torchvisions_per_image_resize_within_tolerance(si
     reference = torch.stack([resized_crop(x, random_resized_box(x.shape[1], x.shape[2], step.scale, step.ratio), step)
                              for x in images])
     batch = collate_crops(crops, size)
-    assert batch["crop"].dtype == torch.uint8 and batch["crop_size"].tolist() == [list(c.shape[1:]) for c in crops]
+    assert batch["crop"].dtype == torch.uint8 and batch["crop_size"].tolist() == [list(c.shape[:2]) for c in crops]
     out = resize_batch({**batch, "text": torch.zeros(len(crops), 3)})
     assert set(out) == {"image", "text"}, "the crop fields are consumed"
     levels = _levels(out["image"], reference)

@@ -63,3 +63,49 @@ def test_truncated_and_garbage_raise():
     with pytest.raises(TarError, match="checksum"):
         list(iter_tar(io.BytesIO(b"not a tar file at all " * 60)))
     assert list(iter_tar(io.BytesIO(b""))) == []
+
+
+class _ReadOnly:
+    """A stream with read() only, like webdataset's pipe: wrapper (the reader's other branch)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._inner = io.BytesIO(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._inner.read(size)  # whole, as the pipe's BufferedReader reads
+
+
+class _ShortReads(io.RawIOBase):
+    """readinto() that fills at most 1000 bytes a call, as a socket or FIFO may."""
+
+    def __init__(self, data: bytes) -> None:
+        self._inner = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = self._inner.read(min(len(buffer), 1000))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+@pytest.mark.parametrize("stream", [io.BytesIO, _ShortReads, _ReadOnly])
+def test_every_kind_of_stream_gives_the_same_members(stream):
+    """Files are read into bytearrays (writable: the JPEG decode wraps them without a copy), a pipe gives
+    bytes; the members are the same either way, short reads included."""
+    data = _archive(tarfile.PAX_FORMAT)
+    members = list(iter_tar(stream(data)))
+    assert members == _with_tarfile(data)
+    assert all(type(d) is (bytes if stream is _ReadOnly else bytearray) for _, d in members)
+
+
+def test_any_changed_header_byte_fails_the_checksum():
+    """The checksum is taken through Adler-32; it must still catch a change anywhere in a header."""
+    data = _archive(tarfile.GNU_FORMAT)
+    first_file = 512  # the directory's header comes first, then this file's
+    for offset in (0, 99, 124, 147, 156, 300, 511):
+        broken = bytearray(data)
+        broken[first_file + offset] ^= 0x01
+        with pytest.raises(TarError, match="checksum"):
+            list(iter_tar(io.BytesIO(bytes(broken))))
