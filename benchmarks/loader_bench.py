@@ -6,12 +6,15 @@
 
 ``--per-core`` measures, in one process on one thread (what one DataLoader worker has), on 256-px
 (LAION-like) and 512–800-px shards made locally: the decode-only rate (the same JPEG bytes through
-``clip_pl.data.decode.decode_image``, PIL with draft mode, nothing else) and the whole CPU path
-(tar reading, decode, crop/resize to uint8, tokenize, collate: ``WebDatasetDataModule`` with
-num_workers=0), interleaved over a few rounds (best of each), their ratio, and the cores needed to
-feed 3 200 (ViT-B/16) and 9 000 (ViT-B/32) samples/s at that rate; and the CPU cost of
+PIL with draft mode and through ``torchvision.io.decode_jpeg``, the faster counts, nothing else) and
+the whole CPU path (tar reading, decode, crop/resize to uint8, tokenize, collate:
+``WebDatasetDataModule`` with num_workers=0), interleaved over a few rounds (best of each), their
+ratio, and the cores needed to feed 3 200 (ViT-B/16) and 9 000 (ViT-B/32) samples/s at that rate;
+the same for ``data.resize_on=device`` (the worker's share) and the CPU cost of
 ``data.decode_on=device`` (the worker's share: tar reading, JPEG header, crop box, tokenize; the
-decode itself runs on the training device and is not in this number).
+decode itself runs on the training device and is not in this number). Each path is also run in one
+real worker process (num_workers=1, this process only receiving): that rate includes the
+shared-memory transport to the training process, which every loader shipping those bytes pays.
 
 Both loaders read the same shards with the same number of workers, the same train transform
 (RandomResizedCrop(0.9, 1) bicubic + OpenAI mean/std from clip_pl.model.image_transforms) and the
@@ -44,12 +47,12 @@ def _measure(loader, workers: int, epochs: int) -> dict:
     """Steady-state rate over ``epochs`` passes: the clock starts once every worker has delivered a batch."""
     seen, timed, start = 0, 0, None
     for batch in (b for _ in range(epochs) for b in loader):
-        image = batch["image"] if isinstance(batch, dict) else batch[0]
+        rows = (batch["text"] if isinstance(batch, dict) else batch[0]).shape[0]  # text: every path has it
         seen += 1
         if seen == max(1, workers):
             start = time.perf_counter()
         elif start is not None:
-            timed += image.shape[0]
+            timed += rows
     seconds = time.perf_counter() - start if start is not None else float("nan")
     return {"batches": seen, "timed_samples": timed, "seconds": seconds,
             "samples_per_s": timed / seconds, "per_worker": timed / seconds / max(1, workers)}
@@ -120,10 +123,11 @@ def run_per_core(shards: str, image_size: int, batch_size: int, context_length: 
     loaders = {}
     for name, decode_on, resize_on in (("cpu", "cpu", None), ("device", "device", None),
                                        ("resize_on_device", "cpu", "device")):
-        dm = WebDatasetDataModule(shards, batch_size=batch_size, num_workers=0, image_size=image_size,
-                                  context_length=context_length, decode_on=decode_on, resize_on=resize_on)
-        dm.setup("fit")
-        loaders[name] = dm.train_dataloader()
+        for workers in (0, 1):  # in this thread; in one worker process (shared-memory transport included)
+            dm = WebDatasetDataModule(shards, batch_size=batch_size, num_workers=workers, image_size=image_size,
+                                      context_length=context_length, decode_on=decode_on, resize_on=resize_on)
+            dm.setup("fit")
+            loaders[name if workers == 0 else f"{name}_worker"] = dm.train_dataloader()
     stream = loaders["cpu"].dataset
     decoded = [decode_pixels(b, image_size, Counter()) for b in blobs]  # the resize stage's input
     stages = {
@@ -139,10 +143,12 @@ def run_per_core(shards: str, image_size: int, batch_size: int, context_length: 
         "device_path_cpu": lambda: sum(batch["text"].shape[0] for batch in loaders["device"]),
         "resize_on_device_cpu": lambda: sum(batch["text"].shape[0] for batch in loaders["resize_on_device"]),
     }
-    rates: dict[str, list[float]] = {name: [] for name in stages}
+    rates: dict[str, list[float]] = {name: [] for name in (*stages, *(f"{n}_worker" for n in ("cpu", "device", "resize_on_device")))}
     for _ in range(rounds):  # interleaved, so all see the same load on a shared box
         for name, work in stages.items():
             rates[name].append(_rate(len(samples), work))
+        for name in ("cpu_worker", "device_worker", "resize_on_device_worker"):
+            rates[name].append(_measure(loaders[name], 1, 1)["samples_per_s"])  # after the worker's first batch
     best = {name: max(r) for name, r in rates.items()}
     decode = max(best["decode_pil"], best["decode_torchvision"])  # the faster decode is the reference
     fixed = 1 / best["tar"] + 1 / best["tokenize"]
@@ -157,6 +163,8 @@ def run_per_core(shards: str, image_size: int, batch_size: int, context_length: 
             "device_path_cpu": device, "stage_rates": best,
             "cores_needed": {name: target / path for name, target in TARGETS.items()},
             "cores_needed_device_path": {name: target / device for name, target in TARGETS.items()},
+            "one_worker": {"cpu_path": best["cpu_worker"], "resize_on_device": best["resize_on_device_worker"],
+                           "device_path": best["device_worker"]},
             "rounds": rates}
 
 
@@ -184,6 +192,13 @@ def per_core_report(args) -> list[dict]:
               f"{r['ceiling_ratio_without_resize']:>7.2f} {need['ViT-B/16']:>4.1f}|{split['ViT-B/16']:<5.1f} "
               f"{need['ViT-B/32']:>4.1f}|{split['ViT-B/32']:<5.1f} {r['device_path_cpu']:>18.0f} "
               f"{device['ViT-B/32']:>10.1f}")
+    print(f"{'one worker process (transport included)':<40} {'CPU path /s':>11} {'ratio':>5} "
+          f"{'resize on device /s':>19} {'ratio':>5} {'device path /s':>14}")
+    for r in rows:
+        one = r["one_worker"]
+        print(f"{r['corpus']:<40} {one['cpu_path']:>11.0f} {one['cpu_path'] / r['decode_only']:>5.2f} "
+              f"{one['resize_on_device']:>19.0f} {one['resize_on_device'] / r['decode_only']:>5.2f} "
+              f"{one['device_path']:>14.0f}")
     print("stage rates (samples/s, best round): " + "; ".join(
         f"{r['corpus']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_rates"].items()) for r in rows))
     return rows

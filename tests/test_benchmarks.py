@@ -87,3 +87,5 @@ def test_loader_per_core_reports_each_corpus_against_its_decode(tmp_path):
         assert 0 < row["ratio"] == row["cpu_path"] / row["decode_only"]
         assert 0 < row["ceiling_ratio"] < row["ceiling_ratio_without_resize"] < 1
         assert row["device_path_cpu"] > 0
+        assert set(row["one_worker"]) == {"cpu_path", "resize_on_device", "device_path"}, "each path in a worker too"
+        assert all(rate > 0 for rate in row["one_worker"].values())
