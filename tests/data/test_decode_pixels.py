@@ -156,3 +156,14 @@ def test_the_kernel_called_straight_is_torchvisions_decode_jpeg():
                 arguments = [type("A", (), {"name": n}) for n in ("data", "mode", "device")]
     fallback = decode_module._cpu_jpeg_decoder(OtherKernel())
     assert fallback.__name__ == "wrapper_rgb" and torch.equal(fallback(data), reference)
+
+
+def test_a_jpeg_padded_with_zeros_after_its_end_is_complete_in_any_buffer(decoders_used):
+    """Zero padding after the end-of-image marker (some writers align files) is still a complete JPEG,
+    whether the bytes come as bytes or as the tar reader's bytearray."""
+    data = jpeg_bytes(synthetic_image(0, 64, 48)) + bytes(16)
+    reference, _ = _pil({"jpg": data}, 224)
+    for buffer in (data, bytearray(data)):
+        decoders_used.clear()
+        assert torch.equal(decode_pixels({"jpg": buffer}, 224, Counter()), reference)
+        assert decoders_used == ["torchvision"], type(buffer)
