@@ -31,7 +31,7 @@ LAYERS: list[tuple[int, tuple[str, ...], str]] = [
      "open_clip, no Lightning, no files"),
     (1, ("clip_pl.interchange", "clip_pl.hf_export", "clip_pl.config_dir",
          "clip_pl.data.shardspec", "clip_pl.data.tarstream", "clip_pl.data.reader", "clip_pl.data.decode", "clip_pl.data.jpeg",
-         "clip_pl.data.batch_transform", "clip_pl.data.device_decode", "clip_pl.data.device_resize", "clip_pl.data.accounting", "clip_pl.data.keys", "clip_pl.data.workers",
+         "clip_pl.data.batch_transform", "clip_pl.data.batch_rows", "clip_pl.data.device_decode", "clip_pl.data.device_resize", "clip_pl.data.accounting", "clip_pl.data.keys", "clip_pl.data.workers",
          "clip_pl.eval.labels", "clip_pl.eval.report", "clip_pl.eval.common", "clip_pl.eval.distributed"),
      "formats and primitives: every file format (checkpoints, transformers directories, the packaged "
      "configs, shard specs, tars, samples, key files, class lists, reports) and the small pieces the "
