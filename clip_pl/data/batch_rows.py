@@ -11,6 +11,7 @@ A batch in ordinary memory is copied into shared memory again when the worker se
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -21,10 +22,7 @@ def batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor, in shared memory when called in a DataLoader worker."""
     if get_worker_info() is None:
         return torch.empty(tuple(shape), dtype=dtype)
-    numel = 1
-    for side in shape:
-        numel *= int(side)
-    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    storage = torch.UntypedStorage._new_shared(math.prod(int(side) for side in shape) * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage).view(tuple(shape))
 
 

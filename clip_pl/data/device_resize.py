@@ -68,11 +68,14 @@ class CropCanvas:
         row = len(self.sizes)
         if row == self.rows:
             raise ValueError(f"a batch of {self.rows} crops got one more")
-        if self.canvas is None or height > self.canvas.shape[1] or width > self.canvas.shape[2]:
-            self._resize(_round_up(max(height, self.canvas.shape[1] if self.canvas is not None else 0)),
-                         _round_up(max(width, self.canvas.shape[2] if self.canvas is not None else 0)))
+        canvas_height, canvas_width = self._canvas_size()
+        if height > canvas_height or width > canvas_width:
+            self._resize(_round_up(max(height, canvas_height)), _round_up(max(width, canvas_width)))
         self.pixels[row, :height, :width] = crop
         self.sizes.append((height, width))
+
+    def _canvas_size(self) -> tuple[int, int]:
+        return (self.canvas.shape[1], self.canvas.shape[2]) if self.canvas is not None else (0, 0)
 
     def _resize(self, height: int, width: int) -> None:
         canvas = batch_tensor((self.rows, height, width, 3), torch.uint8)
@@ -93,7 +96,8 @@ class CropCanvas:
         if len(self.sizes) != self.rows:
             raise ValueError(f"a batch of {self.rows} crops got {len(self.sizes)}")
         height, width = self._largest()
-        if self.canvas is not None and height * width < 0.75 * self.canvas.shape[1] * self.canvas.shape[2]:
+        canvas_height, canvas_width = self._canvas_size()
+        if height * width < 0.75 * canvas_height * canvas_width:
             self._resize(height, width)  # much smaller crops than the hint: don't ship the margin
         canvas = self.canvas if self.canvas is not None else torch.empty((0, 0, 0, 3), dtype=torch.uint8)
         sizes = torch.tensor(self.sizes, dtype=torch.long).reshape(len(self.sizes), 2)

@@ -207,7 +207,7 @@ class WebDatasetStream(IterableDataset):
                     counts["refilled"] += 1
                 spares = self._spares(reservoir, fillers.next) if self.on_device else None
             reservoir = originals
-            yield self._collate(good, counts, ctx.epoch, spares, originals=len(originals), images=rows.result())
+            yield self._collate(good, counts, ctx.epoch, spares, rows.result(), originals=len(originals))
 
     def _resampled(self, ctx: "_Context", to_make: int) -> Iterator[dict[str, Any]]:
         counts: Counter = Counter()
@@ -234,7 +234,7 @@ class WebDatasetStream(IterableDataset):
                 if self.on_device:  # the previous batch's samples; for the first, a few more draws
                     spares = self._spares(previous, lambda: self._next_good(raw, Counter()))
             previous = batch
-            yield self._collate(batch, counts, ctx.epoch, spares, images=rows.result())
+            yield self._collate(batch, counts, ctx.epoch, spares, rows.result())
 
     def _draw_shards(self, rng: random.Random, counts: Counter) -> Iterator[dict | Missing]:
         shards = self.shards.shards
@@ -305,11 +305,10 @@ class WebDatasetStream(IterableDataset):
             return None
         return tensor, caption, item.get("__key__", "")
 
-    def _collate(self, items: list[tuple], counts: Counter, epoch: int | None = None,
-                 spares: list[tuple] | None = None, originals: int | None = None,
-                 images: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The batch of ``items`` (image, caption, key); ``images``: their image fields, built as they were
-        decoded (:class:`_Rows`), else made here."""
+    def _collate(self, items: list[tuple], counts: Counter, epoch: int | None, spares: list[tuple] | None,
+                 images: dict[str, Any] | None, originals: int | None = None) -> dict[str, Any]:
+        """The batch of ``items`` (image, caption, key). ``images``: their image fields, built as they were
+        decoded (:class:`_Rows`); None on the device path, whose image fields are made here."""
         batch: dict[str, Any] = {
             "text": self.tokenizer([c for _, c, _ in items]),
             "bad_samples": dict(counts),  # observed since this worker's previous batch
@@ -319,12 +318,8 @@ class WebDatasetStream(IterableDataset):
             # Rows after the originals are refills, already counted: a failure there is no new bad sample.
             batch["jpeg_refill"] = torch.arange(len(items)) >= (len(items) if originals is None else originals)
             batch.update(device_decode.collate_spares(spares or [], self.tokenizer, self.image_size))
-        elif images is not None:
-            batch.update(images)
-        elif self.resize_on_device:
-            batch.update(device_resize.collate_crops([t for t, _, _ in items], self.image_size))
         else:
-            batch["image"] = self.transform.collate([t for t, _, _ in items])
+            batch.update(images)
         if self.return_keys:
             batch["key"] = [k for _, _, k in items]
             batch["epoch"] = epoch  # the epoch whose sample order this batch comes from
