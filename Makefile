@@ -1,13 +1,15 @@
 # clip_pl — the two commands a new user runs:
 #   make demo   build the demo corpus (local HTTP server → img2dataset → shards), train, evaluate
 #   make test   the test suite (CPU; the SLURM tests need slurm-wlm + munge, see .ci/run)
+#   make test-quick   the quick tier for iteration: no SLURM cluster, no `slow` tests (≤ 3 min on 2 cores)
+#   make lint   ruff's formatter check and linter (configured in pyproject.toml)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-quick lint format bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +26,18 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-quick: setup
+	$(PY) -m pytest -m "not slurm and not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+# Rewrites the tree as `make lint` wants it.
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 # CPU benchmarks against the reference implementations, measured in the same run (see benchmarks/RESULTS.md).
 bench: setup

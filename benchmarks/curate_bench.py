@@ -60,10 +60,16 @@ def bench_balance(work: Path, rows: int, entries: int, reference_rows: int) -> d
     for caption in sample:
         [e for e in entry_list if e in caption]  # noqa: B018 - MetaCLIP's plain substring loop: the cost is the point
     ref_seconds = time.perf_counter() - ref_started
-    return {"rows": rows, "entries": entries, "seconds": round(seconds, 2), "rows_per_second_per_core": round(rows / seconds),
-            "kept": stats["pairs"]["kept"], "reference_rows": len(sample),
-            "reference_rows_per_second": round(len(sample) / ref_seconds, 1),
-            "ratio": round((rows / seconds) / (len(sample) / ref_seconds), 1)}
+    return {
+        "rows": rows,
+        "entries": entries,
+        "seconds": round(seconds, 2),
+        "rows_per_second_per_core": round(rows / seconds),
+        "kept": stats["pairs"]["kept"],
+        "reference_rows": len(sample),
+        "reference_rows_per_second": round(len(sample) / ref_seconds, 1),
+        "ratio": round((rows / seconds) / (len(sample) / ref_seconds), 1),
+    }
 
 
 def bench_score(work: Path, model: str | None, copies: int, batch_size: int, device: str | None) -> dict:
@@ -86,9 +92,15 @@ def bench_score(work: Path, model: str | None, copies: int, batch_size: int, dev
                 continue
     decode_rate = decoded / (time.perf_counter() - started)
     rate = info["this_run"]["images_per_second"]
-    return {"images": info["this_run"]["scored"], "device": info["device"], "batch_size": batch_size,
-            "images_per_second": rate, "decode_preprocess_only_per_second": round(decode_rate, 1),
-            "ratio_to_decode_only": round(rate / decode_rate, 2), "torch_threads": torch.get_num_threads()}
+    return {
+        "images": info["this_run"]["scored"],
+        "device": info["device"],
+        "batch_size": batch_size,
+        "images_per_second": rate,
+        "decode_preprocess_only_per_second": round(decode_rate, 1),
+        "ratio_to_decode_only": round(rate / decode_rate, 2),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def main(argv=None) -> dict:
@@ -106,8 +118,10 @@ def main(argv=None) -> dict:
         work = Path(tmp)
         (work / "b").mkdir()
         (work / "s").mkdir()
-        result = {"balance": bench_balance(work / "b", args.rows, args.entries, args.reference_rows),
-                  "score": bench_score(work / "s", args.model, args.copies, args.batch_size, args.device)}
+        result = {
+            "balance": bench_balance(work / "b", args.rows, args.entries, args.reference_rows),
+            "score": bench_score(work / "s", args.model, args.copies, args.batch_size, args.device),
+        }
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -37,9 +37,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-ARCH = {"embed_dim": 128,
-        "vision_cfg": {"image_size": 64, "layers": 4, "width": 192, "patch_size": 8, "head_width": 64},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4}}
+ARCH = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 192, "patch_size": 8, "head_width": 64},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4},
+}
 BATCH = 64
 
 
@@ -89,16 +91,20 @@ def clip_benchmark_tasks(model, transform, tokenizer, root: Path, classnames, te
     seconds = {}
     start = time.perf_counter()
     folder = DataLoader(ImageFolder(str(root / "shapes" / "test"), transform=transform), batch_size=BATCH)
-    classifier = zeroshot_classification.zero_shot_classifier(model, tokenizer, classnames,
-                                                              [t.replace("{}", "{c}") for t in templates], "cpu", amp=False)
+    classifier = zeroshot_classification.zero_shot_classifier(
+        model, tokenizer, classnames, [t.replace("{}", "{c}") for t in templates], "cpu", amp=False
+    )
     logits, target = zeroshot_classification.run_classification(model, classifier, folder, "cpu", amp=False)
     (logits.topk(5, 1).indices == target[:, None]).any(1).float().mean()
     balanced_accuracy_score(target, logits.argmax(1))
     seconds["shapes"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    captions = DataLoader(_CaptionShards(root / "shape_captions", transform), batch_size=BATCH,
-                          collate_fn=lambda b: (torch.stack([x[0] for x in b]), [x[1] for x in b]))
+    captions = DataLoader(
+        _CaptionShards(root / "shape_captions", transform),
+        batch_size=BATCH,
+        collate_fn=lambda b: (torch.stack([x[0] for x in b]), [x[1] for x in b]),
+    )
     zeroshot_retrieval.evaluate(model, captions, tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
     seconds["shape_captions"] = time.perf_counter() - start
 
@@ -120,10 +126,20 @@ def clip_benchmark_tasks(model, transform, tokenizer, root: Path, classnames, te
         classes = int(features["train"][1].max()) + 1
         linear_probe.accuracy = _accuracy  # NumPy 2 refuses its float() of a 1-element array
         weight_decay = clip_benchmark_weight_decay(train_loader, val_loader, features["train"][0].shape[1], classes, 0)
-        final = linear_probe.train(DataLoader(linear_probe.FeatureDataset(*features["train"]), batch_size=BATCH,
-                                              shuffle=True), features["train"][0].shape[1], classes, weight_decay,
-                                   0.1, 10, False, "cpu", 0)
-        linear_probe.infer(final, DataLoader(linear_probe.FeatureDataset(*features["test"]), batch_size=BATCH), False, "cpu")
+        final = linear_probe.train(
+            DataLoader(linear_probe.FeatureDataset(*features["train"]), batch_size=BATCH, shuffle=True),
+            features["train"][0].shape[1],
+            classes,
+            weight_decay,
+            0.1,
+            10,
+            False,
+            "cpu",
+            0,
+        )
+        linear_probe.infer(
+            final, DataLoader(linear_probe.FeatureDataset(*features["test"]), batch_size=BATCH), False, "cpu"
+        )
     finally:
         torch.nn.Module.cuda, torch.Tensor.cuda = real_cuda
         linear_probe.accuracy = real_accuracy
@@ -170,22 +186,37 @@ def main(argv: list[str] | None = None) -> dict:
         ours: Counter = Counter()
         theirs: Counter = Counter()
         for repeat in range(args.repeats):
-            for side, run in (("clip_pl", lambda: clip_pl_tasks(model, config, tasks)),
-                              ("clip_benchmark", lambda: clip_benchmark_tasks(model, transform, tokenizer, root,
-                                                                              list(shapes.classnames), SHAPE_TEMPLATES))):
+            for side, run in (
+                ("clip_pl", lambda: clip_pl_tasks(model, config, tasks)),
+                (
+                    "clip_benchmark",
+                    lambda: clip_benchmark_tasks(
+                        model, transform, tokenizer, root, list(shapes.classnames), SHAPE_TEMPLATES
+                    ),
+                ),
+            ):
                 best = ours if side == "clip_pl" else theirs
                 with open(os.devnull, "w") as quiet, redirect_stdout(quiet), redirect_stderr(quiet):  # progress bars
                     measured = run()
                 for name, s in measured.items():
                     best[name] = min(best[name], s) if repeat else s
         sizes = {t.name: t.type for t in tasks}
-    rows = {name: {"type": sizes[name], "clip_pl_s": ours[name], "clip_benchmark_s": theirs[name],
-                   "ratio": theirs[name] / ours[name]} for name in ours}
+    rows = {
+        name: {
+            "type": sizes[name],
+            "clip_pl_s": ours[name],
+            "clip_benchmark_s": theirs[name],
+            "ratio": theirs[name] / ours[name],
+        }
+        for name in ours
+    }
     total = {"clip_pl_s": sum(ours.values()), "clip_benchmark_s": sum(theirs.values())}
     total["ratio"] = total["clip_benchmark_s"] / total["clip_pl_s"]
     print("| task | type | clip_pl s | clip_benchmark s | clip_benchmark / clip_pl |\n|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"| {name} | {row['type']} | {row['clip_pl_s']:.2f} | {row['clip_benchmark_s']:.2f} | {row['ratio']:.2f} |")
+        print(
+            f"| {name} | {row['type']} | {row['clip_pl_s']:.2f} | {row['clip_benchmark_s']:.2f} | {row['ratio']:.2f} |"
+        )
     print(f"| all | | {total['clip_pl_s']:.2f} | {total['clip_benchmark_s']:.2f} | **{total['ratio']:.2f}** |")
     result = {"per_class": args.per_class, "threads": torch.get_num_threads(), "tasks": rows, "total": total}
     if args.json:

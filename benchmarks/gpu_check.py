@@ -47,8 +47,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 # Loss trajectories of two bf16 runs agree when every step's losses differ by at most a few bf16
@@ -81,19 +82,50 @@ class Plan:
 
 
 PLANS = {
-    "cuda": Plan(models=("vit_b16", "vit_b32"), variant_model="vit_b16", precision="bf16-mixed", batch_size=256,
-                 warmup=10, steps=50, profile_steps=3, n_batches=4, trajectory_steps=20, loader_workers=12,
-                 loader_images=12 * 4 * 256, loader_image_px=(512, 800), loader_image_size=224, loader_batch_size=256,
-                 budget_s=420, timeouts={"env": 60, "side": 120, "compile": 240, "deepspeed": 150, "loader": 150}),
-    "cpu": Plan(models=("tiny",), variant_model="tiny", precision="bf16-mixed", batch_size=8, warmup=1, steps=3,
-                profile_steps=1, n_batches=2, trajectory_steps=20, loader_workers=2, loader_images=64,
-                loader_image_px=(64, 96), loader_image_size=64, loader_batch_size=8, budget_s=430,
-                timeouts={"env": 60, "side": 120, "compile": 200, "deepspeed": 240, "loader": 120},
-                compile_backend="aot_eager"),
+    "cuda": Plan(
+        models=("vit_b16", "vit_b32"),
+        variant_model="vit_b16",
+        precision="bf16-mixed",
+        batch_size=256,
+        warmup=10,
+        steps=50,
+        profile_steps=3,
+        n_batches=4,
+        trajectory_steps=20,
+        loader_workers=12,
+        loader_images=12 * 4 * 256,
+        loader_image_px=(512, 800),
+        loader_image_size=224,
+        loader_batch_size=256,
+        budget_s=420,
+        timeouts={"env": 60, "side": 120, "compile": 240, "deepspeed": 150, "loader": 150},
+    ),
+    "cpu": Plan(
+        models=("tiny",),
+        variant_model="tiny",
+        precision="bf16-mixed",
+        batch_size=8,
+        warmup=1,
+        steps=3,
+        profile_steps=1,
+        n_batches=2,
+        trajectory_steps=20,
+        loader_workers=2,
+        loader_images=64,
+        loader_image_px=(64, 96),
+        loader_image_size=64,
+        loader_batch_size=8,
+        budget_s=430,
+        timeouts={"env": 60, "side": 120, "compile": 200, "deepspeed": 240, "loader": 120},
+        compile_backend="aot_eager",
+    ),
 }
 # clip_pl's variants: Hydra overrides on top of the plain run.
-VARIANTS = {"compile": ["model.compile=true"], "grad_cache4": ["model.grad_cache_chunks=4"],
-            "deepspeed2": ["strategy=deepspeed_stage_2"]}
+VARIANTS = {
+    "compile": ["model.compile=true"],
+    "grad_cache4": ["model.grad_cache_chunks=4"],
+    "deepspeed2": ["strategy=deepspeed_stage_2"],
+}
 
 
 # =============================================================================== shared pieces
@@ -127,9 +159,12 @@ def backend_settings(device: str) -> dict[str, Any]:
 def current_backend_settings() -> dict[str, Any]:
     import torch
 
-    return {"cudnn.benchmark": torch.backends.cudnn.benchmark, "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
-            "matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    return {
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
 
 
 def make_batches(n: int, batch_size: int, image_size: int, context_length: int, device: str, seed: int = 1234):
@@ -158,8 +193,9 @@ class CycledBatches:
     """``total`` batches taken in turn from a few pre-made device-resident ones: nothing is loaded
     or copied in the measured loop. ``on_fetch(i)`` runs as batch ``i`` is handed out."""
 
-    def __init__(self, batches: list[dict], total: int, as_tuple: bool = False,
-                 on_fetch: Callable[[int], None] | None = None):
+    def __init__(
+        self, batches: list[dict], total: int, as_tuple: bool = False, on_fetch: Callable[[int], None] | None = None
+    ):
         self.batches, self.total, self.as_tuple, self.on_fetch = batches, total, as_tuple, on_fetch
         self.num_batches, self.num_samples = total, total * batches[0]["image"].shape[0]  # what open_clip reads
 
@@ -215,17 +251,24 @@ class Profile:
         kernels_ms = None
         if self.device == "cuda":  # kernel time only (device events), not the CPU ops that launched them
             kernels_ms = sum(getattr(e, key) for e in events if e.device_type == DeviceType.CUDA) / 1e3
-        self.result = {"steps": steps, "wall_ms": wall_ms, "sorted_by": key, "top": top,
-                       "gpu_busy_share": kernels_ms / wall_ms if kernels_ms is not None else None,
-                       "table": events.table(sort_by=key, row_limit=15)}
+        self.result = {
+            "steps": steps,
+            "wall_ms": wall_ms,
+            "sorted_by": key,
+            "top": top,
+            "gpu_busy_share": kernels_ms / wall_ms if kernels_ms is not None else None,
+            "table": events.table(sort_by=key, row_limit=15),
+        }
 
 
 def memory_report(device: str) -> dict[str, float]:
     if device == "cuda":
         import torch
 
-        return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
-                "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+        return {
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30,
+        }
     return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
 
 
@@ -234,21 +277,36 @@ def memory_report(device: str) -> dict[str, float]:
 
 def compose(args, root: str, extra: list[str]):
     """clip_pl's Hydra config for this run; the OpenCLIP side reads the model and optimiser from it too."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from clip_pl.config_dir import config_dir
 
     total = args.warmup + args.steps + args.profile_steps
-    overrides = [f"model={args.model}", "data=synthetic", f"data.batch_size={args.batch_size}",
-                 f"data.num_samples={args.batch_size * total}", "global_batch_size=null",
-                 f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "trainer.devices=1",
-                 f"trainer.precision={args.precision}", f"trainer.max_steps={total}",
-                 f"trainer.benchmark={str(args.device == 'cuda').lower()}", "trainer.enable_model_summary=false",
-                 f"scheduler.warmup_steps={min(5, total - 1)}", "logger=csv", "eval=none", "resume=none",
-                 # No checkpoint is written (the default saves one at the last step). The progress bar
-                 # stays: clip_pl's own, refreshed every 10 steps like OpenCLIP's log (each reads the loss).
-                 "callbacks.checkpoint=null", "+trainer.enable_checkpointing=false",
-                 f"paths.root_dir={root}", "run_name=gpu_check", *extra]
+    overrides = [
+        f"model={args.model}",
+        "data=synthetic",
+        f"data.batch_size={args.batch_size}",
+        f"data.num_samples={args.batch_size * total}",
+        "global_batch_size=null",
+        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+        "trainer.devices=1",
+        f"trainer.precision={args.precision}",
+        f"trainer.max_steps={total}",
+        f"trainer.benchmark={str(args.device == 'cuda').lower()}",
+        "trainer.enable_model_summary=false",
+        f"scheduler.warmup_steps={min(5, total - 1)}",
+        "logger=csv",
+        "eval=none",
+        "resume=none",
+        # No checkpoint is written (the default saves one at the last step). The progress bar
+        # stays: clip_pl's own, refreshed every 10 steps like OpenCLIP's log (each reads the loss).
+        "callbacks.checkpoint=null",
+        "+trainer.enable_checkpointing=false",
+        f"paths.root_dir={root}",
+        "run_name=gpu_check",
+        *extra,
+    ]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
 
@@ -258,8 +316,8 @@ def measured(args, clock: dict[str, float], losses: list, profile: Profile, cfg,
     import torch
     from omegaconf import OmegaConf
 
-    from clip_pl.model import resolve_model_config
     from clip_pl.callbacks.telemetry import peak_flops_per_device, train_flops_per_sample
+    from clip_pl.model import resolve_model_config
 
     seconds = clock["end"] - clock["start"]
     samples_per_s = args.steps * args.batch_size / seconds
@@ -267,19 +325,27 @@ def measured(args, clock: dict[str, float], losses: list, profile: Profile, cfg,
     flops = train_flops_per_sample(model_config)["train"]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     peak = peak_flops_per_device(device_name, args.precision) if args.device == "cuda" else None
-    return {"samples_per_s": samples_per_s, "step_ms": seconds / args.steps * 1e3,
-            "tflops": samples_per_s * flops / 1e12, "mfu": samples_per_s * flops / peak if peak else None,
-            "peak_flops": peak, "train_flops_per_sample": flops, "device_name": device_name,
-            "losses": [float(v) for v in torch.stack([loss.float() for loss in losses]).cpu()],
-            "weights_fingerprint": fingerprint, "profile": profile.result, **memory_report(args.device)}
+    return {
+        "samples_per_s": samples_per_s,
+        "step_ms": seconds / args.steps * 1e3,
+        "tflops": samples_per_s * flops / 1e12,
+        "mfu": samples_per_s * flops / peak if peak else None,
+        "peak_flops": peak,
+        "train_flops_per_sample": flops,
+        "device_name": device_name,
+        "losses": [float(v) for v in torch.stack([loss.float() for loss in losses]).cpu()],
+        "weights_fingerprint": fingerprint,
+        "profile": profile.result,
+        **memory_report(args.device),
+    }
 
 
 def run_clip_pl(args, batches: list[dict]) -> dict[str, Any]:
     import lightning as L
 
     from clip_pl.assembly import build_module, build_trainer
-    from clip_pl.config_checks import prepare_config
     from clip_pl.callbacks.telemetry import Telemetry
+    from clip_pl.config_checks import prepare_config
 
     root = tempfile.mkdtemp(prefix="gpu_check_clip_pl_")
     cfg = prepare_config(compose(args, root, VARIANTS.get(args.variant, [])))
@@ -377,19 +443,44 @@ def run_open_clip(args, batches: list[dict]) -> dict[str, Any]:
     total = args.warmup + args.steps + args.profile_steps
     opt = cfg.optim
     precision = {"bf16-mixed": "amp_bf16", "16-mixed": "amp", "32": "fp32"}[args.precision]
-    oc_args = parse_args(["--batch-size", str(args.batch_size), "--precision", precision, "--lr", str(opt.lr),
-                          "--wd", str(opt.weight_decay), "--beta1", str(opt.betas[0]), "--beta2", str(opt.betas[1]),
-                          "--eps", str(opt.eps), "--warmup", str(cfg.scheduler.warmup_steps),
-                          "--log-every-n-steps", str(cfg.trainer.log_every_n_steps), "--local-loss",
-                          "--gather-with-grad"])
+    oc_args = parse_args(
+        [
+            "--batch-size",
+            str(args.batch_size),
+            "--precision",
+            precision,
+            "--lr",
+            str(opt.lr),
+            "--wd",
+            str(opt.weight_decay),
+            "--beta1",
+            str(opt.betas[0]),
+            "--beta2",
+            str(opt.betas[1]),
+            "--eps",
+            str(opt.eps),
+            "--warmup",
+            str(cfg.scheduler.warmup_steps),
+            "--log-every-n-steps",
+            str(cfg.trainer.log_every_n_steps),
+            "--local-loss",
+            "--gather-with-grad",
+        ]
+    )
     oc_args.device, oc_args.world_size, oc_args.rank, oc_args.local_rank = args.device, 1, 0, 0
     oc_args.distributed, oc_args.horovod, oc_args.wandb, oc_args.distill = False, False, False, False
     # open_clip_train/main.py: no weight decay on gains, biases and the temperature.
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-                                   {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": opt.weight_decay}],
-                                  lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": opt.weight_decay},
+        ],
+        lr=opt.lr,
+        betas=tuple(opt.betas),
+        eps=opt.eps,
+    )
     # The same warmup-then-cosine multipliers as clip_pl.schedule.warmup_cosine, over the same steps.
     scheduler = cosine_lr(optimizer, opt.lr, cfg.scheduler.warmup_steps, total)
     loss = RecordingLoss(open_clip.create_loss(oc_args))
@@ -425,13 +516,23 @@ def run_side(args) -> dict[str, Any]:
     settings = backend_settings(args.device)
     cfg = compose(args, tempfile.gettempdir(), [])
     model_config = resolve_model_config(**OmegaConf.to_container(cfg.model, resolve=True))
-    batches = make_batches(args.n_batches, args.batch_size, image_size_of(model_config),
-                           context_length_of(model_config), args.device)
+    batches = make_batches(
+        args.n_batches, args.batch_size, image_size_of(model_config), context_length_of(model_config), args.device
+    )
     run = run_clip_pl if args.side == "clip_pl" else run_open_clip
     result = run(args, batches)
-    result.update(side=args.side, model=args.model, variant=args.variant, batch_size=args.batch_size,
-                  precision=args.precision, warmup=args.warmup, steps=args.steps, n_batches=args.n_batches,
-                  backend_settings=settings, backend_settings_after=current_backend_settings())
+    result.update(
+        side=args.side,
+        model=args.model,
+        variant=args.variant,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        warmup=args.warmup,
+        steps=args.steps,
+        n_batches=args.n_batches,
+        backend_settings=settings,
+        backend_settings_after=current_backend_settings(),
+    )
     return result
 
 
@@ -491,9 +592,15 @@ def run_loader(args) -> dict[str, Any]:
         started = time.perf_counter()
         shards = write_jpeg_shards(work, args.images, args.batch_size, tuple(args.image_px))
         written_s = time.perf_counter() - started
-        data = WebDatasetDataModule(str(shards), batch_size=args.batch_size, num_workers=args.workers,
-                                    image_size=args.image_size, prefetch_factor=2, decode_on=args.decode_on,
-                                    resize_on=args.resize_on)
+        data = WebDatasetDataModule(
+            str(shards),
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            image_size=args.image_size,
+            prefetch_factor=2,
+            decode_on=args.decode_on,
+            resize_on=args.resize_on,
+        )
         data.setup("fit")
         loader = data.train_dataloader()
         if args.decode_on == "device" or args.resize_on == "device":
@@ -501,9 +608,18 @@ def run_loader(args) -> dict[str, Any]:
         measurement = _measure(loader, args.workers, epochs=1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"workers": args.workers, "images": args.images, "image_px": list(args.image_px),
-            "image_size": args.image_size, "batch_size": args.batch_size, "cpu_count": os.cpu_count(),
-            "decode_on": args.decode_on, "resize_on": args.resize_on, "write_s": written_s, **measurement}
+    return {
+        "workers": args.workers,
+        "images": args.images,
+        "image_px": list(args.image_px),
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "cpu_count": os.cpu_count(),
+        "decode_on": args.decode_on,
+        "resize_on": args.resize_on,
+        "write_s": written_s,
+        **measurement,
+    }
 
 
 # =============================================================================== the machine
@@ -521,8 +637,12 @@ def run_env(args) -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    env = {"python": platform.python_version(), "cpu_count": os.cpu_count(), "versions": versions,
-           "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"}
+    env = {
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "versions": versions,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+    }
     # The practical ceiling: one large bf16 matmul, the mean of 10 after 3 warm-ups.
     n = 8192 if args.device == "cuda" else 256
     a = torch.randn(n, n, device=args.device, dtype=torch.bfloat16)
@@ -549,23 +669,50 @@ class Run:
 
 def plan_runs(plan: Plan, device: str) -> list[Run]:
     """In order of importance: if the budget runs out, what is skipped is what matters least."""
-    common = ["--device", device, "--precision", plan.precision, "--batch-size", str(plan.batch_size),
-              "--warmup", str(plan.warmup), "--steps", str(plan.steps), "--profile-steps", str(plan.profile_steps),
-              "--n-batches", str(plan.n_batches)]
+    common = [
+        "--device",
+        device,
+        "--precision",
+        plan.precision,
+        "--batch-size",
+        str(plan.batch_size),
+        "--warmup",
+        str(plan.warmup),
+        "--steps",
+        str(plan.steps),
+        "--profile-steps",
+        str(plan.profile_steps),
+        "--n-batches",
+        str(plan.n_batches),
+    ]
     t = plan.timeouts
     runs = [Run("env", ["env", "--device", device], t["env"])]
     for model in plan.models:
         for side in ("open_clip", "clip_pl"):
             runs.append(Run(f"{side}-{model}", ["side", "--side", side, "--model", model, *common], t["side"]))
-    loader = ["loader", "--workers", str(plan.loader_workers), "--images", str(plan.loader_images),
-              "--image-px", *map(str, plan.loader_image_px), "--image-size", str(plan.loader_image_size),
-              "--batch-size", str(plan.loader_batch_size)]
+    loader = [
+        "loader",
+        "--workers",
+        str(plan.loader_workers),
+        "--images",
+        str(plan.loader_images),
+        "--image-px",
+        *map(str, plan.loader_image_px),
+        "--image-size",
+        str(plan.loader_image_size),
+        "--batch-size",
+        str(plan.loader_batch_size),
+    ]
     runs.append(Run("loader", loader, t["loader"]))
     for variant, timeout in (("grad_cache4", t["side"]), ("deepspeed2", t["deepspeed"]), ("compile", t["compile"])):
         backend = ["--compile-backend", plan.compile_backend] if variant == "compile" and plan.compile_backend else []
-        runs.append(Run(f"clip_pl-{plan.variant_model}-{variant}",
-                        ["side", "--side", "clip_pl", "--model", plan.variant_model, "--variant", variant, *backend,
-                         *common], timeout))
+        runs.append(
+            Run(
+                f"clip_pl-{plan.variant_model}-{variant}",
+                ["side", "--side", "clip_pl", "--model", plan.variant_model, "--variant", variant, *backend, *common],
+                timeout,
+            )
+        )
     # Last: the newest measurement must not push the older ones out of the budget.
     runs.append(Run("loader_device", [*loader, "--decode-on", "device", "--device", device], t["loader"]))
     runs.append(Run("loader_resize_device", [*loader, "--resize-on", "device", "--device", device], t["loader"]))
@@ -579,8 +726,14 @@ def execute(run: Run, result: Path, log, timeout_s: float) -> dict[str, Any]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     started = time.monotonic()
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_check", *run.argv, "--result", str(result)],
-                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.gpu_check", *run.argv, "--result", str(result)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         rc = process.wait(timeout=timeout_s)
         status = "ok" if rc == 0 and result.exists() else "failed"
@@ -599,8 +752,14 @@ def max_relative_difference(a: list[float], b: list[float], steps: int) -> float
 
 
 def build_report(plan: Plan, device: str, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    report: dict[str, Any] = {"device": device, "plan": dataclasses.asdict(plan), "runs": runs,
-                              "comparisons": [], "trajectories": [], "problems": []}
+    report: dict[str, Any] = {
+        "device": device,
+        "plan": dataclasses.asdict(plan),
+        "runs": runs,
+        "comparisons": [],
+        "trajectories": [],
+        "problems": [],
+    }
     problems = report["problems"]
     for name, run in runs.items():
         if run["status"] != "ok":
@@ -619,32 +778,55 @@ def build_report(plan: Plan, device: str, runs: dict[str, dict[str, Any]]) -> di
             problems.append(f"{model}: the weight-decay groups differ")
         difference = max_relative_difference(ours["losses"], theirs["losses"], plan.trajectory_steps)
         steps = min(len(ours["losses"]), len(theirs["losses"]), plan.trajectory_steps)
-        report["trajectories"].append({"model": model, "compared": "clip_pl vs open_clip", "steps": steps,
-                                       "max_relative_difference": difference, "tolerance": BF16_TOLERANCE,
-                                       "agree": difference <= BF16_TOLERANCE,
-                                       "clip_pl": ours["losses"][:steps], "open_clip": theirs["losses"][:steps]})
+        report["trajectories"].append(
+            {
+                "model": model,
+                "compared": "clip_pl vs open_clip",
+                "steps": steps,
+                "max_relative_difference": difference,
+                "tolerance": BF16_TOLERANCE,
+                "agree": difference <= BF16_TOLERANCE,
+                "clip_pl": ours["losses"][:steps],
+                "open_clip": theirs["losses"][:steps],
+            }
+        )
         rows = [("open_clip", theirs), ("clip_pl", ours)]
         if model == plan.variant_model:
             rows += [(f"clip_pl {v}", data(f"clip_pl-{model}-{v}")) for v in VARIANTS if data(f"clip_pl-{model}-{v}")]
         for label, result in rows:
-            report["comparisons"].append({
-                "model": model, "run": label, "samples_per_s": result["samples_per_s"], "step_ms": result["step_ms"],
-                "mfu": result["mfu"], "tflops": result["tflops"],
-                "peak_memory_gb": result.get("peak_memory_gb", result.get("peak_rss_gb")),
-                "vs_open_clip": result["samples_per_s"] / theirs["samples_per_s"],
-                "gpu_busy_share": (result.get("profile") or {}).get("gpu_busy_share"),
-                "data_wait_share": (result.get("telemetry") or {}).get("perf/data_wait_share")})
+            report["comparisons"].append(
+                {
+                    "model": model,
+                    "run": label,
+                    "samples_per_s": result["samples_per_s"],
+                    "step_ms": result["step_ms"],
+                    "mfu": result["mfu"],
+                    "tflops": result["tflops"],
+                    "peak_memory_gb": result.get("peak_memory_gb", result.get("peak_rss_gb")),
+                    "vs_open_clip": result["samples_per_s"] / theirs["samples_per_s"],
+                    "gpu_busy_share": (result.get("profile") or {}).get("gpu_busy_share"),
+                    "data_wait_share": (result.get("telemetry") or {}).get("perf/data_wait_share"),
+                }
+            )
     for variant in VARIANTS:  # each variant trains like the plain run (the same model, same steps)
         base, other = data(f"clip_pl-{plan.variant_model}"), data(f"clip_pl-{plan.variant_model}-{variant}")
         if base and other:
             difference = max_relative_difference(other["losses"], base["losses"], plan.trajectory_steps)
-            report["trajectories"].append({"model": plan.variant_model, "compared": f"clip_pl {variant} vs clip_pl",
-                                           "max_relative_difference": difference, "tolerance": BF16_TOLERANCE,
-                                           "agree": difference <= BF16_TOLERANCE})
+            report["trajectories"].append(
+                {
+                    "model": plan.variant_model,
+                    "compared": f"clip_pl {variant} vs clip_pl",
+                    "max_relative_difference": difference,
+                    "tolerance": BF16_TOLERANCE,
+                    "agree": difference <= BF16_TOLERANCE,
+                }
+            )
     for trajectory in report["trajectories"]:
         if not trajectory["agree"]:
-            problems.append(f"{trajectory['model']}: {trajectory['compared']} loss trajectories differ by "
-                            f"{trajectory['max_relative_difference']:.2e} > {BF16_TOLERANCE:.2e}")
+            problems.append(
+                f"{trajectory['model']}: {trajectory['compared']} loss trajectories differ by "
+                f"{trajectory['max_relative_difference']:.2e} > {BF16_TOLERANCE:.2e}"
+            )
     report["goals"] = goals(plan, report, data)
     report["ok"] = not problems
     return report
@@ -658,48 +840,65 @@ def goals(plan: Plan, report: dict[str, Any], data) -> list[dict[str, Any]]:
     for run, target in (("clip_pl", 1.0), ("clip_pl compile", 1.3)):
         if (model, run) in rows:
             value = rows[(model, run)]["vs_open_clip"]
-            found.append({"goal": f"{run} / open_clip samples/s on {model} >= {target}", "value": value,
-                          "met": value >= target})
-    for name, what in (("loader", "loader"), ("loader_device", "decode_on=device loader"),
-                       ("loader_resize_device", "resize_on=device loader")):
+            found.append(
+                {"goal": f"{run} / open_clip samples/s on {model} >= {target}", "value": value, "met": value >= target}
+            )
+    for name, what in (
+        ("loader", "loader"),
+        ("loader_device", "decode_on=device loader"),
+        ("loader_resize_device", "resize_on=device loader"),
+    ):
         loader = data(name)
         if not loader:
             continue
         for (row_model, run), row in rows.items():
             if run == "clip_pl":
-                found.append({"goal": f"{what} samples/s >= clip_pl's GPU samples/s on {row_model}",
-                              "value": loader["samples_per_s"] / row["samples_per_s"],
-                              "met": loader["samples_per_s"] >= row["samples_per_s"]})
+                found.append(
+                    {
+                        "goal": f"{what} samples/s >= clip_pl's GPU samples/s on {row_model}",
+                        "value": loader["samples_per_s"] / row["samples_per_s"],
+                        "met": loader["samples_per_s"] >= row["samples_per_s"],
+                    }
+                )
     return found
 
 
 def markdown(report: dict[str, Any]) -> str:
     env = report["runs"].get("env", {}).get("result") or {}
-    lines = [f"Device: {env.get('device_name', '?')}; bf16 matmul {env.get('bf16_matmul_tflops', float('nan')):.0f} "
-             f"TFLOP/s (n={env.get('bf16_matmul_n')}); versions {env.get('versions')}", "",
-             "| model | run | samples/s | step ms | MFU | TFLOP/s | peak mem GB | vs open_clip | GPU busy | data wait |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Device: {env.get('device_name', '?')}; bf16 matmul {env.get('bf16_matmul_tflops', float('nan')):.0f} "
+        f"TFLOP/s (n={env.get('bf16_matmul_n')}); versions {env.get('versions')}",
+        "",
+        "| model | run | samples/s | step ms | MFU | TFLOP/s | peak mem GB | vs open_clip | GPU busy | data wait |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
 
     for c in report["comparisons"]:
-        lines.append(f"| {c['model']} | {c['run']} | {c['samples_per_s']:.1f} | {c['step_ms']:.1f} | "
-                     f"{fmt(c['mfu'], '.1%')} | {c['tflops']:.1f} | {fmt(c['peak_memory_gb'], '.2f')} | "
-                     f"{c['vs_open_clip']:.2f} | {fmt(c['gpu_busy_share'], '.0%')} | "
-                     f"{fmt(c['data_wait_share'], '.1%')} |")
+        lines.append(
+            f"| {c['model']} | {c['run']} | {c['samples_per_s']:.1f} | {c['step_ms']:.1f} | "
+            f"{fmt(c['mfu'], '.1%')} | {c['tflops']:.1f} | {fmt(c['peak_memory_gb'], '.2f')} | "
+            f"{c['vs_open_clip']:.2f} | {fmt(c['gpu_busy_share'], '.0%')} | "
+            f"{fmt(c['data_wait_share'], '.1%')} |"
+        )
     lines.append("")
     for t in report["trajectories"]:
-        lines.append(f"- loss trajectory, {t['model']}, {t['compared']}: max relative difference "
-                     f"{t['max_relative_difference']:.2e} (tolerance {t['tolerance']:.2e}): "
-                     f"{'agree' if t['agree'] else 'DIFFER'}")
+        lines.append(
+            f"- loss trajectory, {t['model']}, {t['compared']}: max relative difference "
+            f"{t['max_relative_difference']:.2e} (tolerance {t['tolerance']:.2e}): "
+            f"{'agree' if t['agree'] else 'DIFFER'}"
+        )
     for name in ("loader", "loader_device", "loader_resize_device"):
         loader = report["runs"].get(name, {}).get("result")
         if loader:
-            lines.append(f"- {name} alone (decode_on={loader.get('decode_on', 'cpu')}, "
-                         f"resize_on={loader.get('resize_on')}): {loader['samples_per_s']:.0f} "
-                         f"samples/s ({loader['workers']} workers, {loader['image_px'][0]}-{loader['image_px'][1]} px "
-                         f"JPEGs at {loader['image_size']} px, batch {loader['batch_size']}, {loader['cpu_count']} cores)")
+            lines.append(
+                f"- {name} alone (decode_on={loader.get('decode_on', 'cpu')}, "
+                f"resize_on={loader.get('resize_on')}): {loader['samples_per_s']:.0f} "
+                f"samples/s ({loader['workers']} workers, {loader['image_px'][0]}-{loader['image_px'][1]} px "
+                f"JPEGs at {loader['image_size']} px, batch {loader['batch_size']}, {loader['cpu_count']} cores)"
+            )
     for g in report["goals"]:
         lines.append(f"- goal: {g['goal']}: {g['value']:.2f} ({'met' if g['met'] else 'NOT met'})")
     for name, run in report["runs"].items():
@@ -721,8 +920,13 @@ def run_all(args) -> int:
             for run in plan_runs(plan, args.device):
                 remaining = deadline - time.monotonic()
                 if remaining < MIN_RUN_S:
-                    runs[run.name] = {"status": "skipped", "exit_code": None, "seconds": 0, "timeout_s": 0,
-                                      "reason": f"{remaining:.0f} s of the budget left"}
+                    runs[run.name] = {
+                        "status": "skipped",
+                        "exit_code": None,
+                        "seconds": 0,
+                        "timeout_s": 0,
+                        "reason": f"{remaining:.0f} s of the budget left",
+                    }
                     continue
                 result = work / f"{run.name}.json"
                 runs[run.name] = execute(run, result, log, min(run.timeout_s, remaining))
@@ -737,8 +941,10 @@ def run_all(args) -> int:
         for name, run in runs.items():
             profile = (run.get("result") or {}).get("profile")
             if profile:
-                handle.write(f"===== {name}: {profile['steps']} steps, {profile['wall_ms']:.1f} ms, GPU busy "
-                             f"{profile['gpu_busy_share']}\n{profile['table']}\n")
+                handle.write(
+                    f"===== {name}: {profile['steps']} steps, {profile['wall_ms']:.1f} ms, GPU busy "
+                    f"{profile['gpu_busy_share']}\n{profile['table']}\n"
+                )
     print(markdown(report))
     return 0 if report["ok"] else 1
 
@@ -761,8 +967,11 @@ def main(argv: list[str] | None = None) -> int:
     side.add_argument("--steps", type=int, default=3)
     side.add_argument("--profile-steps", type=int, default=1)
     side.add_argument("--n-batches", type=int, default=2)
-    side.add_argument("--compile-backend", default=None, help="torch.compile backend for model.compile (default: "
-                      "inductor); the CPU dry-run uses aot_eager")
+    side.add_argument(
+        "--compile-backend",
+        default=None,
+        help="torch.compile backend for model.compile (default: inductor); the CPU dry-run uses aot_eager",
+    )
     loader = commands.add_parser("loader", help="the loader alone")
     loader.add_argument("--workers", type=int, default=2)
     loader.add_argument("--images", type=int, default=64)
@@ -771,8 +980,12 @@ def main(argv: list[str] | None = None) -> int:
     loader.add_argument("--batch-size", type=int, default=8)
     loader.add_argument("--decode-on", choices=["cpu", "device"], default="cpu", help="data.decode_on")
     loader.add_argument("--resize-on", choices=["worker", "device"], default=None, help="data.resize_on")
-    loader.add_argument("--device", choices=sorted(PLANS), default="cpu",
-                        help="where decode_on=device decodes, resize_on=device resizes")
+    loader.add_argument(
+        "--device",
+        choices=sorted(PLANS),
+        default="cpu",
+        help="where decode_on=device decodes, resize_on=device resizes",
+    )
     env = commands.add_parser("env", help="device, versions, bf16 matmul TFLOP/s")
     env.add_argument("--device", choices=sorted(PLANS), default="cpu")
     for command in (side, loader, env):
@@ -782,7 +995,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_all(args)
     result = {"side": run_side, "loader": run_loader, "env": run_env}[args.command](args)
     args.result.write_text(json.dumps(result))
-    print(f"RESULT {args.command}: " + json.dumps({k: v for k, v in result.items() if k not in ("profile", "losses", "no_decay_parameters")}))
+    print(
+        f"RESULT {args.command}: "
+        + json.dumps({k: v for k, v in result.items() if k not in ("profile", "losses", "no_decay_parameters")})
+    )
     return 0
 
 

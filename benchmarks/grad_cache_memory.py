@@ -37,8 +37,10 @@ def peak_step_memory_mb(model: str, batch_size: int, chunks: int, device: str) -
     # conf/model's _target_ (CLIPModule.from_options, partial): what clip_pl.train builds.
     module = instantiate(model_cfg)(loss=ClipLoss(), optimizer=functools.partial(torch.optim.AdamW)).to(device)
     size, length = model_cfg["image_size"], model_cfg["context_length"]
-    batch = {"image": torch.randn(batch_size, 3, size, size, device=device),
-             "text": torch.randint(1, 49000, (batch_size, length), device=device)}
+    batch = {
+        "image": torch.randn(batch_size, 3, size, size, device=device),
+        "text": torch.randint(1, 49000, (batch_size, length), device=device),
+    }
     if device == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -65,16 +67,40 @@ def main() -> None:
         return
     results = {}
     for chunks in args.chunks:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.grad_cache_memory", "--model", args.model,
-                              "--batch-size", str(args.batch_size), "--device", args.device, "--only", str(chunks)],
-                             cwd=REPO, capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.grad_cache_memory",
+                "--model",
+                args.model,
+                "--batch-size",
+                str(args.batch_size),
+                "--device",
+                args.device,
+                "--only",
+                str(chunks),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
             sys.exit(out.stderr[-3000:])
         results[chunks] = float(line[-1].split()[1])
-    print(json.dumps({"model": args.model, "batch_size": args.batch_size, "device": args.device,
-                      "peak_step_memory_mb_by_chunks": results,
-                      "ratio_to_unchunked": {k: v / results[args.chunks[0]] for k, v in results.items()}}))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "batch_size": args.batch_size,
+                "device": args.device,
+                "peak_step_memory_mb_by_chunks": results,
+                "ratio_to_unchunked": {k: v / results[args.chunks[0]] for k, v in results.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -67,19 +67,39 @@ def main() -> None:
     seconds = {}
     if not (corpus / "shards").exists():
         seconds["corpus"] = run([python, "-m", "data_prep.demo", "--out", str(corpus)], repo)
-    common = [f"paths.root_dir={root}", f"paths.demo_dir={corpus}", f"trainer.max_steps={args.steps}",
-              f"eval.callbacks.demo_digits.every_n_steps={args.eval_every}", "callbacks.telemetry.heatmap_every_n_steps=0"]
+    common = [
+        f"paths.root_dir={root}",
+        f"paths.demo_dir={corpus}",
+        f"trainer.max_steps={args.steps}",
+        f"eval.callbacks.demo_digits.every_n_steps={args.eval_every}",
+        "callbacks.telemetry.heatmap_every_n_steps=0",
+    ]
     seconds["scratch"] = run([python, "-m", "clip_pl.train", "experiment=demo", "run_name=scratch", *common], repo)
     init = root / "lit_init.pt"
     lit_init(root / "runs" / "scratch" / "checkpoints" / "last.ckpt", init)
-    seconds["lit"] = run([python, "-m", "clip_pl.train", "experiment=lit_demo", "run_name=lit", "resume=none",
-                          f"model.init_checkpoint={init}", *common], repo)
+    seconds["lit"] = run(
+        [
+            python,
+            "-m",
+            "clip_pl.train",
+            "experiment=lit_demo",
+            "run_name=lit",
+            "resume=none",
+            f"model.init_checkpoint={init}",
+            *common,
+        ],
+        repo,
+    )
     results = {}
     for name in ("scratch", "lit"):
         points = curve(root / "runs" / name)
         reached = next((step for step, top1 in points if top1 >= args.target), None)
-        results[name] = {"curve": points, "steps_to_target": reached, "final_top1": points[-1][1] if points else None,
-                         "train_seconds": seconds[name]}
+        results[name] = {
+            "curve": points,
+            "steps_to_target": reached,
+            "final_top1": points[-1][1] if points else None,
+            "train_seconds": seconds[name],
+        }
     results["target"] = args.target
     (root / "lit_vs_scratch.json").write_text(json.dumps(results, indent=2))
     print(f"\n| run | steps to {args.target:.0%} top-1 | final top-1 | wall (train + evals) |\n|---|---|---|---|")

@@ -48,8 +48,10 @@ def mb(x: float) -> str:
 
 def main() -> None:
     sizes = model_sizes()
-    print("| model | params | global batch | per GPU b | features all-gathered (bf16, per rank, fwd; same again bwd) "
-          "| gradients all-reduced (fp32; ring traffic per rank) | logits per rank (b×N fp32, each direction) |")
+    print(
+        "| model | params | global batch | per GPU b | features all-gathered (bf16, per rank, fwd; same again bwd) "
+        "| gradients all-reduced (fp32; ring traffic per rank) | logits per rank (b×N fp32, each direction) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, (params, dim) in sizes.items():
         for n in GLOBAL_BATCHES:
@@ -57,12 +59,16 @@ def main() -> None:
             feats = 2 * (n - b) * dim * 2
             grads = params * 4
             ring = 2 * (GPUS - 1) / GPUS * grads
-            print(f"| {name} | {params / 1e6:.1f} M | {n:,} | {b} | {mb(feats)} | {mb(grads)}; {mb(ring)} "
-                  f"(≥ {ring / IB_BYTES_PER_S['A100'] * 1e3:.0f} ms A100 / {ring / IB_BYTES_PER_S['H100'] * 1e3:.0f} ms H100) "
-                  f"| {mb(b * n * 4)} |")
+            print(
+                f"| {name} | {params / 1e6:.1f} M | {n:,} | {b} | {mb(feats)} | {mb(grads)}; {mb(ring)} "
+                f"(≥ {ring / IB_BYTES_PER_S['A100'] * 1e3:.0f} ms A100 / {ring / IB_BYTES_PER_S['H100'] * 1e3:.0f} ms H100) "
+                f"| {mb(b * n * 4)} |"
+            )
     print()
-    print("| model | anchor samples/s per A100 | per node A100 / H100 | loader cores per node at 120 / 1044 samples/s/core "
-          "| step time at 32k, A100 / H100 | at 64k |")
+    print(
+        "| model | anchor samples/s per A100 | per node A100 / H100 | loader cores per node at 120 / 1044 samples/s/core "
+        "| step time at 32k, A100 / H100 | at 64k |"
+    )
     print("|---|---|---|---|---|---|")
     for name, (gpus, hours) in ANCHORS.items():
         per_gpu = SAMPLES_SEEN / (hours * 3600 * gpus)
@@ -73,9 +79,13 @@ def main() -> None:
             t_a = n / (per_gpu * GPUS * EFFICIENCY["A100"])
             t_h = n / (per_gpu * H100_OVER_A100 * GPUS * EFFICIENCY["H100"])
             steps.append(f"{t_a:.2f} s / {t_h:.2f} s")
-        print(f"| {name} | {per_gpu:,.0f} | {node_a:,.0f} / {node_h:,.0f} | {cores[0]} / {cores[1]} | {steps[0]} | {steps[1]} |")
+        print(
+            f"| {name} | {per_gpu:,.0f} | {node_a:,.0f} / {node_h:,.0f} | {cores[0]} / {cores[1]} | {steps[0]} | {steps[1]} |"
+        )
     print()
-    print(f"weak-scaling efficiency used: A100 {EFFICIENCY['A100']:.1%}, H100 {EFFICIENCY['H100']:.1%} (16 nodes, NeMo g/14)")
+    print(
+        f"weak-scaling efficiency used: A100 {EFFICIENCY['A100']:.1%}, H100 {EFFICIENCY['H100']:.1%} (16 nodes, NeMo g/14)"
+    )
 
 
 if __name__ == "__main__":

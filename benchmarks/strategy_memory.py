@@ -25,12 +25,21 @@ import lightning as L
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-STRATEGIES = ["ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_2_offload",
-              "deepspeed_stage_3_offload", "fsdp"]
+STRATEGIES = [
+    "ddp",
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_3",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3_offload",
+    "fsdp",
+]
 # Rows that change the model rather than the strategy, measured the same way against DDP: what
 # locking a tower (clip_pl/towers.py) saves at the step's peak, not only in held state.
-VARIANTS = {"ddp_image_locked": ("ddp", ["model.lock_image=true"]),
-            "ddp_text_locked": ("ddp", ["model.lock_text=true"])}
+VARIANTS = {
+    "ddp_image_locked": ("ddp", ["model.lock_image=true"]),
+    "ddp_text_locked": ("ddp", ["model.lock_text=true"]),
+}
 
 
 def _local_bytes(tensor: torch.Tensor) -> int:
@@ -65,9 +74,16 @@ class MemoryReport(L.Callback):
         inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wraps the client optimizer
         state = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         # ZeRO keeps fp32 partitions and gradient partitions in its own flat buffers.
-        flat = [t for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
-                               "averaged_gradients", "fp16_partitioned_groups_flat")
-                for t in _flatten(getattr(optimizer, name, None))]
+        flat = [
+            t
+            for name in (
+                "single_partition_of_fp32_groups",
+                "fp32_partitioned_groups_flat",
+                "averaged_gradients",
+                "fp16_partitioned_groups_flat",
+            )
+            for t in _flatten(getattr(optimizer, name, None))
+        ]
         report = {
             "rank": trainer.global_rank,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -90,17 +106,36 @@ def _flatten(value):
 def measure(row: str, model: str, steps: int, batch_size: int, root: Path) -> dict:
     strategy, extra = VARIANTS.get(row, (row, []))
     out_dir = root / f"memory-{row}"
-    command = [sys.executable, "-m", "clip_pl.train", f"model={model}", "data=synthetic", "trainer=cpu",
-               "trainer.devices=2", f"data.batch_size={batch_size}", "global_batch_size=null",
-               f"trainer.max_steps={steps}", "scheduler.warmup_steps=1", f"strategy={strategy}",
-               f"paths.root_dir={root}", f"run_name={row}", "callbacks.checkpoint.every_n_train_steps=0",
-               "callbacks.checkpoint.save_last=false", "callbacks.progress_bar=null",
-               "+callbacks.memory._target_=benchmarks.strategy_memory.MemoryReport", f"+callbacks.memory.out_dir={out_dir}", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "clip_pl.train",
+        f"model={model}",
+        "data=synthetic",
+        "trainer=cpu",
+        "trainer.devices=2",
+        f"data.batch_size={batch_size}",
+        "global_batch_size=null",
+        f"trainer.max_steps={steps}",
+        "scheduler.warmup_steps=1",
+        f"strategy={strategy}",
+        f"paths.root_dir={root}",
+        f"run_name={row}",
+        "callbacks.checkpoint.every_n_train_steps=0",
+        "callbacks.checkpoint.save_last=false",
+        "callbacks.progress_bar=null",
+        "+callbacks.memory._target_=benchmarks.strategy_memory.MemoryReport",
+        f"+callbacks.memory.out_dir={out_dir}",
+        *extra,
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{row} failed:\n{done.stderr[-3000:]}")
     ranks = [json.loads(p.read_text()) for p in sorted(out_dir.glob("memory_rank*.json"))]
-    return {"peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "model_state_mb": max(r["model_state_mb"] for r in ranks)}
+    return {
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
+        "model_state_mb": max(r["model_state_mb"] for r in ranks),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,15 +143,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="vit_b32")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=[*STRATEGIES, *VARIANTS],
-                        help="rows to measure (strategies, or the model variants in VARIANTS)")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=STRATEGIES,
+        choices=[*STRATEGIES, *VARIANTS],
+        help="rows to measure (strategies, or the model variants in VARIANTS)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         results = {s: measure(s, args.model, args.steps, args.batch_size, Path(tmp)) for s in args.strategies}
     ddp = results.get("ddp")
-    print(f"model={args.model}, 2 CPU processes, fp32, batch {args.batch_size} per rank, {args.steps} steps; "
-          f"per rank (the larger of the two ranks)")
+    print(
+        f"model={args.model}, 2 CPU processes, fp32, batch {args.batch_size} per rank, {args.steps} steps; "
+        f"per rank (the larger of the two ranks)"
+    )
     print(f"{'strategy':28s} {'peak RSS MB':>12s} {'vs DDP':>7s} {'model state MB':>15s} {'vs DDP':>7s}")
     for strategy, r in results.items():
         rss = f"{r['peak_rss_mb'] / ddp['peak_rss_mb']:.2f}" if ddp else "-"

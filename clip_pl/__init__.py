@@ -1,8 +1,8 @@
 """clip_pl: multi-node CLIP pre-training (WebDataset → Lightning → Hydra → SLURM).
 
-    import clip_pl
-    model, preprocess, tokenizer = clip_pl.load("runs/<run>/checkpoints/last.ckpt")
-    probs = model.zero_shot_classify(images, ["cat", "dog"], template="a photo of a {}.")
+import clip_pl
+model, preprocess, tokenizer = clip_pl.load("runs/<run>/checkpoints/last.ckpt")
+probs = model.zero_shot_classify(images, ["cat", "dog"], template="a photo of a {}.")
 """
 
 __version__ = "0.1.0"

@@ -25,9 +25,15 @@ from clip_pl.towers import split_tower_lr
 
 def build_module(cfg: DictConfig) -> CLIPModule:
     """conf/model names its builder (``CLIPModule.from_options``, partial); loss and optimizer complete it."""
-    optim, tower_lr = split_tower_lr(OmegaConf.to_container(cfg.optim, resolve=True))  # conf/optim's tower LR keys are the module's, not the optimizer's
-    return instantiate(cfg.model)(loss=instantiate(cfg.loss), optimizer=instantiate(optim), tower_lr=tower_lr,
-                                  scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
+    optim, tower_lr = split_tower_lr(
+        OmegaConf.to_container(cfg.optim, resolve=True)
+    )  # conf/optim's tower LR keys are the module's, not the optimizer's
+    return instantiate(cfg.model)(
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(optim),
+        tower_lr=tower_lr,
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+    )
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -73,17 +79,24 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         # Lightning's auto-requeue saves inside the signal handler (Lightning #21406); requeue is
         # clip_pl.callbacks.preemption.PreemptionCheckpoint's job (callbacks.preemption).
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return instantiate(cfg.trainer, strategy=strategy, callbacks=build_callbacks(cfg),
-                       logger=build_loggers(cfg, run_dir) or False, plugins=plugins,
-                       default_root_dir=str(run_dir))
+    return instantiate(
+        cfg.trainer,
+        strategy=strategy,
+        callbacks=build_callbacks(cfg),
+        logger=build_loggers(cfg, run_dir) or False,
+        plugins=plugins,
+        default_root_dir=str(run_dir),
+    )
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     if cfg.resume in (None, "none"):
         existing = find_resume_checkpoint(run_dir)
         if existing:  # a fresh start here would mix two runs' checkpoints and make `last` ambiguous
-            raise FileExistsError(f"resume=none but {run_dir} already holds checkpoints ({existing}): use "
-                                  f"resume=auto to continue that run, or another run_name for a new one.")
+            raise FileExistsError(
+                f"resume=none but {run_dir} already holds checkpoints ({existing}): use "
+                f"resume=auto to continue that run, or another run_name for a new one."
+            )
         return None
     if cfg.resume == "auto":
         return find_resume_checkpoint(run_dir)

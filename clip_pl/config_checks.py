@@ -33,8 +33,16 @@ class ConfigError(ValueError):
 def prepare_config(cfg: DictConfig) -> DictConfig:
     """Derive what is derived (per-device batch from a global batch), then check everything."""
     _derive_batch_size(cfg)
-    for check in (_check_targets, _check_model_architecture, _check_topology, _check_precision_and_strategy,
-                  _check_batch, _check_loss, _check_schedule, _check_towers_and_ema):
+    for check in (
+        _check_targets,
+        _check_model_architecture,
+        _check_topology,
+        _check_precision_and_strategy,
+        _check_batch,
+        _check_loss,
+        _check_schedule,
+        _check_towers_and_ema,
+    ):
         check(cfg)
     return cfg
 
@@ -91,13 +99,16 @@ def _derive_batch_size(cfg: DictConfig) -> None:
         return
     world_size = world_size_of(cfg)
     if world_size is None:
-        raise ConfigError("global_batch_size needs integer trainer.devices and trainer.num_nodes "
-                          f"(got devices={cfg.trainer.devices!r}, num_nodes={cfg.trainer.num_nodes!r}).")
+        raise ConfigError(
+            "global_batch_size needs integer trainer.devices and trainer.num_nodes "
+            f"(got devices={cfg.trainer.devices!r}, num_nodes={cfg.trainer.num_nodes!r})."
+        )
     if global_batch % world_size:
         raise ConfigError(
             f"global_batch_size={global_batch} is not divisible by the {world_size} devices "
             f"({cfg.trainer.num_nodes} nodes × {cfg.trainer.devices}); pick a global batch that is a "
-            f"multiple of {world_size}, or set global_batch_size=null and data.batch_size per device.")
+            f"multiple of {world_size}, or set global_batch_size=null and data.batch_size per device."
+        )
     derived = global_batch // world_size
     # The data configs' own default is the interpolation ${per_device_batch:…}, which follows the global
     # batch; a literal is a value someone wrote (command line, experiment file): never overwrite it silently.
@@ -109,15 +120,19 @@ def _derive_batch_size(cfg: DictConfig) -> None:
             f"data.batch_size={batch_size!r} conflicts with global_batch_size={global_batch}, which gives {derived} "
             f"per device over {world_size} devices ({cfg.trainer.num_nodes} nodes × {cfg.trainer.devices}). Keep "
             f"one: drop the data.batch_size override (or set data.batch_size={derived}), or set {other}or "
-            f"global_batch_size=null to give data.batch_size per device.")
+            f"global_batch_size=null to give data.batch_size per device."
+        )
     with open_dict(cfg):
         cfg.data.batch_size = derived
 
 
 def _model_architecture(cfg: DictConfig) -> dict:
     """The open_clip architecture config the model group describes (its architecture keys only)."""
-    arch_keys = [name for name, p in inspect.signature(resolve_model_config).parameters.items()
-                 if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
+    arch_keys = [
+        name
+        for name, p in inspect.signature(resolve_model_config).parameters.items()
+        if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
     model = OmegaConf.to_container(cfg.model, resolve=True)
     return resolve_model_config(**{k: model[k] for k in arch_keys if k in model})
 
@@ -133,19 +148,24 @@ def _check_model_architecture(cfg: DictConfig) -> None:
 
 def _check_targets(cfg: DictConfig) -> None:
     """Every ``_target_`` must exist and accept the keys its node gives it."""
-    nodes: list[tuple[str, Any]] = [(name, cfg.get(name)) for name in
-                                    ("model", "data", "loss", "optim", "scheduler", "trainer", "strategy")]
+    nodes: list[tuple[str, Any]] = [
+        (name, cfg.get(name)) for name in ("model", "data", "loss", "optim", "scheduler", "trainer", "strategy")
+    ]
     for group in ("logger", "callbacks"):
         nodes += [(f"{group}.{k}", v) for k, v in (cfg.get(group) or {}).items()]
     nodes += [(f"eval.callbacks.{k}", v) for k, v in ((cfg.get("eval") or {}).get("callbacks") or {}).items()]
     for where, node in nodes:
         if isinstance(node, DictConfig) and "_target_" not in node and "." in where:
-            raise ConfigError(f"{where} has no _target_: an override named a {where.split('.')[0]} entry "
-                              f"that the chosen config does not define (set {where}=null to drop it).")
+            raise ConfigError(
+                f"{where} has no _target_: an override named a {where.split('.')[0]} entry "
+                f"that the chosen config does not define (set {where}=null to drop it)."
+            )
         if isinstance(node, DictConfig) and "_target_" not in node:
-            raise ConfigError(f"{where} has no _target_: a {where} config names what builds it, and its keys are "
-                              f"that callable's arguments (see clip_pl/conf/{where}/; a {where} file of your own "
-                              f"can extend one of them through `defaults:`).")
+            raise ConfigError(
+                f"{where} has no _target_: a {where} config names what builds it, and its keys are "
+                f"that callable's arguments (see clip_pl/conf/{where}/; a {where} file of your own "
+                f"can extend one of them through `defaults:`)."
+            )
         if not isinstance(node, DictConfig) or "_target_" not in node:
             continue
         try:
@@ -179,11 +199,14 @@ def _check_topology(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.devices={cfg.trainer.devices} but SLURM runs {tasks_per_node} tasks per node: Lightning "
             f"needs one task per device. Set trainer.devices={tasks_per_node} or sbatch "
-            f"--ntasks-per-node={cfg.trainer.devices} (slurm/*.sh pass SLURM's values for you).")
+            f"--ntasks-per-node={cfg.trainer.devices} (slurm/*.sh pass SLURM's values for you)."
+        )
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", cfg.trainer.num_nodes)))
     if cfg.trainer.num_nodes != nodes:
-        raise ConfigError(f"trainer.num_nodes={cfg.trainer.num_nodes} but the SLURM job has {nodes} nodes; "
-                          f"set trainer.num_nodes={nodes}.")
+        raise ConfigError(
+            f"trainer.num_nodes={cfg.trainer.num_nodes} but the SLURM job has {nodes} nodes; "
+            f"set trainer.num_nodes={nodes}."
+        )
 
 
 def _check_precision_and_strategy(cfg: DictConfig) -> None:
@@ -191,21 +214,28 @@ def _check_precision_and_strategy(cfg: DictConfig) -> None:
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={precision!r}; choose one of {sorted(PRECISIONS)}.")
     if precision == "16-mixed" and (uses_deepspeed(cfg) or uses_fsdp(cfg)):
-        raise ConfigError("trainer.precision=16-mixed needs loss scaling, which clip_pl runs only under DDP; with "
-                          "DeepSpeed or FSDP use trainer.precision=bf16-mixed (no scaling needed) or 32.")
+        raise ConfigError(
+            "trainer.precision=16-mixed needs loss scaling, which clip_pl runs only under DDP; with "
+            "DeepSpeed or FSDP use trainer.precision=bf16-mixed (no scaling needed) or 32."
+        )
     offload = cfg.strategy.get("offload_optimizer") or cfg.strategy.get("offload_parameters")
     if uses_deepspeed(cfg) and offload and not _is_deepspeed_cpu_adam(cfg.optim):
-        raise ConfigError(f"strategy=deepspeed_*_offload moves the optimizer to CPU, where DeepSpeed runs only "
-                          f"its own CPU Adam: use optim=deepspeed_cpu_adamw (the offload strategies select it unless "
-                          f"an override names another optim), not {cfg.optim.get('_target_')}.")
+        raise ConfigError(
+            f"strategy=deepspeed_*_offload moves the optimizer to CPU, where DeepSpeed runs only "
+            f"its own CPU Adam: use optim=deepspeed_cpu_adamw (the offload strategies select it unless "
+            f"an override names another optim), not {cfg.optim.get('_target_')}."
+        )
     if (uses_deepspeed(cfg) or uses_fsdp(cfg)) and cfg.model.compile:
-        raise ConfigError("model.compile=true is only run with strategy=ddp here; DeepSpeed and FSDP have not been "
-                          "tested with torch.compile in clip_pl.")
+        raise ConfigError(
+            "model.compile=true is only run with strategy=ddp here; DeepSpeed and FSDP have not been "
+            "tested with torch.compile in clip_pl."
+        )
     if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
         raise ConfigError(
             "trainer.accumulate_grad_batches would contrast each micro-batch only against itself, shrinking the "
             "contrastive batch. Keep it at 1 and set model.grad_cache_chunks=k: k chunks per device batch, "
-            "negatives across all chunks of all ranks, memory of one chunk.")
+            "negatives across all chunks of all ranks, memory of one chunk."
+        )
 
 
 def _check_batch(cfg: DictConfig) -> None:
@@ -230,11 +260,17 @@ def _check_schedule(cfg: DictConfig) -> None:
         return
     cooldown = scheduler.get("cooldown_steps", 0)
     if cooldown and warmup + cooldown > max_steps:
-        raise ConfigError(f"scheduler.warmup_steps + cooldown_steps = {warmup + cooldown} exceed "
-                          f"trainer.max_steps={max_steps}; shorten them or raise trainer.max_steps.")
+        raise ConfigError(
+            f"scheduler.warmup_steps + cooldown_steps = {warmup + cooldown} exceed "
+            f"trainer.max_steps={max_steps}; shorten them or raise trainer.max_steps."
+        )
     if warmup >= max_steps:  # legitimate for a smoke run, a mistake for a real one: say so loudly
-        log.warning("scheduler.warmup_steps=%d is not below trainer.max_steps=%d: the whole run is warmup "
-                    "(the learning rate never reaches optim.lr).", warmup, max_steps)
+        log.warning(
+            "scheduler.warmup_steps=%d is not below trainer.max_steps=%d: the whole run is warmup "
+            "(the learning rate never reaches optim.lr).",
+            warmup,
+            max_steps,
+        )
 
 
 def _check_towers_and_ema(cfg: DictConfig) -> None:
@@ -242,13 +278,19 @@ def _check_towers_and_ema(cfg: DictConfig) -> None:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     sharded = cfg.strategy._target_ if uses_deepspeed(cfg) or uses_fsdp(cfg) else None
     try:
-        check_tower_options(_model_architecture(cfg), {k: model[k] for k in LOCK_KEYS if k in model},
-                            split_tower_lr(OmegaConf.to_container(cfg.optim, resolve=True))[1], sharded)
+        check_tower_options(
+            _model_architecture(cfg),
+            {k: model[k] for k in LOCK_KEYS if k in model},
+            split_tower_lr(OmegaConf.to_container(cfg.optim, resolve=True))[1],
+            sharded,
+        )
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if (model.get("lock_image") or model.get("lock_text")) and not model.get("init_checkpoint"):
-        log.warning("model.lock_image/lock_text with no model.init_checkpoint: the locked tower keeps its random "
-                    "initialisation (LiT locks a pre-trained tower: set model.init_checkpoint=FILE).")
+        log.warning(
+            "model.lock_image/lock_text with no model.init_checkpoint: the locked tower keeps its random "
+            "initialisation (LiT locks a pre-trained tower: set model.init_checkpoint=FILE)."
+        )
     ema = (cfg.get("callbacks") or {}).get("ema")
     if ema is not None and ema.get("enabled"):
         from clip_pl.callbacks.ema import check_ema_options

@@ -33,8 +33,10 @@ def per_device_batch(default: int, _root_) -> int:
         return default
     devices, nodes = _root_.trainer.get("devices"), _root_.trainer.get("num_nodes", 1)
     if not (isinstance(devices, int) and isinstance(nodes, int)) or global_batch % (devices * nodes):
-        raise ValueError(f"global_batch_size={global_batch} does not divide over trainer.devices={devices!r} × "
-                         f"trainer.num_nodes={nodes!r}.")
+        raise ValueError(
+            f"global_batch_size={global_batch} does not divide over trainer.devices={devices!r} × "
+            f"trainer.num_nodes={nodes!r}."
+        )
     return global_batch // (devices * nodes)
 
 

@@ -30,10 +30,11 @@ Padded positions hold end-of-text (49407), not 0 (see PAD_TOKEN).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import open_clip
 import torch
@@ -41,7 +42,6 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import basic_clean, whitespace_clean
 from safetensors.torch import save_file
-
 
 HF_WEIGHTS_NAME = "model.safetensors"
 # open_clip's special tokens and the names Hugging Face's CLIPTokenizer (and OpenAI's vocab) use.
@@ -116,8 +116,10 @@ def _vision_reasons(cfg: CLIPVisionCfg) -> list[str]:
     if cfg.timm_model_name:
         return [f"vision: timm image tower {cfg.timm_model_name!r}; CLIPModel's image tower is a plain ViT"]
     if isinstance(cfg.layers, (tuple, list)):
-        return [f"vision: ModifiedResNet image tower (layers={list(cfg.layers)}, as in RN50); CLIPModel's image "
-                f"tower is a ViT (CLIPVisionModel), so the ResNet and its attention pooling cannot be expressed"]
+        return [
+            f"vision: ModifiedResNet image tower (layers={list(cfg.layers)}, as in RN50); CLIPModel's image "
+            f"tower is a ViT (CLIPVisionModel), so the ResNet and its attention pooling cannot be expressed"
+        ]
     reasons = _common_tower_reasons("vision", cfg)
     if cfg.attentional_pool:
         reasons.append("vision: attentional pooling (attentional_pool); CLIP pools the class token")
@@ -140,24 +142,38 @@ def _text_reasons(cfg: CLIPTextCfg, tokenizer: open_clip.SimpleTokenizer) -> lis
         reasons.append("text: no causal mask; CLIPTextModel always attends causally")
     eos_pooling = cfg.pool_type == "eos" and cfg.eos_id == tokenizer.eot_token_id
     if cfg.pool_type != "argmax" and not eos_pooling:
-        reasons.append(f"text: pool_type={cfg.pool_type!r} (eos_id={cfg.eos_id}); CLIPTextModel pools at the "
-                       f"end-of-text token (open_clip's 'argmax')")
+        reasons.append(
+            f"text: pool_type={cfg.pool_type!r} (eos_id={cfg.eos_id}); CLIPTextModel pools at the "
+            f"end-of-text token (open_clip's 'argmax')"
+        )
     if cfg.proj_type != "linear" or cfg.proj_bias:
-        reasons.append(f"text: projection proj_type={cfg.proj_type!r}, proj_bias={cfg.proj_bias}; CLIP's "
-                       f"text_projection is one bias-free linear map")
+        reasons.append(
+            f"text: projection proj_type={cfg.proj_type!r}, proj_bias={cfg.proj_bias}; CLIP's "
+            f"text_projection is one bias-free linear map"
+        )
     if cfg.vocab_size != tokenizer.vocab_size:
-        reasons.append(f"text: vocab_size={cfg.vocab_size}, but the exported tokenizer is open_clip's CLIP BPE "
-                       f"with {tokenizer.vocab_size} tokens")
+        reasons.append(
+            f"text: vocab_size={cfg.vocab_size}, but the exported tokenizer is open_clip's CLIP BPE "
+            f"with {tokenizer.vocab_size} tokens"
+        )
     return reasons
 
 
-def unsupported_reasons(model_config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+def unsupported_reasons(
+    model_config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None
+) -> list[str]:
     """Why CLIPModel cannot compute this architecture exactly (an empty list: it can)."""
-    reasons = _vision_reasons(_vision_cfg(model_config)) + _text_reasons(_text_cfg(model_config), _open_clip_tokenizer())
-    has_bias = model_config.get("init_logit_bias") is not None or (state_dict is not None and "logit_bias" in state_dict)
+    reasons = _vision_reasons(_vision_cfg(model_config)) + _text_reasons(
+        _text_cfg(model_config), _open_clip_tokenizer()
+    )
+    has_bias = model_config.get("init_logit_bias") is not None or (
+        state_dict is not None and "logit_bias" in state_dict
+    )
     if has_bias:
-        reasons.append("a learned logit_bias (sigmoid/SigLIP training); CLIPModel's logits have no bias term, so "
-                       "its probabilities would silently differ")
+        reasons.append(
+            "a learned logit_bias (sigmoid/SigLIP training); CLIPModel's logits have no bias term, so "
+            "its probabilities would silently differ"
+        )
     return reasons
 
 
@@ -165,8 +181,10 @@ def check_exportable(model_config: Mapping[str, Any], state_dict: Mapping[str, t
     reasons = unsupported_reasons(model_config, state_dict)
     if reasons:
         raise UnsupportedArchitectureError(
-            "this checkpoint cannot be exported to transformers' CLIPModel:\n  - " + "\n  - ".join(reasons)
-            + "\nExport it to open_clip instead: python -m clip_pl.interchange export CHECKPOINT OUT_DIR")
+            "this checkpoint cannot be exported to transformers' CLIPModel:\n  - "
+            + "\n  - ".join(reasons)
+            + "\nExport it to open_clip instead: python -m clip_pl.interchange export CHECKPOINT OUT_DIR"
+        )
 
 
 # --------------------------------------------------------------------------- config.json
@@ -234,10 +252,20 @@ def _encoder_layers(source: dict, prefix: str, target: str) -> dict[str, torch.T
         for kind in ("weight", "bias"):
             # (clone: three views of one storage would be "shared tensors" to safetensors)
             q, k, v = (t.clone() for t in source.pop(f"{block}attn.in_proj_{kind}").chunk(3, dim=0))
-            out.update({f"{layer}self_attn.q_proj.{kind}": q, f"{layer}self_attn.k_proj.{kind}": k,
-                        f"{layer}self_attn.v_proj.{kind}": v})
-        for old, new in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
-                         ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+            out.update(
+                {
+                    f"{layer}self_attn.q_proj.{kind}": q,
+                    f"{layer}self_attn.k_proj.{kind}": k,
+                    f"{layer}self_attn.v_proj.{kind}": v,
+                }
+            )
+        for old, new in (
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
             for kind in ("weight", "bias"):
                 out[f"{layer}{new}.{kind}"] = source.pop(f"{block}{old}.{kind}")
         i += 1
@@ -254,8 +282,9 @@ def hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     Raises ValueError if any open_clip weight is left unmapped: a silently dropped tensor would mean
     CLIPModel computes something else.
     """
-    source = {(k[len("text."):] if k.startswith("text.") else k): v.detach().float().cpu()
-              for k, v in state_dict.items()}
+    source = {
+        (k[len("text.") :] if k.startswith("text.") else k): v.detach().float().cpu() for k, v in state_dict.items()
+    }
     out = {
         "vision_model.embeddings.patch_embedding.weight": source.pop("visual.conv1.weight"),  # no bias in either
         "vision_model.embeddings.class_embedding": source.pop("visual.class_embedding"),
@@ -274,8 +303,10 @@ def hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     out.update(_encoder_layers(source, "", "text_model"))
     source.pop("attn_mask", None)  # the causal mask: a buffer, rebuilt by CLIPTextModel
     if source:
-        raise ValueError(f"open_clip weights without a CLIPModel counterpart: {sorted(source)[:12]}; "
-                         f"this architecture is not plain CLIP.")
+        raise ValueError(
+            f"open_clip weights without a CLIPModel counterpart: {sorted(source)[:12]}; "
+            f"this architecture is not plain CLIP."
+        )
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -288,8 +319,17 @@ def tokenizer_files(context_length: int) -> dict[str, str]:
     vocab = {_SPECIAL_RENAMES.get(token, token): index for token, index in simple.encoder.items()}
     merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.__getitem__)  # line order is the merge rank
     special = {"bos_token": HF_BOS, "eos_token": HF_EOS, "unk_token": HF_EOS, "pad_token": PAD_TOKEN}
-    added = {str(vocab[token]): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
-                                 "single_word": False, "special": True} for token in (HF_BOS, HF_EOS)}
+    added = {
+        str(vocab[token]): {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for token in (HF_BOS, HF_EOS)
+    }
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "processor_class": "CLIPProcessor",
@@ -366,4 +406,3 @@ def write_hf_directory(model_config: Mapping[str, Any], model: torch.nn.Module, 
     image_size = config["vision_config"]["image_size"]
     (out_dir / "preprocessor_config.json").write_text(json.dumps(image_processor_config(image_size), indent=2) + "\n")
     return HFExport(directory=out_dir, config=config)
-

@@ -19,8 +19,9 @@ its open_clip architecture.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -30,7 +31,7 @@ from clip_pl.eval.labels import check_templates, check_unique
 from clip_pl.interchange import build_from_checkpoint, read_model_checkpoint
 from clip_pl.model import context_length_of, get_tokenizer, image_size_of, image_transforms
 
-ImageInput = Union[torch.Tensor, Image.Image, str, Path, Sequence[Union[Image.Image, str, Path]]]
+ImageInput = torch.Tensor | Image.Image | str | Path | Sequence[Image.Image | str | Path]
 
 
 class CLIPInference(nn.Module):
@@ -87,7 +88,9 @@ class CLIPInference(nn.Module):
         return self.clip.encode_text(tokens.to(self.device), normalize=normalize)
 
     @torch.no_grad()
-    def class_embeddings(self, labels: Sequence[str], template: str | Sequence[str] = "a photo of a {}.") -> torch.Tensor:
+    def class_embeddings(
+        self, labels: Sequence[str], template: str | Sequence[str] = "a photo of a {}."
+    ) -> torch.Tensor:
         """(L, D) unit vectors, one per label; several templates are averaged on the unit sphere."""
         labels = check_unique([labels] if isinstance(labels, str) else list(labels), "labels")
         templates = check_templates([template] if isinstance(template, str) else list(template))
@@ -96,15 +99,18 @@ class CLIPInference(nn.Module):
         return features / features.norm(dim=-1, keepdim=True)
 
     @torch.no_grad()
-    def zero_shot_classify(self, images: ImageInput, labels: Sequence[str],
-                           template: str | Sequence[str] = "a photo of a {}.") -> torch.Tensor:
+    def zero_shot_classify(
+        self, images: ImageInput, labels: Sequence[str], template: str | Sequence[str] = "a photo of a {}."
+    ) -> torch.Tensor:
         """(N, L) probabilities over ``labels``: softmax of logit_scale × cosine(image, prompt)."""
         classes = self.class_embeddings(labels, template)
         logits = self.logit_scale * self.encode_image(images) @ classes.T
         return logits.float().softmax(dim=-1)
 
     @torch.no_grad()
-    def forward(self, images: ImageInput, texts: str | Sequence[str] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: ImageInput, texts: str | Sequence[str] | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits_per_image, logits_per_text), as OpenAI's CLIP returns them."""
         logits = self.logit_scale * self.encode_image(images) @ self.encode_text(texts).T
         return logits, logits.T
@@ -126,8 +132,9 @@ def _open_image(item: Image.Image | str | Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def load(checkpoint: str | Path, device: str | torch.device | None = None,
-         arch: str | Mapping[str, Any] | None = None) -> Loaded:
+def load(
+    checkpoint: str | Path, device: str | torch.device | None = None, arch: str | Mapping[str, Any] | None = None
+) -> Loaded:
     """(model, preprocess, tokenizer) from a clip_pl checkpoint, an exported open_clip directory,
     or an open_clip/OpenAI weights file with ``arch`` (an open_clip name or a config dict).
 

@@ -34,9 +34,10 @@ import copy
 import json
 import logging
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import open_clip
 import torch
@@ -61,13 +62,16 @@ def ema_state_dict(checkpoint: Mapping[str, Any], prefix: str = _MODEL_PREFIX) -
     """The checkpoint's state dict with the EMA weights (callbacks.ema) in place of the trained ones."""
     state = (checkpoint.get("callbacks") or {}).get(EMA_STATE_KEY)
     if not state:
-        raise KeyError("this checkpoint holds no EMA weights: train with callbacks.ema.enabled=true "
-                       "(or export without --ema).")
+        raise KeyError(
+            "this checkpoint holds no EMA weights: train with callbacks.ema.enabled=true (or export without --ema)."
+        )
     state_dict = dict(checkpoint["state_dict"])
     for name, value in state["ema"].items():
         key = prefix + name
         state_dict[key] = value.to(state_dict[key].dtype).reshape(state_dict[key].shape)
     return state_dict
+
+
 _COMPILE_INFIX = "_orig_mod."  # torch.compile wraps the module: `model._orig_mod.visual...`
 _MAX_LISTED = 12
 
@@ -98,8 +102,10 @@ class OpenClipExport:
 def _require_file(path: str | Path, what: str) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist; check the path (relative paths "
-                                f"are taken from the current directory {str(Path.cwd())!r}).")
+        raise FileNotFoundError(
+            f"{what} {str(path)!r} does not exist; check the path (relative paths "
+            f"are taken from the current directory {str(Path.cwd())!r})."
+        )
     return path
 
 
@@ -124,16 +130,21 @@ def _torch_load(path: Path) -> Any:
 
 
 def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
 def _clip_pl_model_weights(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The open_clip weights inside a Lightning state dict: `model.` keys, prefix removed."""
-    weights = {k[len(_MODEL_PREFIX):].replace(_COMPILE_INFIX, ""): v
-               for k, v in state_dict.items() if k.startswith(_MODEL_PREFIX)}
+    weights = {
+        k[len(_MODEL_PREFIX) :].replace(_COMPILE_INFIX, ""): v
+        for k, v in state_dict.items()
+        if k.startswith(_MODEL_PREFIX)
+    }
     if not weights:
-        raise ValueError("the checkpoint's state_dict has no `model.*` entries: it is not a clip_pl "
-                         "training checkpoint (the LightningModule keeps the CLIP model as `self.model`).")
+        raise ValueError(
+            "the checkpoint's state_dict has no `model.*` entries: it is not a clip_pl "
+            "training checkpoint (the LightningModule keeps the CLIP model as `self.model`)."
+        )
     return weights
 
 
@@ -148,8 +159,10 @@ def read_state_dict(path: str | Path, allow_torchscript: bool = True) -> dict[st
         state_dict: Any = load_file(str(path), device="cpu")
     elif _is_torchscript_archive(path):
         if not allow_torchscript:
-            raise ValueError(f"{str(path)!r} is a TorchScript archive (OpenAI's release format) and "
-                             f"allow_torchscript=False; convert it to a state dict first.")
+            raise ValueError(
+                f"{str(path)!r} is a TorchScript archive (OpenAI's release format) and "
+                f"allow_torchscript=False; convert it to a state dict first."
+            )
         log.info("reading the state dict of TorchScript archive %s (its code is not run)", path)
         state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
         for key in _OPENAI_NON_WEIGHTS:
@@ -158,19 +171,23 @@ def read_state_dict(path: str | Path, allow_torchscript: bool = True) -> dict[st
         state_dict = _torch_load(path)
     if isinstance(state_dict, Mapping) and "state_dict" in state_dict:
         is_clip_pl = "hyper_parameters" in state_dict or any(
-            str(k).startswith(_MODEL_PREFIX) for k in state_dict["state_dict"])
+            str(k).startswith(_MODEL_PREFIX) for k in state_dict["state_dict"]
+        )
         state_dict = state_dict["state_dict"]
         if is_clip_pl:
             state_dict = _clip_pl_model_weights(state_dict)
     if not isinstance(state_dict, Mapping) or not state_dict:
-        raise ValueError(f"{str(path)!r} holds no state dict (found {type(state_dict).__name__}); "
-                         f"expected a mapping of parameter names to tensors.")
+        raise ValueError(
+            f"{str(path)!r} holds no state dict (found {type(state_dict).__name__}); "
+            f"expected a mapping of parameter names to tensors."
+        )
     if all(str(k).startswith("module.") for k in state_dict):
         state_dict = _strip_prefix(state_dict, "module.")
     non_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if non_tensors:
-        raise ValueError(f"{str(path)!r}: entries {non_tensors[:_MAX_LISTED]} are not tensors; "
-                         f"this is not a weights file.")
+        raise ValueError(
+            f"{str(path)!r}: entries {non_tensors[:_MAX_LISTED]} are not tensors; this is not a weights file."
+        )
     return dict(state_dict)
 
 
@@ -178,8 +195,10 @@ def _weights_in_dir(directory: Path) -> Path:
     for name in (OPEN_CLIP_SAFETENSORS_NAME, OPEN_CLIP_WEIGHTS_NAME):
         if (directory / name).is_file():
             return directory / name
-    raise FileNotFoundError(f"{str(directory)!r} is a directory without {OPEN_CLIP_WEIGHTS_NAME} or "
-                            f"{OPEN_CLIP_SAFETENSORS_NAME}; pass the weights file itself.")
+    raise FileNotFoundError(
+        f"{str(directory)!r} is a directory without {OPEN_CLIP_WEIGHTS_NAME} or "
+        f"{OPEN_CLIP_SAFETENSORS_NAME}; pass the weights file itself."
+    )
 
 
 # --------------------------------------------------------------------------- loading into a model
@@ -190,8 +209,11 @@ def _adapt_to_model(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> di
     state_dict = dict(state_dict)
     expected = model.state_dict()
     # Old open_clip checkpoints keep text weights at the top level even for CustomTextCLIP.
-    if "positional_embedding" in state_dict and "positional_embedding" not in expected \
-            and "text.positional_embedding" in expected:
+    if (
+        "positional_embedding" in state_dict
+        and "positional_embedding" not in expected
+        and "text.positional_embedding" in expected
+    ):
         state_dict = open_clip.model.convert_to_custom_text_state_dict(state_dict)
     # Non-persistent buffers (the causal attention mask) appear in TorchScript state dicts.
     persistent = set(expected)
@@ -215,18 +237,26 @@ def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
     if not (missing or unexpected or shapes):
         return
     lines = [f"{source} do not fit this architecture."]
-    for title, items in (("shape mismatches", shapes), ("missing from the file", missing),
-                         ("in the file but not in the model", unexpected)):
+    for title, items in (
+        ("shape mismatches", shapes),
+        ("missing from the file", missing),
+        ("in the file but not in the model", unexpected),
+    ):
         if items:
             more = f" … and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
             lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:_MAX_LISTED]) + more)
-    lines.append("Build the model with the architecture the weights were trained with (model.arch / "
-                 "model.arch_config, image_size, context_length; OpenAI weights need a *-quickgelu arch).")
+    lines.append(
+        "Build the model with the architecture the weights were trained with (model.arch / "
+        "model.arch_config, image_size, context_length; OpenAI weights need a *-quickgelu arch)."
+    )
     raise ArchitectureMismatchError("\n".join(lines))
 
 
@@ -253,8 +283,9 @@ def consolidate_checkpoint(checkpoint_dir: str | Path, out_path: str | Path) -> 
     """
     checkpoint_dir, out_path = Path(checkpoint_dir), Path(out_path)
     if not checkpoint_dir.is_dir():
-        raise FileNotFoundError(f"{str(checkpoint_dir)!r} is not a checkpoint folder (a single-file checkpoint "
-                                f"needs no consolidation).")
+        raise FileNotFoundError(
+            f"{str(checkpoint_dir)!r} is not a checkpoint folder (a single-file checkpoint needs no consolidation)."
+        )
     if (checkpoint_dir / "latest").is_file() or (checkpoint_dir / "checkpoint").is_dir():
         # Lightning's converter gathers the ZeRO partitions into fp32 weights and keeps the rest.
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
@@ -266,8 +297,10 @@ def consolidate_checkpoint(checkpoint_dir: str | Path, out_path: str | Path) -> 
         checkpoint = _load_distributed_checkpoint(checkpoint_dir)
         checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith("optimizer_")}
     else:
-        raise ValueError(f"{str(checkpoint_dir)!r} holds neither a DeepSpeed checkpoint ('latest', 'checkpoint/') "
-                         f"nor torch.distributed.checkpoint shards (*.distcp).")
+        raise ValueError(
+            f"{str(checkpoint_dir)!r} holds neither a DeepSpeed checkpoint ('latest', 'checkpoint/') "
+            f"nor torch.distributed.checkpoint shards (*.distcp)."
+        )
     # Sharded training holds the temperature and bias as 1-element vectors; open_clip's are 0-d.
     restore_scalar_shapes(checkpoint["state_dict"], prefix=_MODEL_PREFIX)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,22 +313,27 @@ def read_clip_pl_checkpoint(path: str | Path, ema: bool = False) -> ClipPlCheckp
     ``ema``: the EMA weights that callbacks.ema kept in the checkpoint (clip_pl.callbacks.ema) instead."""
     path = _require_file(path, "checkpoint")
     if path.is_dir():
-        raise ValueError(f"{str(path)!r} is a directory. A sharded DeepSpeed/FSDP checkpoint must be "
-                         f"consolidated into one file first: "
-                         f"python -m clip_pl.interchange consolidate DIR OUT.ckpt; "
-                         f"an exported open_clip directory loads with clip_pl.load(directory).")
+        raise ValueError(
+            f"{str(path)!r} is a directory. A sharded DeepSpeed/FSDP checkpoint must be "
+            f"consolidated into one file first: "
+            f"python -m clip_pl.interchange consolidate DIR OUT.ckpt; "
+            f"an exported open_clip directory loads with clip_pl.load(directory)."
+        )
     checkpoint = _torch_load(path)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
     if not isinstance(hparams, Mapping) or "model_config" not in hparams or "state_dict" not in checkpoint:
         raise ValueError(
             f"{str(path)!r} is not a clip_pl training checkpoint (no hyper_parameters.model_config). "
             f"For an open_clip/OpenAI weights file give the architecture: clip_pl.load(path, arch='ViT-B-32'), "
-            f"or convert it: python -m clip_pl.interchange import {path} ARCH out.ckpt")
+            f"or convert it: python -m clip_pl.interchange import {path} ARCH out.ckpt"
+        )
     if ema:
         checkpoint["state_dict"] = ema_state_dict(checkpoint, prefix=_MODEL_PREFIX)
-    return ClipPlCheckpoint(model_config=copy.deepcopy(dict(hparams["model_config"])),
-                            arch=hparams.get("arch"),
-                            state_dict=_clip_pl_model_weights(checkpoint["state_dict"]))
+    return ClipPlCheckpoint(
+        model_config=copy.deepcopy(dict(hparams["model_config"])),
+        arch=hparams.get("arch"),
+        state_dict=_clip_pl_model_weights(checkpoint["state_dict"]),
+    )
 
 
 def read_model_checkpoint(checkpoint: str | Path, arch: str | Mapping[str, Any] | None = None) -> ClipPlCheckpoint:
@@ -320,8 +358,9 @@ def build_from_checkpoint(checkpoint: ClipPlCheckpoint) -> nn.Module:
     return model
 
 
-def save_clip_pl_checkpoint(model: nn.Module, model_config: Mapping[str, Any], path: str | Path,
-                            arch: str | None = None) -> Path:
+def save_clip_pl_checkpoint(
+    model: nn.Module, model_config: Mapping[str, Any], path: str | Path, arch: str | None = None
+) -> Path:
     """Write a minimal clip_pl checkpoint (for clip_pl.load / evaluation; not for resuming training)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -350,8 +389,9 @@ def _matches_named_arch(arch: str | None, model_config: Mapping[str, Any]) -> bo
     return _inference_config(resolve_model_config(arch=arch)) == _inference_config(model_config)
 
 
-def export_open_clip(checkpoint: str | Path | ClipPlCheckpoint, out_dir: str | Path, name: str | None = None,
-                     safetensors: bool = False) -> OpenClipExport:
+def export_open_clip(
+    checkpoint: str | Path | ClipPlCheckpoint, out_dir: str | Path, name: str | None = None, safetensors: bool = False
+) -> OpenClipExport:
     """Write weights + configs that open_clip loads without clip_pl.
 
     ``out_dir`` receives the weights (``open_clip_pytorch_model.bin``, or ``open_clip_model.safetensors``),
@@ -387,8 +427,9 @@ def export_open_clip(checkpoint: str | Path | ClipPlCheckpoint, out_dir: str | P
     arch_json.write_text(json.dumps(config, indent=2) + "\n")
     # open_clip_config.json lacks top-level embed_dim, so add_model_config(out_dir) skips it.
     (out_dir / OPEN_CLIP_DIR_CONFIG).write_text(json.dumps({"model_cfg": config}, indent=2) + "\n")
-    return OpenClipExport(model_name=model_name, weights=weights, config_json=arch_json,
-                          directory=out_dir, named_arch=named)
+    return OpenClipExport(
+        model_name=model_name, weights=weights, config_json=arch_json, directory=out_dir, named_arch=named
+    )
 
 
 def import_open_clip(weights: str | Path, arch: str, out_path: str | Path) -> Path:
@@ -427,8 +468,9 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("--ema", action="store_true", help="the EMA weights (callbacks.ema) instead of the trained ones")
     imp = sub.add_parser("import", help="open_clip/OpenAI weights -> clip_pl checkpoint")
     imp.add_argument("weights")
-    imp.add_argument("arch", help="open_clip architecture name, e.g. ViT-B-32 (OpenAI: ViT-B-32-quickgelu), "
-                                  "or an architecture .json")
+    imp.add_argument(
+        "arch", help="open_clip architecture name, e.g. ViT-B-32 (OpenAI: ViT-B-32-quickgelu), or an architecture .json"
+    )
     imp.add_argument("out_path")
     cons = sub.add_parser("consolidate", help="a sharded DeepSpeed or FSDP checkpoint folder -> one clip_pl .ckpt file")
     cons.add_argument("checkpoint_dir")
@@ -449,8 +491,10 @@ def main(argv: list[str] | None = None) -> None:
         if result.named_arch:
             print(f"open_clip.create_model({result.model_name!r}, pretrained={str(result.weights)!r})")
         else:
-            print(f"open_clip.add_model_config({str(result.config_json)!r})\n"
-                  f"open_clip.create_model({result.model_name!r}, pretrained={str(result.weights)!r})")
+            print(
+                f"open_clip.add_model_config({str(result.config_json)!r})\n"
+                f"open_clip.create_model({result.model_name!r}, pretrained={str(result.weights)!r})"
+            )
         print(f"or: open_clip.create_model('local-dir:{result.directory}')")
     elif args.command == "import":
         print(import_open_clip(args.weights, args.arch, args.out_path))

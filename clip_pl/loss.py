@@ -65,8 +65,13 @@ class ClipLoss(nn.Module):
     equals the N×N loss exactly, while memory stays linear in N.
     """
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         rank, _ = rank_and_world_size()
         all_image = all_gather_with_grad(image_features)
         all_text = all_gather_with_grad(text_features)
@@ -112,8 +117,13 @@ class SigLipLoss(nn.Module):
     The loss is normalised by the number of images, as in the paper and open_clip.
     """
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if logit_bias is None:
             raise ValueError("SigLipLoss needs a learned logit_bias: set model.init_logit_bias (e.g. -10).")
         rank, world_size = rank_and_world_size()

@@ -12,17 +12,17 @@ This module knows nothing about ranks, Lightning or Hydra.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import open_clip
 import torch
-from open_clip.transform import image_transform
 from open_clip.tokenizer import whitespace_clean
+from open_clip.transform import image_transform
 from torch import nn
 
 # Keys of an open_clip model config that describe the architecture (everything CLIP(...) takes).
-_ARCH_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
-              "custom_text")
+_ARCH_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias", "custom_text")
 # open_clip's 0-d parameters: the learned temperature (log scale) and, for SigLIP, the logit bias.
 SCALAR_PARAMETERS = ("logit_scale", "logit_bias")
 

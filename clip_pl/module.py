@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -32,7 +33,9 @@ _NO_DECAY_NAME_PARTS = ("bias", "norm", "ln_", ".ln", "bn", "logit_scale", "logi
 
 # The module normalises the loaders' uint8 pixels in on_after_batch_transfer by design; Lightning warns
 # about any such hook when a datamodule is passed too.
-warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule` but have passed.*")
+warnings.filterwarnings(
+    "ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule` but have passed.*"
+)
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -130,23 +133,42 @@ class CLIPModule(L.LightningModule):
         lock_image_unlocked_groups: int = 0,
         lock_text: bool = False,
         lock_text_unlocked_layers: int = 0,
-    ) -> "CLIPModule":
+    ) -> CLIPModule:
         """The ``model`` config group's schema: ``conf/model/_base.yaml`` names this as its ``_target_``
         (``_partial_: true``), so every key of a model choice is a keyword here, and an unknown key is
         refused by this signature before anything is built (``clip_pl.config_checks``). The
         architecture keys become an open_clip config (``resolve_model_config``); the rest are the
         module's own options. ``clip_pl.assembly.build_module`` adds the loss, optimizer and scheduler.
         """
-        model_config = resolve_model_config(arch=arch, arch_config=arch_config, embed_dim=embed_dim,
-                                            image_size=image_size, context_length=context_length,
-                                            patch_dropout=patch_dropout, init_logit_scale=init_logit_scale,
-                                            init_logit_bias=init_logit_bias)
-        return cls(model_config, loss, optimizer, scheduler, arch=arch, grad_checkpointing=grad_checkpointing,
-                   grad_cache_chunks=grad_cache_chunks, compile=compile, init_checkpoint=init_checkpoint,
-                   max_logit_scale=max_logit_scale,
-                   lock=dict(lock_image=lock_image, lock_image_unlocked_groups=lock_image_unlocked_groups,
-                             lock_text=lock_text, lock_text_unlocked_layers=lock_text_unlocked_layers),
-                   tower_lr=tower_lr)
+        model_config = resolve_model_config(
+            arch=arch,
+            arch_config=arch_config,
+            embed_dim=embed_dim,
+            image_size=image_size,
+            context_length=context_length,
+            patch_dropout=patch_dropout,
+            init_logit_scale=init_logit_scale,
+            init_logit_bias=init_logit_bias,
+        )
+        return cls(
+            model_config,
+            loss,
+            optimizer,
+            scheduler,
+            arch=arch,
+            grad_checkpointing=grad_checkpointing,
+            grad_cache_chunks=grad_cache_chunks,
+            compile=compile,
+            init_checkpoint=init_checkpoint,
+            max_logit_scale=max_logit_scale,
+            lock=dict(
+                lock_image=lock_image,
+                lock_image_unlocked_groups=lock_image_unlocked_groups,
+                lock_text=lock_text,
+                lock_text_unlocked_layers=lock_text_unlocked_layers,
+            ),
+            tower_lr=tower_lr,
+        )
 
     def configure_model(self) -> None:
         """Sharded strategies (clip_pl.strategies) wrap or adapt the model here, before the optimizer
@@ -167,8 +189,10 @@ class CLIPModule(L.LightningModule):
         """
         if self.grad_cache_chunks == 1 or not torch.is_grad_enabled():
             return self._forward(images, texts)
-        chunks = [checkpoint(self._forward, i, t, use_reentrant=False, context_fn=self._recompute_context)
-                  for i, t in zip(images.chunk(self.grad_cache_chunks), texts.chunk(self.grad_cache_chunks))]
+        chunks = [
+            checkpoint(self._forward, i, t, use_reentrant=False, context_fn=self._recompute_context)
+            for i, t in zip(images.chunk(self.grad_cache_chunks), texts.chunk(self.grad_cache_chunks))
+        ]
         image_features, text_features = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
         return image_features, text_features, *chunks[0][2:]
 
@@ -185,9 +209,12 @@ class CLIPModule(L.LightningModule):
         # The loss in fp32 under every precision and strategy: features renormalised in fp32 (a
         # no-op on fp32 unit vectors), fp32 temperature and bias, fp32 logits and cross-entropy.
         with torch.autocast(image_features.device.type, enabled=False):
-            return self.loss(F.normalize(image_features.float(), dim=-1), F.normalize(text_features.float(), dim=-1),
-                             cap_logit_scale(scale.float().reshape(()), self.max_logit_scale),
-                             None if bias is None else bias.float().reshape(()))
+            return self.loss(
+                F.normalize(image_features.float(), dim=-1),
+                F.normalize(text_features.float(), dim=-1),
+                cap_logit_scale(scale.float().reshape(()), self.max_logit_scale),
+                None if bias is None else bias.float().reshape(()),
+            )
 
     def temperature(self) -> float:
         """exp(logit_scale) as the loss uses it (capped), read on any strategy."""
@@ -219,18 +246,21 @@ class CLIPModule(L.LightningModule):
         world_size = self.trainer.world_size if self._trainer is not None else 1
         # sync_dist: the logged loss is the global-batch loss (the mean of the ranks' shares).
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
-        self.log_dict({
-            # A device tensor, not a float: float() would wait for the GPU at every step (a host sync
-            # that stops the CPU from queueing the next step); Lightning reads it on logging steps.
-            "train/temperature": self._scalar_parameter("logit_scale", exp=True),
-            "train/lr": self._current_lr(),
-            "train/global_batch_size": float(batch_size * world_size),
-            "train/world_size": float(world_size),
-            # Row k of the metrics is the step that brings global_step to k, for every logger,
-            # callback and checkpoint name (step=k.ckpt holds k steps). Lightning's own row counter
-            # is off by one after a mid-step SLURM requeue; the optimizer step is not.
-            "step": float(self.global_step + 1),
-        }, batch_size=batch_size)
+        self.log_dict(
+            {
+                # A device tensor, not a float: float() would wait for the GPU at every step (a host sync
+                # that stops the CPU from queueing the next step); Lightning reads it on logging steps.
+                "train/temperature": self._scalar_parameter("logit_scale", exp=True),
+                "train/lr": self._current_lr(),
+                "train/global_batch_size": float(batch_size * world_size),
+                "train/world_size": float(world_size),
+                # Row k of the metrics is the step that brings global_step to k, for every logger,
+                # callback and checkpoint name (step=k.ckpt holds k steps). Lightning's own row counter
+                # is off by one after a mid-step SLURM requeue; the optimizer step is not.
+                "step": float(self.global_step + 1),
+            },
+            batch_size=batch_size,
+        )
         if self.model.logit_bias is not None:
             self.log("train/logit_bias", self._scalar_parameter("logit_bias"), batch_size=batch_size)
         return loss
@@ -264,8 +294,12 @@ class CLIPModule(L.LightningModule):
     # -- optimisation ------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:
         if self.tower_lr != TOWER_LR_DEFAULTS:  # per-tower / per-depth groups, each with its lr_scale
-            return tower_parameter_groups(self.model, ((_original_name(n), p) for n, p in self.model.named_parameters()),
-                                          self.no_decay_names, self.tower_lr)
+            return tower_parameter_groups(
+                self.model,
+                ((_original_name(n), p) for n, p in self.model.named_parameters()),
+                self.no_decay_names,
+                self.tower_lr,
+            )
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
@@ -297,8 +331,11 @@ def _original_name(name: str) -> str:
 @contextlib.contextmanager
 def _frozen_batchnorm_statistics(model: nn.Module):
     """Restore every BatchNorm's running statistics on exit (they were updated in the forward)."""
-    saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-             for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [
+        (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     try:
         yield
     finally:

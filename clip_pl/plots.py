@@ -1,6 +1,6 @@
 """Training curves from a run's CSV metrics: loss (and temperature) and zero-shot accuracy vs step.
 
-    python -m clip_pl.plots runs/demo/csv/metrics.csv runs/demo/plots/curves.png
+python -m clip_pl.plots runs/demo/csv/metrics.csv runs/demo/plots/curves.png
 """
 
 from __future__ import annotations

@@ -26,8 +26,7 @@ def _warmup(step: int, warmup_steps: int) -> float:
     return (step + 1) / warmup_steps  # linear from base_lr/warmup to base_lr
 
 
-def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0,
-                  min_lr_ratio: float = 0.0) -> LambdaLR:
+def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> LambdaLR:
     """Linear warmup, then cosine decay to ``min_lr_ratio``·base_lr at ``total_steps``."""
     _check(total_steps, warmup_steps)
 
@@ -46,9 +45,14 @@ def warmup_const(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0) 
     return LambdaLR(optimizer, lambda step: _warmup(step, warmup_steps) if step < warmup_steps else 1.0)
 
 
-def warmup_const_cooldown(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0,
-                          cooldown_steps: int = 0, cooldown_power: float = 1.0,
-                          min_lr_ratio: float = 0.0) -> LambdaLR:
+def warmup_const_cooldown(
+    optimizer: Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    cooldown_steps: int = 0,
+    cooldown_power: float = 1.0,
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
     """Warmup, constant, then a cooldown over the last ``cooldown_steps`` (power 1: linear,
     0.5: the "1-sqrt" shape of Hägele et al. 2024) down to ``min_lr_ratio``."""
     _check(total_steps, warmup_steps)

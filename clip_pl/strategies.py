@@ -79,9 +79,15 @@ class CPUDeepSpeedStrategy(ClipDeepSpeedStrategy):
         return torch.device("cpu", self.local_rank)
 
 
-def deepspeed_strategy(stage: int, offload_optimizer: bool = False, offload_parameters: bool = False,
-                       precision: str = "32", reduce_dtype: str = "float32", accelerator: str = "auto",
-                       **kwargs: Any) -> DeepSpeedStrategy:
+def deepspeed_strategy(
+    stage: int,
+    offload_optimizer: bool = False,
+    offload_parameters: bool = False,
+    precision: str = "32",
+    reduce_dtype: str = "float32",
+    accelerator: str = "auto",
+    **kwargs: Any,
+) -> DeepSpeedStrategy:
     """DeepSpeed ZeRO ``stage`` with clip_pl's precision policy.
 
     ``bf16-mixed`` uses DeepSpeed's ``torch_autocast`` mode, not its ``bf16`` mode: the latter casts
@@ -91,8 +97,10 @@ def deepspeed_strategy(stage: int, offload_optimizer: bool = False, offload_para
     + fp32 master + moments). ``reduce_dtype=bfloat16`` sends Linear/Conv gradients in bf16.
     """
     if precision in ("16-mixed", "16", "16-true", "bf16-true", "bf16"):
-        raise ValueError(f"strategy=deepspeed_* with trainer.precision={precision}: use bf16-mixed (fp32 "
-                         f"weights, bf16 matmuls) or 32.")
+        raise ValueError(
+            f"strategy=deepspeed_* with trainer.precision={precision}: use bf16-mixed (fp32 "
+            f"weights, bf16 matmuls) or 32."
+        )
     cls = ClipDeepSpeedStrategy
     if _runs_on_cpu(accelerator):
         # Must be set before deepspeed is first imported: it picks its accelerator once, at import.
@@ -100,18 +108,22 @@ def deepspeed_strategy(stage: int, offload_optimizer: bool = False, offload_para
         from deepspeed.accelerator import get_accelerator
 
         if get_accelerator().device_name() != "cpu":
-            raise RuntimeError(f"DeepSpeed was imported with its {get_accelerator().device_name()!r} accelerator "
-                               f"before the CPU strategy was built; set DS_ACCELERATOR=cpu in the environment.")
+            raise RuntimeError(
+                f"DeepSpeed was imported with its {get_accelerator().device_name()!r} accelerator "
+                f"before the CPU strategy was built; set DS_ACCELERATOR=cpu in the environment."
+            )
         cls = CPUDeepSpeedStrategy
-    strategy = cls(stage=stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters,
-                   **kwargs)
+    strategy = cls(stage=stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters, **kwargs)
     if precision == "bf16-mixed":
         # Lightning adds DeepSpeed's own "bf16" section only where the config has none.
         strategy.config["bf16"] = {"enabled": False}
         strategy.config["torch_autocast"] = {
-            "enabled": True, "dtype": "bfloat16",
-            "lower_precision_safe_modules": [] if _dtype(reduce_dtype) == torch.float32
-            else ["torch.nn.Linear", "torch.nn.Conv2d"]}
+            "enabled": True,
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": []
+            if _dtype(reduce_dtype) == torch.float32
+            else ["torch.nn.Linear", "torch.nn.Conv2d"],
+        }
     return strategy
 
 
@@ -128,11 +140,18 @@ class FSDP2Strategy(ModelParallelStrategy):
     unchanged; Lightning's FSDP1 ``FSDPStrategy`` refuses CPU and FSDP1 flattens parameters.
     """
 
-    def __init__(self, reshard_after_forward: bool = True, reduce_dtype: str = "float32",
-                 state_dict_type: str = "full", **kwargs: Any):
+    def __init__(
+        self,
+        reshard_after_forward: bool = True,
+        reduce_dtype: str = "float32",
+        state_dict_type: str = "full",
+        **kwargs: Any,
+    ):
         if state_dict_type not in ("full", "sharded"):
-            raise ValueError(f"strategy.state_dict_type={state_dict_type!r}: choose full (one file, gathered "
-                             f"on rank 0) or sharded (a folder, each rank writes its shard).")
+            raise ValueError(
+                f"strategy.state_dict_type={state_dict_type!r}: choose full (one file, gathered "
+                f"on rank 0) or sharded (a folder, each rank writes its shard)."
+            )
         super().__init__(save_distributed_checkpoint=state_dict_type == "sharded", **kwargs)
         self.reshard_after_forward = reshard_after_forward
         self.reduce_dtype = _dtype(reduce_dtype)

@@ -22,7 +22,8 @@ keep every ratio.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,42 +40,59 @@ def split_tower_lr(optim: Mapping[str, Any]) -> tuple[dict, dict]:
     return own, {**TOWER_LR_DEFAULTS, **{k: float(v) for k, v in optim.items() if k in TOWER_LR_KEYS}}
 
 
-def check_tower_options(model_config: Mapping[str, Any], lock: Mapping[str, Any], tower_lr: Mapping[str, float],
-                        sharded: str | None = None) -> None:
+def check_tower_options(
+    model_config: Mapping[str, Any], lock: Mapping[str, Any], tower_lr: Mapping[str, float], sharded: str | None = None
+) -> None:
     """Raise ValueError (with the fix) for options that cannot work; ``sharded`` names a sharded strategy."""
     for key in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
         value = lock.get(key, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"model.{key}={value!r} must be an integer >= 0 (how many of the last groups/layers "
-                             f"stay trainable).")
+            raise ValueError(
+                f"model.{key}={value!r} must be an integer >= 0 (how many of the last groups/layers stay trainable)."
+            )
     for key in ("image_layer_decay", "text_layer_decay"):
         if not 0.0 < tower_lr[key] <= 1.0:
             raise ValueError(f"optim.{key}={tower_lr[key]} must be in (0, 1] (1: no layer-wise decay).")
     for key in ("image_lr_scale", "text_lr_scale"):
         if not tower_lr[key] >= 0.0:
-            raise ValueError(f"optim.{key}={tower_lr[key]} must be >= 0 (0 keeps the tower still, but a lock "
-                             f"(model.lock_*) also drops its optimizer state).")
+            raise ValueError(
+                f"optim.{key}={tower_lr[key]} must be >= 0 (0 keeps the tower still, but a lock "
+                f"(model.lock_*) also drops its optimizer state)."
+            )
     vision, text = model_config.get("vision_cfg") or {}, model_config.get("text_cfg") or {}
     vit = not isinstance(vision.get("layers"), (list, tuple)) and not vision.get("timm_model_name")
     plain_text = not text.get("hf_model_name")
     if (lock.get("lock_image") or tower_lr["image_layer_decay"] != 1.0) and vision.get("timm_model_name"):
-        raise ValueError("model.lock_image / optim.image_layer_decay: clip_pl handles open_clip's own image towers "
-                         f"(ViT, ModifiedResNet), not the timm tower {vision['timm_model_name']!r}.")
+        raise ValueError(
+            "model.lock_image / optim.image_layer_decay: clip_pl handles open_clip's own image towers "
+            f"(ViT, ModifiedResNet), not the timm tower {vision['timm_model_name']!r}."
+        )
     if lock.get("lock_image") and not vit and lock.get("lock_image_unlocked_groups", 0):
-        raise ValueError("model.lock_image_unlocked_groups > 0 needs a ViT image tower: open_clip locks a "
-                         "ModifiedResNet (RN50 …) only as a whole; set it to 0.")
+        raise ValueError(
+            "model.lock_image_unlocked_groups > 0 needs a ViT image tower: open_clip locks a "
+            "ModifiedResNet (RN50 …) only as a whole; set it to 0."
+        )
     if tower_lr["image_layer_decay"] != 1.0 and not vit:
-        raise ValueError("optim.image_layer_decay needs a ViT image tower (blocks to count depth by); "
-                         "for a ModifiedResNet keep it at 1.0 and use optim.image_lr_scale.")
+        raise ValueError(
+            "optim.image_layer_decay needs a ViT image tower (blocks to count depth by); "
+            "for a ModifiedResNet keep it at 1.0 and use optim.image_lr_scale."
+        )
     if (lock.get("lock_text") or tower_lr["text_layer_decay"] != 1.0) and not plain_text:
-        raise ValueError("model.lock_text / optim.text_layer_decay: clip_pl handles open_clip's own text "
-                         f"transformer, not the Hugging Face tower {text['hf_model_name']!r}.")
-    uses_towers = lock.get("lock_image") or lock.get("lock_text") or any(
-        tower_lr[k] != TOWER_LR_DEFAULTS[k] for k in TOWER_LR_KEYS)
+        raise ValueError(
+            "model.lock_text / optim.text_layer_decay: clip_pl handles open_clip's own text "
+            f"transformer, not the Hugging Face tower {text['hf_model_name']!r}."
+        )
+    uses_towers = (
+        lock.get("lock_image")
+        or lock.get("lock_text")
+        or any(tower_lr[k] != TOWER_LR_DEFAULTS[k] for k in TOWER_LR_KEYS)
+    )
     if uses_towers and sharded:
-        raise ValueError(f"model.lock_* and the optim tower LR keys are tested only under DDP (and one device); "
-                         f"strategy {sharded} flattens or wraps parameters before the optimizer groups are built, "
-                         f"which clip_pl has not verified for per-parameter groups. Use strategy=ddp.")
+        raise ValueError(
+            f"model.lock_* and the optim tower LR keys are tested only under DDP (and one device); "
+            f"strategy {sharded} flattens or wraps parameters before the optimizer groups are built, "
+            f"which clip_pl has not verified for per-parameter groups. Use strategy=ddp."
+        )
 
 
 def lock_towers(model: nn.Module, lock: Mapping[str, Any]) -> None:
@@ -96,8 +114,13 @@ def tower_depth(model: nn.Module, name: str) -> tuple[str | None, int, int]:
         match = re.match(r"visual\.transformer\.resblocks\.(\d+)\.", name)
         if match:
             return "image", int(match.group(1)) + 1, layers + 1
-        embeddings = ("visual.conv1.", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.",
-                      "visual.patch_dropout")
+        embeddings = (
+            "visual.conv1.",
+            "visual.class_embedding",
+            "visual.positional_embedding",
+            "visual.ln_pre.",
+            "visual.patch_dropout",
+        )
         return "image", 0 if name.startswith(embeddings) else layers + 1, layers + 1
     prefix = _text_prefix(model)
     text = model.text if prefix else model
@@ -118,8 +141,9 @@ def lr_scale_of(model: nn.Module, name: str, tower_lr: Mapping[str, float]) -> f
     return tower_lr[f"{tower}_lr_scale"] * tower_lr[f"{tower}_layer_decay"] ** (last - depth)
 
 
-def tower_parameter_groups(model: nn.Module, named: Iterable[tuple[str, nn.Parameter]], no_decay: set[str],
-                           tower_lr: Mapping[str, float]) -> list[dict[str, Any]]:
+def tower_parameter_groups(
+    model: nn.Module, named: Iterable[tuple[str, nn.Parameter]], no_decay: set[str], tower_lr: Mapping[str, float]
+) -> list[dict[str, Any]]:
     """One group per (lr scale, weight decay or not), trainable parameters only, in a fixed order.
 
     ``named`` gives (open_clip name, parameter) pairs; ``no_decay`` the names without weight decay.
@@ -129,8 +153,10 @@ def tower_parameter_groups(model: nn.Module, named: Iterable[tuple[str, nn.Param
         if param.requires_grad:
             key = (lr_scale_of(model, name, tower_lr), name in no_decay)
             groups.setdefault(key, []).append(param)
-    return [{"params": params, "lr_scale": scale, **({"weight_decay": 0.0} if exempt else {})}
-            for (scale, exempt), params in sorted(groups.items(), key=lambda kv: (kv[0][1], -kv[0][0]))]
+    return [
+        {"params": params, "lr_scale": scale, **({"weight_decay": 0.0} if exempt else {})}
+        for (scale, exempt), params in sorted(groups.items(), key=lambda kv: (kv[0][1], -kv[0][0]))
+    ]
 
 
 def apply_lr_scales(optimizer: torch.optim.Optimizer) -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from clip_pl.assembly import build_module, build_trainer, resume_checkpoint
@@ -66,8 +66,11 @@ def launched_rank() -> int:
 # Ranks > 0 leave the shared files of the run directory to rank 0: no .hydra/*.yaml, no train.log
 # (256 ranks writing the same files on a shared file system); their log lines go to the console,
 # i.e. the job's log.
-RANK_NONZERO_OVERRIDES = ["hydra.output_subdir=null", "~hydra.job_logging.handlers.file",
-                          "hydra.job_logging.root.handlers=[console]"]
+RANK_NONZERO_OVERRIDES = [
+    "hydra.output_subdir=null",
+    "~hydra.job_logging.handlers.file",
+    "hydra.job_logging.root.handlers=[console]",
+]
 
 
 def main() -> None:

@@ -32,10 +32,19 @@ def _plain_img2dataset(table: Path, out: Path, shard_size: int, processes: int):
     import img2dataset  # noqa: PLC0415
 
     img2dataset.download(
-        url_list=str(table), output_folder=str(out), input_format="parquet", url_col="url", caption_col="caption",
-        output_format="webdataset", image_size=SETTINGS["image_size"], resize_mode=SETTINGS["resize_mode"],
-        encode_format=SETTINGS["encode_format"], timeout=SETTINGS["timeout"], processes_count=processes,
-        thread_count=32, number_sample_per_shard=shard_size,
+        url_list=str(table),
+        output_folder=str(out),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_format="webdataset",
+        image_size=SETTINGS["image_size"],
+        resize_mode=SETTINGS["resize_mode"],
+        encode_format=SETTINGS["encode_format"],
+        timeout=SETTINGS["timeout"],
+        processes_count=processes,
+        thread_count=32,
+        number_sample_per_shard=shard_size,
     )
 
 
@@ -44,11 +53,19 @@ def run(n_urls: int, n_shards: int, repeats: int, processes: int, with_spark: bo
     pngs = [digits.png_bytes(digits.upscale(img, 96)) for img in images]
     routes = {f"/{i}.png": Route(pngs[i % len(pngs)], "image/png") for i in range(n_urls)}
     shard_size = math.ceil(n_urls / n_shards)
-    times: dict[str, list[float]] = {"img2dataset": [], "data_prep": [], **({"data_prep_pyspark": []} if with_spark else {})}
+    times: dict[str, list[float]] = {
+        "img2dataset": [],
+        "data_prep": [],
+        **({"data_prep_pyspark": []} if with_spark else {}),
+    }
     with tempfile.TemporaryDirectory() as tmp, FaultyImageServer(routes) as web:
         tmp = Path(tmp)
-        table = pd.DataFrame({"url": [web.url_for(p) for p in routes],
-                              "caption": [f"a scan of a handwritten {labels[i % len(labels)]}" for i in range(n_urls)]})
+        table = pd.DataFrame(
+            {
+                "url": [web.url_for(p) for p in routes],
+                "caption": [f"a scan of a handwritten {labels[i % len(labels)]}" for i in range(n_urls)],
+            }
+        )
         table.to_parquet(tmp / "urls.parquet")
         for r in range(repeats):
             for name in times:
@@ -58,18 +75,32 @@ def run(n_urls: int, n_shards: int, repeats: int, processes: int, with_spark: bo
                     _plain_img2dataset(tmp / "urls.parquet", out, shard_size, processes)
                 else:
                     distributor = "pyspark" if name == "data_prep_pyspark" else "multiprocessing"
-                    download(tmp / "urls.parquet", out, shard_size=shard_size, processes=processes, threads=32,
-                             verbose=False, distributor=distributor, **SETTINGS)
+                    download(
+                        tmp / "urls.parquet",
+                        out,
+                        shard_size=shard_size,
+                        processes=processes,
+                        threads=32,
+                        verbose=False,
+                        distributor=distributor,
+                        **SETTINGS,
+                    )
                 times[name].append(time.perf_counter() - started)
                 shutil.rmtree(out)
     best = {k: min(v) for k, v in times.items()}
     return {
-        "urls": n_urls, "shards": n_shards, "processes": processes, "repeats": repeats,
+        "urls": n_urls,
+        "shards": n_shards,
+        "processes": processes,
+        "repeats": repeats,
         "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
         "urls_per_second_best": {k: round(n_urls / v, 1) for k, v in best.items()},
         "overhead_ratio": round(best["data_prep"] / best["img2dataset"], 3),
-        **({"pyspark_vs_multiprocessing_ratio": round(best["data_prep_pyspark"] / best["data_prep"], 3)}
-           if with_spark else {}),
+        **(
+            {"pyspark_vs_multiprocessing_ratio": round(best["data_prep_pyspark"] / best["data_prep"], 3)}
+            if with_spark
+            else {}
+        ),
     }
 
 

@@ -118,9 +118,19 @@ def _parallelism(opts: DownloadOptions, shards_to_do: int) -> tuple[int, int]:
 
 
 # Settings every shard of one output folder must share; the rest (timeout, threads…) may change on resume.
-_SHARED_SETTINGS = ("shard_size", "image_size", "resize_mode", "resize_only_if_bigger", "encode_format",
-                    "encode_quality", "min_image_size", "max_aspect_ratio", "respect_optouts",
-                    "optout_directives", "user_agent_token")
+_SHARED_SETTINGS = (
+    "shard_size",
+    "image_size",
+    "resize_mode",
+    "resize_only_if_bigger",
+    "encode_format",
+    "encode_quality",
+    "min_image_size",
+    "max_aspect_ratio",
+    "respect_optouts",
+    "optout_directives",
+    "user_agent_token",
+)
 
 
 def _fingerprint(kept: pd.DataFrame, extras: list[str], opts: DownloadOptions) -> str:
@@ -309,10 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=d.shard_size)
     p.add_argument("--timeout", type=float, default=d.timeout, help="seconds per request")
     p.add_argument("--retries", type=int, default=d.retries)
-    p.add_argument("--user-agent-token", default=None, help="token added to the User-Agent; X-Robots-Tag "
-                   "directives addressed to it (e.g. 'mybot: noai') are respected too")
-    p.add_argument("--no-respect-optouts", dest="respect_optouts", action="store_false",
-                   help="download even when X-Robots-Tag says noai/noimageai/noindex/noimageindex")
+    p.add_argument(
+        "--user-agent-token",
+        default=None,
+        help="token added to the User-Agent; X-Robots-Tag "
+        "directives addressed to it (e.g. 'mybot: noai') are respected too",
+    )
+    p.add_argument(
+        "--no-respect-optouts",
+        dest="respect_optouts",
+        action="store_false",
+        help="download even when X-Robots-Tag says noai/noimageai/noindex/noimageindex",
+    )
     p.add_argument("--min-caption-chars", type=int, default=d.min_caption_chars)
     p.add_argument("--dedup-url", action="store_true", help="drop repeated URLs before downloading")
     p.add_argument("--dedup-image-hash", action="store_true", help="drop samples whose image bytes repeat")
@@ -320,8 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard an earlier download in --output")
     p.add_argument("--wandb", action="store_true", help="img2dataset's own W&B reporting")
     p.add_argument("--wandb-project", default=d.wandb_project)
-    p.add_argument("--distributor", choices=DISTRIBUTORS, default=d.distributor,
-                   help="pyspark: img2dataset's Spark distributor (the active SparkSession, else local[--processes])")
+    p.add_argument(
+        "--distributor",
+        choices=DISTRIBUTORS,
+        default=d.distributor,
+        help="pyspark: img2dataset's Spark distributor (the active SparkSession, else local[--processes])",
+    )
     return p
 
 

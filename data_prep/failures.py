@@ -29,7 +29,8 @@ bad_url                 unknown url type|no host given|Invalid URL
 """
 _REASONS: tuple[tuple[str, re.Pattern], ...] = tuple(
     (reason, re.compile(pattern, re.I))
-    for reason, pattern in (line.split(None, 1) for line in _REASON_TABLE.strip().splitlines()))
+    for reason, pattern in (line.split(None, 1) for line in _REASON_TABLE.strip().splitlines())
+)
 _HTTP_STATUS = re.compile(r"HTTP Error (\d{3})")
 _NUMBER = re.compile(r"\d+")
 

@@ -95,11 +95,13 @@ def format_summary(stats: dict) -> str:
     if stats["image_hash_duplicates_dropped"]:
         lines.append(row("image duplicates", f"{stats['image_hash_duplicates_dropped']} dropped"))
     lines.append(row("samples in shards", f"{stats['samples_in_shards']} in {stats['shards']['complete']} shard(s)"))
-    lines.append(row("this run", f"{run['urls_downloaded']} URLs in {run['seconds']:.1f} s "
-                                 f"({run['urls_per_second']:.1f} URLs/s)"))
+    lines.append(
+        row(
+            "this run", f"{run['urls_downloaded']} URLs in {run['seconds']:.1f} s ({run['urls_per_second']:.1f} URLs/s)"
+        )
+    )
     if not stats["complete"]:
         lines.append(
-            f"INCOMPLETE: shard(s) {stats['shards']['unfinished']} did not finish; "
-            "run the same command again to resume"
+            f"INCOMPLETE: shard(s) {stats['shards']['unfinished']} did not finish; run the same command again to resume"
         )
     return "\n".join(lines)

@@ -13,8 +13,21 @@ import pandas as pd
 FORMATS = ("parquet", "csv", "tsv", "jsonl")
 # Columns img2dataset writes itself; an input column of the same name cannot be carried through.
 RESERVED_COLUMNS = frozenset(
-    {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
-     "error_message", "exif", "md5", "sha256", "sha512"}
+    {
+        "key",
+        "caption",
+        "url",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "status",
+        "error_message",
+        "exif",
+        "md5",
+        "sha256",
+        "sha512",
+    }
 )
 
 

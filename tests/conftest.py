@@ -16,4 +16,3 @@ def pytest_configure(config: pytest.Config) -> None:
     # inherited by every subprocess a test starts.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-

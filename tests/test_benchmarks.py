@@ -32,29 +32,48 @@ def _last_json(stdout: str) -> dict:
 
 
 def test_train_throughput_compares_both_loops():
-    result = _last_json(_benchmark("benchmarks.train_throughput", "--steps", "4", "--warmup", "1", "--repeats", "1",
-                                   "--batch-size", "8"))
+    result = _last_json(
+        _benchmark(
+            "benchmarks.train_throughput", "--steps", "4", "--warmup", "1", "--repeats", "1", "--batch-size", "8"
+        )
+    )
     assert result["clip_pl"] > 0 and result["open_clip"] > 0
     assert result["ratio"] == pytest.approx(result["clip_pl"] / result["open_clip"])
 
 
 def test_train_throughput_refuses_a_run_with_no_timed_step():
-    done = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", "--steps", "2", "--warmup", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_throughput", "--steps", "2", "--warmup", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "--steps 2 must be at least --warmup + 2 = 3" in done.stderr
 
 
 def test_grad_cache_memory_reports_each_chunk_count():
-    result = _last_json(_benchmark("benchmarks.grad_cache_memory", "--model", "tiny", "--batch-size", "8",
-                                   "--chunks", "1", "2"))
+    result = _last_json(
+        _benchmark("benchmarks.grad_cache_memory", "--model", "tiny", "--batch-size", "8", "--chunks", "1", "2")
+    )
     assert set(result["peak_step_memory_mb_by_chunks"]) == {"1", "2"}
     assert result["ratio_to_unchunked"]["1"] == 1.0
 
 
 def test_strategy_memory_shows_a_locked_tower_holding_less(tmp_path):
     out = tmp_path / "memory.json"
-    _benchmark("benchmarks.strategy_memory", "--model", "tiny", "--steps", "2", "--strategies", "ddp",
-               "ddp_image_locked", "--json", str(out))
+    _benchmark(
+        "benchmarks.strategy_memory",
+        "--model",
+        "tiny",
+        "--steps",
+        "2",
+        "--strategies",
+        "ddp",
+        "ddp_image_locked",
+        "--json",
+        str(out),
+    )
     rows = json.loads(out.read_text())
     # a locked image tower drops its gradients and Adam moments: 12 of its 16 bytes per parameter
     assert rows["ddp_image_locked"]["model_state_mb"] < rows["ddp"]["model_state_mb"]
@@ -77,8 +96,22 @@ def test_loader_per_core_reports_each_corpus_against_its_decode(tmp_path):
     the ceiling of its stages and the device path's CPU share (the comparison with open_clip_train needs an
     old webdataset from PyPI and is not run here)."""
     out = tmp_path / "out.json"
-    _benchmark("benchmarks.loader_bench", "--per-core", "--out", str(tmp_path), "--laion-per-shard", "3",
-               "--large-per-shard", "2", "--rounds", "1", "--batch-size", "4", "--json", str(out))
+    _benchmark(
+        "benchmarks.loader_bench",
+        "--per-core",
+        "--out",
+        str(tmp_path),
+        "--laion-per-shard",
+        "3",
+        "--large-per-shard",
+        "2",
+        "--rounds",
+        "1",
+        "--batch-size",
+        "4",
+        "--json",
+        str(out),
+    )
     rows = json.loads(out.read_text())
     assert [r["corpus"].split(" (")[0] for r in rows] == ["synthetic JPEGs", "photo JPEGs", "large JPEGs"]
     for row in rows:

@@ -38,9 +38,11 @@ def test_resume_picks_the_newest_of_last_and_slurm_requeue_checkpoints(tmp_path,
     assert find_resume_checkpoint(tmp_path) is None
     times = {"last": 1_000.0, "hpc_ckpt_1": 2_000.0, "hpc_ckpt_2": 3_000.0}
     times[newest] = 9_000.0  # each candidate in turn is the newest, whatever its name or its place in a listing
-    paths = {"last": _touch(tmp_path / "checkpoints" / "last.ckpt", times["last"]),
-             "hpc_ckpt_1": _touch(tmp_path / "hpc_ckpt_1.ckpt", times["hpc_ckpt_1"]),
-             "hpc_ckpt_2": _touch(tmp_path / "hpc_ckpt_2.ckpt", times["hpc_ckpt_2"])}
+    paths = {
+        "last": _touch(tmp_path / "checkpoints" / "last.ckpt", times["last"]),
+        "hpc_ckpt_1": _touch(tmp_path / "hpc_ckpt_1.ckpt", times["hpc_ckpt_1"]),
+        "hpc_ckpt_2": _touch(tmp_path / "hpc_ckpt_2.ckpt", times["hpc_ckpt_2"]),
+    }
     assert find_resume_checkpoint(tmp_path) == paths[newest]
 
 
@@ -71,8 +73,10 @@ def test_the_trainer_writes_checkpoints_through_the_atomic_writer(tmp_path, monk
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    cfg = make_cfg([*CPU_TINY, "trainer.max_steps=3", "scheduler.warmup_steps=1",
-                    "callbacks.checkpoint.every_n_train_steps=2"], tmp_path)
+    cfg = make_cfg(
+        [*CPU_TINY, "trainer.max_steps=3", "scheduler.warmup_steps=1", "callbacks.checkpoint.every_n_train_steps=2"],
+        tmp_path,
+    )
     train(cfg)
     directory = tmp_path / "runs" / "test" / "checkpoints"
     files = sorted(p.name for p in directory.iterdir())
@@ -105,6 +109,7 @@ def test_a_fresh_start_refuses_a_run_directory_that_has_checkpoints(tmp_path):
 
 
 # ---- folder checkpoints (DeepSpeed, sharded FSDP): written aside, swapped in -----------------
+
 
 class FolderStrategy:
     """Stands in for DeepSpeed's save on one rank: a folder of parts, written part by part;

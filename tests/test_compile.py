@@ -11,9 +11,19 @@ from tests.support.config import CPU_TINY, make_cfg
 
 
 def losses(tmp_path, compile_model: bool) -> list[float]:
-    cfg = make_cfg([*CPU_TINY, "data.batch_size=8", "trainer.max_steps=3", "scheduler.warmup_steps=1",
-                    "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=0",
-                    f"model.compile={str(compile_model).lower()}", f"run_name=compile-{compile_model}"], tmp_path)
+    cfg = make_cfg(
+        [
+            *CPU_TINY,
+            "data.batch_size=8",
+            "trainer.max_steps=3",
+            "scheduler.warmup_steps=1",
+            "trainer.log_every_n_steps=1",
+            "callbacks.checkpoint.every_n_train_steps=0",
+            f"model.compile={str(compile_model).lower()}",
+            f"run_name=compile-{compile_model}",
+        ],
+        tmp_path,
+    )
     train(cfg)
     with open(tmp_path / "runs" / f"compile-{compile_model}" / "csv" / "metrics.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("train/loss")]

@@ -17,8 +17,9 @@ from clip_pl.train import train
 from tests.support.config import CONF, CPU_TINY, choices, make_cfg
 
 
-@pytest.mark.parametrize("group", ["model", "loss", "optim", "scheduler", "trainer", "strategy", "logger",
-                                   "callbacks", "debug", "paths"])
+@pytest.mark.parametrize(
+    "group", ["model", "loss", "optim", "scheduler", "trainer", "strategy", "logger", "callbacks", "debug", "paths"]
+)
 def test_every_choice_of_every_group_composes(group, tmp_path):
     for choice in choices(group):
         base = [o for o in CPU_TINY if not o.startswith("debug=")] if group == "debug" else CPU_TINY
@@ -68,9 +69,11 @@ def test_every_instantiable_choice_builds_what_it_names(tmp_path):
     assert batch["image"].shape == (3, 3, 64, 64) and batch["text"].shape == (3, 32)  # model=tiny's sizes
 
     ddp = instantiate(make_cfg([*CPU_TINY, "strategy=ddp"], tmp_path).strategy)
-    assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs == {"find_unused_parameters": False,
-                                                                   "gradient_as_bucket_view": True,
-                                                                   "static_graph": False}
+    assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs == {
+        "find_unused_parameters": False,
+        "gradient_as_bucket_view": True,
+        "static_graph": False,
+    }
     fsdp = instantiate(make_cfg([*CPU_TINY, "strategy=fsdp"], tmp_path).strategy)
     assert isinstance(fsdp, FSDP2Strategy) and fsdp.reshard_after_forward and fsdp.reduce_dtype == torch.float32
     for choice in choices("strategy"):  # each also runs for real in tests/test_strategies.py
@@ -106,9 +109,19 @@ def few_shards(tmp_path_factory) -> Path:
 def test_every_experiment_builds_its_own_model_and_data_and_takes_a_step(experiment, tmp_path, few_shards):
     """The recipe as written (its model, loss, optimiser, schedule, data module), changed only where
     this machine must: CPU in fp32, 2 pairs per batch from 6 local samples, one step."""
-    overrides = [f"experiment={experiment}", f"data.train_shards={few_shards}", "data.batch_size=2",
-                 "global_batch_size=null", "data.num_workers=0", "trainer.accelerator=cpu", "trainer.precision=32",
-                 "trainer.devices=1", "trainer.fast_dev_run=true", "eval=none", "resume=auto"]
+    overrides = [
+        f"experiment={experiment}",
+        f"data.train_shards={few_shards}",
+        "data.batch_size=2",
+        "global_batch_size=null",
+        "data.num_workers=0",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32",
+        "trainer.devices=1",
+        "trainer.fast_dev_run=true",
+        "eval=none",
+        "resume=auto",
+    ]
     cfg = make_cfg(overrides, tmp_path)
     trainer = train(cfg)
     assert trainer.global_step == 1
@@ -127,8 +140,10 @@ def test_every_experiment_builds_its_own_model_and_data_and_takes_a_step(experim
 
 def test_every_recipe_sets_the_per_device_batch_from_its_global_batch(tmp_path):
     for experiment in choices("experiment"):
-        cfg = make_cfg([f"experiment={experiment}", "data.train_shards=/nowhere", "trainer.devices=8",
-                        "trainer.num_nodes=4"], tmp_path)
+        cfg = make_cfg(
+            [f"experiment={experiment}", "data.train_shards=/nowhere", "trainer.devices=8", "trainer.num_nodes=4"],
+            tmp_path,
+        )
         global_batch = cfg.global_batch_size
         prepare_config(cfg)
         if global_batch is not None:
@@ -136,8 +151,16 @@ def test_every_recipe_sets_the_per_device_batch_from_its_global_batch(tmp_path):
 
 
 def test_a_real_run_logs_checkpoints_and_events(tmp_path):
-    cfg = make_cfg([*CPU_TINY, "trainer.max_steps=5", "scheduler.warmup_steps=2", "trainer.log_every_n_steps=2",
-                    "callbacks.checkpoint.every_n_train_steps=2"], tmp_path)
+    cfg = make_cfg(
+        [
+            *CPU_TINY,
+            "trainer.max_steps=5",
+            "scheduler.warmup_steps=2",
+            "trainer.log_every_n_steps=2",
+            "callbacks.checkpoint.every_n_train_steps=2",
+        ],
+        tmp_path,
+    )
     train(cfg)
     run_dir = tmp_path / "runs" / "test"
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -162,8 +185,7 @@ BAD = {
     "loss=siglip": "init_logit_bias",
     "model.grad_cache_chunks=3": "divide data.batch_size",
     "trainer.accumulate_grad_batches=4": "grad_cache_chunks",
-    "scheduler=const_cooldown scheduler.warmup_steps=40 scheduler.cooldown_steps=20 trainer.max_steps=50":
-        "exceed trainer.max_steps=50",
+    "scheduler=const_cooldown scheduler.warmup_steps=40 scheduler.cooldown_steps=20 trainer.max_steps=50": "exceed trainer.max_steps=50",
     "+data.not_a_key=1": "Unknown key",
     "+model.not_a_key=1": r"Unknown key\(s\) \['not_a_key'\] for model \(clip_pl.module.CLIPModule.from_options\)",
     "model.arch=ViT-Q-99": "not an open_clip architecture",
@@ -227,8 +249,17 @@ def test_devices_must_match_slurm_tasks_per_node(tmp_path, monkeypatch):
 def test_global_batch_size_sets_the_per_device_batch(tmp_path):
     for data in ("synthetic", "wds", "demo"):  # each data config's default follows the global batch
         shards = [] if data == "synthetic" else ["data.train_shards=/nowhere"]
-        cfg = make_cfg(["debug=smoke", f"data={data}", *shards, "global_batch_size=64",
-                        "trainer.devices=2", "trainer.num_nodes=2"], tmp_path)
+        cfg = make_cfg(
+            [
+                "debug=smoke",
+                f"data={data}",
+                *shards,
+                "global_batch_size=64",
+                "trainer.devices=2",
+                "trainer.num_nodes=2",
+            ],
+            tmp_path,
+        )
         assert cfg.data.batch_size == 16, data  # already in the composed config (--cfg job --resolve)
         assert prepare_config(cfg).data.batch_size == 16, data
     cfg = make_cfg(["debug=smoke", "global_batch_size=64", "trainer.devices=2", "data.batch_size=32"], tmp_path)
@@ -243,8 +274,10 @@ def test_an_explicit_per_device_batch_that_contradicts_the_global_batch_is_refus
     else:  # an experiment of one's own that sets both
         own = tmp_path / "conf" / "experiment"
         own.mkdir(parents=True)
-        (own / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - override /data: synthetic\n"
-                                       "global_batch_size: 1024\ndata:\n  batch_size: 64\n")
+        (own / "mine.yaml").write_text(
+            "# @package _global_\ndefaults:\n  - override /data: synthetic\n"
+            "global_batch_size: 1024\ndata:\n  batch_size: 64\n"
+        )
         overrides = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=mine", "trainer.devices=8"]
     cfg = make_cfg(overrides, tmp_path)
     with pytest.raises(ConfigError) as refused:

@@ -24,13 +24,31 @@ from clip_pl.config_dir import config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = Path(config_dir())
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "slurm" / "README.md",
-        REPO / "data_prep" / "README.md"]
+DOCS = [
+    REPO / "README.md",
+    *sorted((REPO / "docs").glob("*.md")),
+    REPO / "slurm" / "README.md",
+    REPO / "data_prep" / "README.md",
+]
 CONFIG_DOCS = [d for d in DOCS if d.parent.name != "data_prep"]  # data_prep's key=value are its own arguments
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 # Backticked words that look like config keys but are not: a Python attribute, generic examples.
 NOT_CONFIG_KEYS = {"trainer.save_checkpoint", "group=choice", "experiment=mine"}
-FILE_SUFFIXES = (".py", ".sh", ".md", ".yaml", ".json", ".jsonl", ".ckpt", ".csv", ".txt", ".tar", ".png", ".log", ".safetensors")
+FILE_SUFFIXES = (
+    ".py",
+    ".sh",
+    ".md",
+    ".yaml",
+    ".json",
+    ".jsonl",
+    ".ckpt",
+    ".csv",
+    ".txt",
+    ".tar",
+    ".png",
+    ".log",
+    ".safetensors",
+)
 
 
 def _ids(paths):
@@ -83,13 +101,15 @@ def _entry_overrides(line: str) -> tuple[str, list[str], bool] | None:
     """(config name, Hydra overrides, multirun?) of a clip_pl.train / clip_pl.eval command line, else None."""
     words = shlex.split(line.replace("…", "PLACEHOLDER"), comments=True)
     for index, word in enumerate(words):
-        if word in ("clip_pl.train", "clip-pl-train") or word.endswith(("slurm/train_256gpu.sh", "slurm/train_1node.sh")):
+        if word in ("clip_pl.train", "clip-pl-train") or word.endswith(
+            ("slurm/train_256gpu.sh", "slurm/train_1node.sh")
+        ):
             config = "train"
         elif word in ("clip_pl.eval", "clip-pl-eval"):
             config = "eval_app"
         else:
             continue
-        rest = words[index + 1:]
+        rest = words[index + 1 :]
         multirun = "-m" in rest or "--multirun" in rest
         overrides = [w for w in rest if "=" in w and not w.startswith("-")]
         return config, overrides, multirun
@@ -123,8 +143,11 @@ def test_every_documented_command_composes_and_passes_the_config_checks(doc, tmp
     checked = 0
     for _, line, (config, overrides, multirun) in [c for c in _documented_commands() if c[0] == doc]:
         groups = set(GROUPS) | {"hydra/launcher"}
-        overrides = [_placeholder(o, multirun) for o in overrides
-                     if not (o.split("=")[0] in groups and re.search(r"PLACEHOLDER|<", o))]  # `eval=…`: any
+        overrides = [
+            _placeholder(o, multirun)
+            for o in overrides
+            if not (o.split("=")[0] in groups and re.search(r"PLACEHOLDER|<", o))
+        ]  # `eval=…`: any
         hydra = any(o.startswith("hydra") for o in overrides)
         try:
             cfg = _compose(config, [*overrides, f"paths.root_dir={tmp_path}"], hydra=hydra)
@@ -148,8 +171,12 @@ def _backticked(text: str) -> list[str]:
 def _backticked_words(doc: Path) -> list[str]:
     """Every whitespace-separated word inside backticks, outside Python calls such as
     `processor(text, padding="max_length")` (keywords there are not overrides)."""
-    return [word.strip(",;:()") for token in _backticked(doc.read_text()) if not re.match(r"[\w.]+\(", token)
-            for word in token.split()]
+    return [
+        word.strip(",;:()")
+        for token in _backticked(doc.read_text())
+        if not re.match(r"[\w.]+\(", token)
+        for word in token.split()
+    ]
 
 
 @pytest.mark.parametrize("doc", CONFIG_DOCS, ids=_ids(CONFIG_DOCS))
@@ -159,8 +186,12 @@ def test_every_override_and_key_named_in_prose_exists(doc):
     missing = []
     for word in _backticked_words(doc):
         key, eq, value = word.partition("=")
-        if (not re.fullmatch(r"[a-z_]+(/[a-z_]+)?(\.[A-Za-z_]\w*)*", key) or word in NOT_CONFIG_KEYS
-                or key.endswith(FILE_SUFFIXES) or "<" in word):
+        if (
+            not re.fullmatch(r"[a-z_]+(/[a-z_]+)?(\.[A-Za-z_]\w*)*", key)
+            or word in NOT_CONFIG_KEYS
+            or key.endswith(FILE_SUFFIXES)
+            or "<" in word
+        ):
             continue
         head = key.split(".")[0]
         if eq and key in groups:
@@ -173,7 +204,9 @@ def test_every_override_and_key_named_in_prose_exists(doc):
         elif eq and "." not in key and "/" not in key and key not in top and key not in groups:
             if re.fullmatch(r"[a-z_]+", key) and key.islower() and value and not value.startswith("-"):
                 missing.append(word)
-    assert not missing, f"{doc.relative_to(REPO)} names config keys or choices that do not exist: {sorted(set(missing))}"
+    assert not missing, (
+        f"{doc.relative_to(REPO)} names config keys or choices that do not exist: {sorted(set(missing))}"
+    )
 
 
 _PATH = re.compile(r"(?:clip_pl|data_prep|slurm|tests|benchmarks|docs|\.ci)/[\w./-]*|[\w-]+\.(?:md|toml)|Makefile")
@@ -202,8 +235,9 @@ def test_every_file_and_link_mentioned_exists(doc):
 
 def _anchors(markdown: str) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
-    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-            for h in re.findall(r"(?m)^#+ (.*)$", markdown)}
+    return {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"(?m)^#+ (.*)$", markdown)
+    }
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=_ids(DOCS))
@@ -226,12 +260,14 @@ def test_every_clip_pl_name_mentioned_exists(doc):
             break
         else:
             missing.append(word)
-    assert not missing, f"{doc.relative_to(REPO)} names clip_pl modules or attributes that do not exist: {sorted(set(missing))}"
+    assert not missing, (
+        f"{doc.relative_to(REPO)} names clip_pl modules or attributes that do not exist: {sorted(set(missing))}"
+    )
 
 
 def test_the_group_table_lists_exactly_the_choices_on_disk():
     text = (REPO / "docs" / "configuration.md").read_text()
-    table = text[text.index("| group | choices |"):].split("\n\n")[0]
+    table = text[text.index("| group | choices |") :].split("\n\n")[0]
     rows = re.findall(r"(?m)^\| (`[a-z_]+`(?: / `[a-z_]+`)?) \| (.*) \|$", table)
     documented: dict[str, set[str]] = {}
     for groups, choices in rows:
@@ -272,6 +308,6 @@ def test_the_recipe_table_states_each_recipes_batch_and_steps():
 
 def test_the_strategy_table_has_one_row_per_strategy_choice():
     text = (REPO / "docs" / "strategies.md").read_text()
-    table = text[text.index("| `strategy=` |"):].split("\n\n")[0]
+    table = text[text.index("| `strategy=` |") :].split("\n\n")[0]
     rows = re.findall(r"(?m)^\| `(\w+)`", table)
     assert sorted(rows) == sorted(_choices("strategy")), "docs/strategies.md"

@@ -21,17 +21,31 @@ import pytest
 from benchmarks.gpu_check import BF16_TOLERANCE, PLANS, build_report
 
 REPO = Path(__file__).resolve().parents[1]
-EXPECTED_RUNS = ["env", "open_clip-tiny", "clip_pl-tiny", "loader", "clip_pl-tiny-grad_cache4",
-                 "clip_pl-tiny-deepspeed2", "clip_pl-tiny-compile", "loader_device",
-                 "loader_resize_device"]
+EXPECTED_RUNS = [
+    "env",
+    "open_clip-tiny",
+    "clip_pl-tiny",
+    "loader",
+    "clip_pl-tiny-grad_cache4",
+    "clip_pl-tiny-deepspeed2",
+    "clip_pl-tiny-compile",
+    "loader_device",
+    "loader_resize_device",
+]
 
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_on_cpu(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "CLIP_PL_PYTHON": sys.executable}
-    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "cpu", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu.sh", "--device", "cpu", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{log[-4000:]}"
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "profiles.txt", "results.json", "results.md"]
@@ -64,13 +78,26 @@ def test_the_gpu_check_runs_on_cpu(tmp_path):
     assert runs["loader_device"]["samples_per_s"] > 0 and runs["loader_device"]["decode_on"] == "device"
     assert runs["loader_resize_device"]["samples_per_s"] > 0 and runs["loader_resize_device"]["resize_on"] == "device"
     assert {row["run"] for row in report["comparisons"]} == {
-        "open_clip", "clip_pl", "clip_pl grad_cache4", "clip_pl deepspeed2", "clip_pl compile"}
+        "open_clip",
+        "clip_pl",
+        "clip_pl grad_cache4",
+        "clip_pl deepspeed2",
+        "clip_pl compile",
+    }
     assert "| tiny | clip_pl |" in (out / "results.md").read_text()
 
 
 def fake_side(losses: list[float], samples_per_s: float = 100.0) -> dict:
-    return {"losses": losses, "weights_fingerprint": [1.0, 2.0], "no_decay_parameters": ["bias"],
-            "samples_per_s": samples_per_s, "step_ms": 10.0, "mfu": 0.3, "tflops": 1.0, "peak_memory_gb": 1.0}
+    return {
+        "losses": losses,
+        "weights_fingerprint": [1.0, 2.0],
+        "no_decay_parameters": ["bias"],
+        "samples_per_s": samples_per_s,
+        "step_ms": 10.0,
+        "mfu": 0.3,
+        "tflops": 1.0,
+        "peak_memory_gb": 1.0,
+    }
 
 
 def test_the_report_flags_trajectories_that_differ_and_runs_that_failed():
@@ -78,9 +105,11 @@ def test_the_report_flags_trajectories_that_differ_and_runs_that_failed():
     base = [5.0, 4.9, 4.8]
 
     def report(clip_pl_losses, status="ok"):
-        runs = {"open_clip-tiny": {"status": "ok", "result": fake_side(base)},
-                "clip_pl-tiny": {"status": "ok", "result": fake_side(clip_pl_losses, 110.0)},
-                "clip_pl-tiny-compile": {"status": status, "seconds": 1, "timeout_s": 1}}
+        runs = {
+            "open_clip-tiny": {"status": "ok", "result": fake_side(base)},
+            "clip_pl-tiny": {"status": "ok", "result": fake_side(clip_pl_losses, 110.0)},
+            "clip_pl-tiny-compile": {"status": status, "seconds": 1, "timeout_s": 1},
+        }
         return build_report(plan, "cpu", runs)
 
     close = report([b * (1 + BF16_TOLERANCE / 2) for b in base])

@@ -16,19 +16,17 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from omegaconf import OmegaConf
 from open_clip.tokenizer import basic_clean
 from PIL import Image
-import transformers
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from clip_pl.config_dir import config_dir
 from clip_pl.eval.zeroshot import build_classifier, zero_shot_evaluate
-from clip_pl.hf_export import (UnsupportedArchitectureError, hf_state_dict, clip_tokenizer_input,
-                               unsupported_reasons)
-from clip_pl.interchange import export_hf
+from clip_pl.hf_export import UnsupportedArchitectureError, clip_tokenizer_input, hf_state_dict, unsupported_reasons
+from clip_pl.interchange import export_hf, save_clip_pl_checkpoint
 from clip_pl.interchange import main as interchange_main
-from clip_pl.interchange import save_clip_pl_checkpoint
 from clip_pl.model import build_clip, get_tokenizer, image_transforms, resolve_model_config
 from data_prep.demo import digits
 from tests.support.eval import TINY_RESNET, TINY_VIT, random_images, tiny_checkpoint, tiny_model
@@ -49,14 +47,18 @@ def tiny_config(**arch_overrides) -> dict:
     choice = OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "model" / "tiny.yaml"))
     arch = choice["arch_config"]
     # The choice's image_size/context_length repeat arch_config's; not passed, so overrides here win.
-    assert (arch["vision_cfg"]["image_size"], arch["text_cfg"]["context_length"]) == \
-        (choice["image_size"], choice["context_length"])
+    assert (arch["vision_cfg"]["image_size"], arch["text_cfg"]["context_length"]) == (
+        choice["image_size"],
+        choice["context_length"],
+    )
     for key, value in arch_overrides.items():
         arch[key] = {**arch.get(key, {}), **value} if isinstance(value, dict) else value
     return resolve_model_config(arch_config=arch)
 
 
-def export(tmp_path: Path, config: dict, seed: int = 0, arch: str | None = None) -> tuple[torch.nn.Module, CLIPModel, Path]:
+def export(
+    tmp_path: Path, config: dict, seed: int = 0, arch: str | None = None
+) -> tuple[torch.nn.Module, CLIPModel, Path]:
     torch.manual_seed(seed)
     model = build_clip(config).eval()
     checkpoint = save_clip_pl_checkpoint(model, config, tmp_path / "model.ckpt", arch=arch)
@@ -89,8 +91,13 @@ def check_same_embeddings(model, hf_model, config, captions, n_images=3) -> None
         assert float(hf_model.logit_scale) == float(model.logit_scale)
 
 
-CAPTIONS = ["a photo of the number 7.", "", "a handwritten digit 3 on a white background!!",
-            "TWO dogs, one café 🐶 — 東京", "x " * 100]
+CAPTIONS = [
+    "a photo of the number 7.",
+    "",
+    "a handwritten digit 3 on a white background!!",
+    "TWO dogs, one café 🐶 — 東京",
+    "x " * 100,
+]
 
 
 @pytest.mark.parametrize("quick_gelu", [False, True], ids=["gelu", "quickgelu"])
@@ -104,8 +111,11 @@ def test_tiny_model_embeddings_match_in_fp32(tmp_path, quick_gelu):
 def test_layer_norm_after_pooling_and_eos_pooling_are_the_same_computation(tmp_path):
     # LayerNorm acts per token, so normalising the pooled token equals pooling the normalised tokens;
     # open_clip's 'eos' pooling with the end-of-text id is HF's first-eos pooling. Both are exported.
-    config = tiny_config(custom_text=True, vision_cfg={"final_ln_after_pool": True, "norm_kwargs": {"eps": 1e-6}},
-                         text_cfg={"final_ln_after_pool": True, "pool_type": "eos", "eos_id": 49407})
+    config = tiny_config(
+        custom_text=True,
+        vision_cfg={"final_ln_after_pool": True, "norm_kwargs": {"eps": 1e-6}},
+        text_cfg={"final_ln_after_pool": True, "pool_type": "eos", "eos_id": 49407},
+    )
     model, hf_model, _ = export(tmp_path, config)
     assert hf_model.config.vision_config.layer_norm_eps == 1e-6
     check_same_embeddings(model, hf_model, config, CAPTIONS)
@@ -126,8 +136,14 @@ def test_command_line_export_loads_with_the_processor(tmp_path, capsys):
     interchange_main(["export-hf", str(checkpoint), str(tmp_path / "hf")])
     assert "CLIPModel.from_pretrained" in capsys.readouterr().out
     names = {p.name for p in (tmp_path / "hf").iterdir()}
-    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
-            "preprocessor_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    } <= names
     hf_model = CLIPModel.from_pretrained(tmp_path / "hf").eval()
     processor = CLIPProcessor.from_pretrained(tmp_path / "hf")
     assert isinstance(processor.tokenizer, CLIPTokenizer)
@@ -160,7 +176,10 @@ def test_processor_gives_clip_pl_inputs_and_embeddings(tmp_path):
     # A known difference: when the resized long side exceeds the crop by 4k+3 pixels, torchvision
     # rounds the crop offset half-to-even (up here), transformers down: one pixel apart (documented).
     odd = Image.fromarray(np.random.default_rng(1).integers(0, 256, (91, 64, 3), dtype=np.uint8))  # excess 27
-    theirs, ref = CLIPImageProcessorPil.from_pretrained(out)(odd, return_tensors="pt")["pixel_values"][0], eval_transform(odd)
+    theirs, ref = (
+        CLIPImageProcessorPil.from_pretrained(out)(odd, return_tensors="pt")["pixel_values"][0],
+        eval_transform(odd),
+    )
     assert not torch.allclose(theirs, ref) and torch.equal(theirs[:, 1:], ref[:, :-1])
     # CLIPProcessor's default (torchvision) backend resizes tensors: at most one 8-bit level apart.
     processor = CLIPProcessor.from_pretrained(out)
@@ -171,7 +190,9 @@ def test_processor_gives_clip_pl_inputs_and_embeddings(tmp_path):
     text = processor(text=CAPTIONS, padding="max_length", truncation=True, return_tensors="pt")
     tokens = get_tokenizer(config["text_cfg"]["context_length"])(CAPTIONS)
     with torch.no_grad():
-        assert_embeddings_match(model.encode_image(ours), features(hf_model.get_image_features(pixel_values=pil_pixels)))
+        assert_embeddings_match(
+            model.encode_image(ours), features(hf_model.get_image_features(pixel_values=pil_pixels))
+        )
         assert_embeddings_match(model.encode_text(tokens), features(hf_model.get_text_features(**text)))
         # Shorter padding (to the longest caption) changes nothing either: causal text, pooled at end-of-text.
         short = processor(text=CAPTIONS[:3], padding=True, return_tensors="pt")
@@ -182,23 +203,86 @@ def test_processor_gives_clip_pl_inputs_and_embeddings(tmp_path):
 # --------------------------------------------------------------------------- tokenizer
 
 
-WORDS = ("a", "photo", "of", "the", "cat", "dog", "sitting", "on", "red", "car", "beach", "sunset", "Mountain",
-         "NEW", "York", "city", "street", "it's", "we're", "they'll", "I'd", "you've", "don't", "isn't")
+WORDS = (
+    "a",
+    "photo",
+    "of",
+    "the",
+    "cat",
+    "dog",
+    "sitting",
+    "on",
+    "red",
+    "car",
+    "beach",
+    "sunset",
+    "Mountain",
+    "NEW",
+    "York",
+    "city",
+    "street",
+    "it's",
+    "we're",
+    "they'll",
+    "I'd",
+    "you've",
+    "don't",
+    "isn't",
+)
 FRAGMENTS = {
-    "accents": ("café crème brûlée", "naïve façade", "Ångström Øresund", "Straße groß", "señor piñata",
-                "İstanbul ılık", "Ελληνικά οδός", "Москва зимой", "Zürich Äpfel", "cafe\u0301 (NFD)"),
+    "accents": (
+        "café crème brûlée",
+        "naïve façade",
+        "Ångström Øresund",
+        "Straße groß",
+        "señor piñata",
+        "İstanbul ılık",
+        "Ελληνικά οδός",
+        "Москва зимой",
+        "Zürich Äpfel",
+        "cafe\u0301 (NFD)",
+    ),
     "emoji": ("🐱 cat", "dog 🐶🐶", "👩\u200d👩\u200d👧 family", "🇯🇵 flag", "❤️ love", "👍🏽 ok", "🔥🔥🔥"),
     "cjk": ("東京の猫", "我爱北京天安门", "고양이 사진", "ねこ と いぬ", "中文, English 混合"),
     "scripts": ("สวัสดี", "مرحبا بالعالم", "नमस्ते दुनिया", "שלום", "Ἀθῆναι"),
-    "punctuation": ("wow!!!", "really?!", "...", "--", "(a) [b] {c}", "#hashtag @user", "100% off!!",
-                    "a/b\\c", "~*~ stars ~*~", "'quoted'", '"double"', "x_y-z", "!!!???", "$9.99 + tax"),
+    "punctuation": (
+        "wow!!!",
+        "really?!",
+        "...",
+        "--",
+        "(a) [b] {c}",
+        "#hashtag @user",
+        "100% off!!",
+        "a/b\\c",
+        "~*~ stars ~*~",
+        "'quoted'",
+        '"double"',
+        "x_y-z",
+        "!!!???",
+        "$9.99 + tax",
+    ),
     "numbers": ("1234567890", "3.14159", "1,000,000", "2nd place", "24/7", "1990s", "+44 20 7946 0958", "½ price"),
     "whitespace": ("  spaced   out  ", "tab\tseparated", "new\nline", "\u3000ideographic space", "nb\xa0space"),
     # open_clip runs ftfy.fix_text and html.unescape (twice) on every caption; CLIPTokenizer does not.
-    "html": ("Tom &amp; Jerry", "&lt;b&gt;bold&lt;/b&gt;", "it&#39;s", "&quot;quoted&quot;", "caf&eacute;",
-             "double &amp;amp; escaped", "nbsp&nbsp;here"),
-    "ftfy": ("someone\u2019s pen", "\u201csmart quotes\u201d", "\ufb01ne \ufb02ower", "ＦＵＬＬ ｗｉｄｔｈ",
-             "cafÃ© mojibake", "â€” dash mojibake", "\x1b[31mred\x1b[0m", "ctrl\x00char"),
+    "html": (
+        "Tom &amp; Jerry",
+        "&lt;b&gt;bold&lt;/b&gt;",
+        "it&#39;s",
+        "&quot;quoted&quot;",
+        "caf&eacute;",
+        "double &amp;amp; escaped",
+        "nbsp&nbsp;here",
+    ),
+    "ftfy": (
+        "someone\u2019s pen",
+        "\u201csmart quotes\u201d",
+        "\ufb01ne \ufb02ower",
+        "ＦＵＬＬ ｗｉｄｔｈ",
+        "cafÃ© mojibake",
+        "â€” dash mojibake",
+        "\x1b[31mred\x1b[0m",
+        "ctrl\x00char",
+    ),
 }
 
 
@@ -238,8 +322,9 @@ def hf_ids(tokenizer, texts, context_length) -> torch.Tensor:
 
 
 def test_tokenizer_gives_open_clip_ids_on_1000_varied_captions(tmp_path):
-    checkpoint, _, config = tiny_checkpoint(tmp_path / "tiny.ckpt", arch_config={
-        **TINY_VIT, "text_cfg": {**TINY_VIT["text_cfg"], "context_length": 77}})
+    checkpoint, _, config = tiny_checkpoint(
+        tmp_path / "tiny.ckpt", arch_config={**TINY_VIT, "text_cfg": {**TINY_VIT["text_cfg"], "context_length": 77}}
+    )
     out = export_hf(checkpoint, tmp_path / "hf").directory
     tokenizer = CLIPProcessor.from_pretrained(out).tokenizer  # what users get
     # transformers 5 has one CLIP tokenizer (backed by `tokenizers`); "slow" and "fast" name the same class.
@@ -297,8 +382,9 @@ def hf_zero_shot_logits(hf_model, processor, paths, classnames, templates) -> to
     with torch.no_grad():
         classes = []
         for name in classnames:
-            text = processor(text=[t.format(name) for t in templates], padding="max_length", truncation=True,
-                             return_tensors="pt")
+            text = processor(
+                text=[t.format(name) for t in templates], padding="max_length", truncation=True, return_tensors="pt"
+            )
             prompts = F.normalize(features(hf_model.get_text_features(**text)), dim=-1)
             classes.append(F.normalize(prompts.mean(dim=0), dim=-1))
         pixels = processor(images=[Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
@@ -319,10 +405,12 @@ def test_zero_shot_accuracy_on_the_demo_digits_is_identical(tmp_path):
     # Per image: clip_pl's classifier (open_clip's prompt ensembling) and eval preprocessing.
     _, eval_transform = image_transforms(config["vision_cfg"]["image_size"])
     with torch.no_grad():
-        classifier = build_classifier(model, get_tokenizer(config["text_cfg"]["context_length"]), classnames,
-                                      templates, config["embed_dim"])
+        classifier = build_classifier(
+            model, get_tokenizer(config["text_cfg"]["context_length"]), classnames, templates, config["embed_dim"]
+        )
         pixels = torch.stack([eval_transform(Image.open(p)) for p in paths])
         our_logits = model.encode_image(pixels, normalize=True) @ classifier
+
     def accuracy(logits):  # as zero_shot_evaluate computes it: hits / samples in Python floats
         return int((logits.argmax(1) == labels).sum()) / len(labels)
 
@@ -351,22 +439,25 @@ def test_resnet_and_logit_bias_checkpoints_are_refused_before_writing(tmp_path):
     assert not (tmp_path / "siglip").exists()
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"vision_cfg": {"timm_model_name": "vit_base_patch16_224"}}, "timm"),
-    ({"vision_cfg": {"attentional_pool": True}}, "attentional pooling"),
-    ({"vision_cfg": {"pool_type": "avg"}}, "pool_type='avg'"),
-    ({"vision_cfg": {"no_ln_pre": True}}, "pre_layrnorm"),
-    ({"vision_cfg": {"ls_init_value": 1e-5}}, "layer scale"),
-    ({"vision_cfg": {"qk_norm": True}}, "qk_norm"),
-    ({"vision_cfg": {"image_size": [64, 32]}}, "non-square"),
-    ({"text_cfg": {"proj_bias": True}}, "proj_bias=True"),
-    ({"text_cfg": {"no_causal_mask": True}}, "causal"),
-    ({"text_cfg": {"pool_type": "last"}}, "pool_type='last'"),
-    ({"text_cfg": {"embed_cls": True}}, "CLS"),
-    ({"text_cfg": {"hf_model_name": "roberta-base"}}, "Hugging Face text tower"),
-    ({"text_cfg": {"vocab_size": 32000}}, "vocab_size=32000"),
-    ({"text_cfg": {"act_kwargs": {"approximate": "tanh"}}}, "act_kwargs"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"vision_cfg": {"timm_model_name": "vit_base_patch16_224"}}, "timm"),
+        ({"vision_cfg": {"attentional_pool": True}}, "attentional pooling"),
+        ({"vision_cfg": {"pool_type": "avg"}}, "pool_type='avg'"),
+        ({"vision_cfg": {"no_ln_pre": True}}, "pre_layrnorm"),
+        ({"vision_cfg": {"ls_init_value": 1e-5}}, "layer scale"),
+        ({"vision_cfg": {"qk_norm": True}}, "qk_norm"),
+        ({"vision_cfg": {"image_size": [64, 32]}}, "non-square"),
+        ({"text_cfg": {"proj_bias": True}}, "proj_bias=True"),
+        ({"text_cfg": {"no_causal_mask": True}}, "causal"),
+        ({"text_cfg": {"pool_type": "last"}}, "pool_type='last'"),
+        ({"text_cfg": {"embed_cls": True}}, "CLS"),
+        ({"text_cfg": {"hf_model_name": "roberta-base"}}, "Hugging Face text tower"),
+        ({"text_cfg": {"vocab_size": 32000}}, "vocab_size=32000"),
+        ({"text_cfg": {"act_kwargs": {"approximate": "tanh"}}}, "act_kwargs"),
+    ],
+)
 def test_architectures_clip_model_cannot_express_are_named(change, reason):
     assert unsupported_reasons(tiny_config()) == []
     reasons = unsupported_reasons(tiny_config(**change))

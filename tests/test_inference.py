@@ -1,6 +1,6 @@
 """clip_pl.load and the inference model: embeddings, zero-shot probabilities, inputs, errors.
 
-    pytest tests/test_inference.py
+pytest tests/test_inference.py
 """
 
 from __future__ import annotations
@@ -10,8 +10,15 @@ import torch
 
 from clip_pl.inference import CLIPInference, load
 from clip_pl.interchange import ArchitectureMismatchError
-from tests.support.eval import (CLASSNAMES, TINY_RESNET, TINY_VIT, assert_same_weights, oracle_class_order,
-                                     random_images, tiny_checkpoint)
+from tests.support.eval import (
+    CLASSNAMES,
+    TINY_RESNET,
+    TINY_VIT,
+    assert_same_weights,
+    oracle_class_order,
+    random_images,
+    tiny_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +55,9 @@ def test_zero_shot_classify_ranks_labels_as_computed_one_by_one(loaded):
     assert torch.equal(probs.argsort(dim=1, descending=True), expected)
     ensemble = ["a photo of a {}.", "a sketch of the {}"]
     expected = oracle_class_order(reference, config, images, CLASSNAMES, ensemble)
-    assert torch.equal(model.zero_shot_classify(images, CLASSNAMES, template=ensemble).argsort(dim=1, descending=True),
-                       expected)
+    assert torch.equal(
+        model.zero_shot_classify(images, CLASSNAMES, template=ensemble).argsort(dim=1, descending=True), expected
+    )
 
 
 def test_images_may_be_paths_pil_or_tensors(loaded, tmp_path):

@@ -41,15 +41,36 @@ def installed(tmp_path_factory) -> dict[str, Path]:
     env_dir = root / "venv"
     venv.EnvBuilder(with_pip=False, symlinks=True).create(env_dir)
     python = env_dir / "bin" / "python"
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # This environment's dependencies (torch, hydra, …), without installing them again.
     Path(purelib, "_clip_pl_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     source = _copy_repository(root / "src")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                    "--no-build-isolation", "--ignore-installed", str(source)],
-                   env=env, check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--ignore-installed",
+            str(source),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     shutil.rmtree(source)  # nothing may still point into the copy
     workdir = root / "empty"
     workdir.mkdir()
@@ -57,13 +78,23 @@ def installed(tmp_path_factory) -> dict[str, Path]:
 
 
 def _run(installed, *command: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(installed["bin"] / command[0]), *command[1:]], cwd=installed["workdir"],
-                          env=installed["env"], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(installed["bin"] / command[0]), *command[1:]],
+        cwd=installed["workdir"],
+        env=installed["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_the_installed_package_is_the_copy_in_the_fresh_venv(installed):
-    result = _run(installed, "python", "-c", "import clip_pl, clip_pl.config_dir as c; "
-                                             "print(clip_pl.__file__); print(c.config_dir())")
+    result = _run(
+        installed,
+        "python",
+        "-c",
+        "import clip_pl, clip_pl.config_dir as c; print(clip_pl.__file__); print(c.config_dir())",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     module_file, conf = result.stdout.split()
     assert Path(module_file).resolve().is_relative_to(installed["env_dir"].resolve()), module_file

@@ -1,6 +1,6 @@
 """open_clip <-> clip_pl weight interchange: identical embeddings both ways, formats, clear errors.
 
-    pytest tests/test_interchange.py
+pytest tests/test_interchange.py
 """
 
 from __future__ import annotations
@@ -14,9 +14,17 @@ import pytest
 import torch
 
 import clip_pl.inference
-from clip_pl.interchange import (ArchitectureMismatchError, ClipPlCheckpoint, OpenClipExport, export_open_clip,
-                                 load_open_clip_weights, main, read_clip_pl_checkpoint, read_state_dict,
-                                 save_clip_pl_checkpoint)
+from clip_pl.interchange import (
+    ArchitectureMismatchError,
+    ClipPlCheckpoint,
+    OpenClipExport,
+    export_open_clip,
+    load_open_clip_weights,
+    main,
+    read_clip_pl_checkpoint,
+    read_state_dict,
+    save_clip_pl_checkpoint,
+)
 from clip_pl.model import build_clip, get_tokenizer, image_transforms, resolve_model_config
 from tests.support.eval import TINY_RESNET, TINY_VIT, random_images, tiny_checkpoint, tiny_model
 
@@ -29,7 +37,9 @@ def _inputs(image_size: int, context_length: int = 77, n: int = 2) -> tuple[torc
 
 
 @torch.no_grad()
-def _embeddings(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _embeddings(
+    model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
     return model.encode_image(images), model.encode_text(tokens)
 
@@ -96,8 +106,10 @@ def test_a_locked_resnet_tower_exports_and_loads(tmp_path):
     checkpoint = save_clip_pl_checkpoint(model, config, tmp_path / "locked.ckpt")
     exported = export_open_clip(checkpoint, tmp_path / "export", name="tiny-locked-rn")
     open_clip.add_model_config(exported.config_json)
-    _assert_same(_embeddings(open_clip.create_model(exported.model_name, pretrained=str(exported.weights)),
-                             images, tokens), expected)
+    _assert_same(
+        _embeddings(open_clip.create_model(exported.model_name, pretrained=str(exported.weights)), images, tokens),
+        expected,
+    )
     _assert_same(_embeddings(clip_pl.inference.load(checkpoint, device="cpu").model.clip, images, tokens), expected)
 
 
@@ -105,8 +117,11 @@ def test_named_arch_with_changed_settings_is_exported_under_its_own_name(tmp_pat
     def export(config: dict, arch: str, **kwargs) -> OpenClipExport:
         with torch.device("meta"):  # export only needs names and shapes to decide
             state = build_clip(config).state_dict()
-        return export_open_clip(ClipPlCheckpoint(config, arch, {k: torch.zeros(v.shape) for k, v in state.items()}),
-                                tmp_path / arch / str(len(kwargs)), **kwargs)
+        return export_open_clip(
+            ClipPlCheckpoint(config, arch, {k: torch.zeros(v.shape) for k, v in state.items()}),
+            tmp_path / arch / str(len(kwargs)),
+            **kwargs,
+        )
 
     # patch dropout is a training-time setting: the architecture is still plain ViT-S-32
     assert export(resolve_model_config(arch="ViT-S-32", patch_dropout=0.5), "ViT-S-32").named_arch
@@ -132,9 +147,13 @@ def test_wrapped_and_prefixed_formats_load(tmp_path):
     state = model.state_dict()
     files = {
         "train_ckpt.pt": {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}},
-        "lightning.ckpt": {"hyper_parameters": {"model_config": config, "arch": None},
-                           "state_dict": {**{f"model._orig_mod.{k}": v for k, v in state.items()},
-                                          "loss.labels_cache": torch.arange(4)}},
+        "lightning.ckpt": {
+            "hyper_parameters": {"model_config": config, "arch": None},
+            "state_dict": {
+                **{f"model._orig_mod.{k}": v for k, v in state.items()},
+                "loss.labels_cache": torch.arange(4),
+            },
+        },
     }
     for name, payload in files.items():
         torch.save(payload, tmp_path / name)
@@ -198,8 +217,11 @@ def test_checkpoints_are_read_with_weights_only(tmp_path):
     model, config = tiny_model()
     path = tmp_path / "unsafe.ckpt"
     with open(path, "wb") as f:
-        torch.save({"hyper_parameters": {"model_config": config, "arch": None, "extra": _Arbitrary()},
-                    "state_dict": {}}, f, pickle_module=pickle)
+        torch.save(
+            {"hyper_parameters": {"model_config": config, "arch": None, "extra": _Arbitrary()}, "state_dict": {}},
+            f,
+            pickle_module=pickle,
+        )
     with pytest.raises(ValueError, match="weights_only=True"):
         read_clip_pl_checkpoint(path)
 

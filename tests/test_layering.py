@@ -25,42 +25,120 @@ FACADE_HELPER = "clip_pl._lazy"  # the one module a package __init__ may import 
 # (floor, module prefixes, why it sits there). A module takes the floor of its longest matching
 # prefix; it may import modules of its own floor or below, never above, and never in a cycle.
 LAYERS: list[tuple[int, tuple[str, ...], str]] = [
-    (0, ("clip_pl._lazy", "clip_pl.distributed", "clip_pl.model", "clip_pl.pixels", "clip_pl.loss", "clip_pl.schedule",
-         "clip_pl.towers"),
-     "foundations: towers, tokenizer, transforms, losses, LR schedules, rank/world size; plain torch and "
-     "open_clip, no Lightning, no files"),
-    (1, ("clip_pl.interchange", "clip_pl.hf_export", "clip_pl.config_dir",
-         "clip_pl.data.shardspec", "clip_pl.data.tarstream", "clip_pl.data.reader", "clip_pl.data.decode", "clip_pl.data.jpeg",
-         "clip_pl.data.batch_transform", "clip_pl.data.batch_rows", "clip_pl.data.device_decode", "clip_pl.data.device_resize", "clip_pl.data.accounting", "clip_pl.data.keys", "clip_pl.data.workers",
-         "clip_pl.eval.labels", "clip_pl.eval.report", "clip_pl.eval.common", "clip_pl.eval.distributed"),
-     "formats and primitives: every file format (checkpoints, transformers directories, the packaged "
-     "configs, shard specs, tars, samples, key files, class lists, reports) and the small pieces the "
-     "engines share; built on the foundations only"),
-    (2, ("clip_pl.module", "clip_pl.strategies", "clip_pl.checkpointing", "clip_pl.csv_metrics", "clip_pl.inference",
-         "clip_pl.data.stream", "clip_pl.data.datamodule", "clip_pl.data.synthetic", "clip_pl.data.forkserver_preload",
-         "clip_pl.eval.datasets", "clip_pl.eval.zeroshot", "clip_pl.eval.retrieval",
-         "clip_pl.eval.tasks", "clip_pl.eval.linear_probe", "clip_pl.eval.suite"),
-     "engines: the LightningModule, strategies, atomic checkpoint files and the resume choice, the CSV "
-     "logger, the data pipelines (training and evaluation), the evaluators, inference; each usable alone, "
-     "none knows the training loop's callbacks"),
-    (3, ("clip_pl.callbacks",),
-     "callbacks: everything that watches or steers the Lightning loop (checkpoints, preemption, "
-     "telemetry, progress, heatmap, CSV continuity, key recording, evaluation); may use any engine"),
-    (4, ("clip_pl.config_checks", "clip_pl.assembly"),
-     "assembly: a Hydra config checked, then turned into data, module, callbacks and trainer"),
-    (5, ("clip_pl.train", "clip_pl.eval.__main__", "clip_pl.eval.demo_tasks", "clip_pl.demo", "clip_pl.plots",
-         "clip_pl.data.audit", "clip_pl.data.plan"),
-     "entry points: command lines (python -m …); nothing imports them but each other"),
+    (
+        0,
+        (
+            "clip_pl._lazy",
+            "clip_pl.distributed",
+            "clip_pl.model",
+            "clip_pl.pixels",
+            "clip_pl.loss",
+            "clip_pl.schedule",
+            "clip_pl.towers",
+        ),
+        "foundations: towers, tokenizer, transforms, losses, LR schedules, rank/world size; plain torch and "
+        "open_clip, no Lightning, no files",
+    ),
+    (
+        1,
+        (
+            "clip_pl.interchange",
+            "clip_pl.hf_export",
+            "clip_pl.config_dir",
+            "clip_pl.data.shardspec",
+            "clip_pl.data.tarstream",
+            "clip_pl.data.reader",
+            "clip_pl.data.decode",
+            "clip_pl.data.jpeg",
+            "clip_pl.data.batch_transform",
+            "clip_pl.data.batch_rows",
+            "clip_pl.data.device_decode",
+            "clip_pl.data.device_resize",
+            "clip_pl.data.accounting",
+            "clip_pl.data.keys",
+            "clip_pl.data.workers",
+            "clip_pl.eval.labels",
+            "clip_pl.eval.report",
+            "clip_pl.eval.common",
+            "clip_pl.eval.distributed",
+        ),
+        "formats and primitives: every file format (checkpoints, transformers directories, the packaged "
+        "configs, shard specs, tars, samples, key files, class lists, reports) and the small pieces the "
+        "engines share; built on the foundations only",
+    ),
+    (
+        2,
+        (
+            "clip_pl.module",
+            "clip_pl.strategies",
+            "clip_pl.checkpointing",
+            "clip_pl.csv_metrics",
+            "clip_pl.inference",
+            "clip_pl.data.stream",
+            "clip_pl.data.datamodule",
+            "clip_pl.data.synthetic",
+            "clip_pl.data.forkserver_preload",
+            "clip_pl.eval.datasets",
+            "clip_pl.eval.zeroshot",
+            "clip_pl.eval.retrieval",
+            "clip_pl.eval.tasks",
+            "clip_pl.eval.linear_probe",
+            "clip_pl.eval.suite",
+        ),
+        "engines: the LightningModule, strategies, atomic checkpoint files and the resume choice, the CSV "
+        "logger, the data pipelines (training and evaluation), the evaluators, inference; each usable alone, "
+        "none knows the training loop's callbacks",
+    ),
+    (
+        3,
+        ("clip_pl.callbacks",),
+        "callbacks: everything that watches or steers the Lightning loop (checkpoints, preemption, "
+        "telemetry, progress, heatmap, CSV continuity, key recording, evaluation); may use any engine",
+    ),
+    (
+        4,
+        ("clip_pl.config_checks", "clip_pl.assembly"),
+        "assembly: a Hydra config checked, then turned into data, module, callbacks and trainer",
+    ),
+    (
+        5,
+        (
+            "clip_pl.train",
+            "clip_pl.eval.__main__",
+            "clip_pl.eval.demo_tasks",
+            "clip_pl.demo",
+            "clip_pl.plots",
+            "clip_pl.data.audit",
+            "clip_pl.data.plan",
+        ),
+        "entry points: command lines (python -m …); nothing imports them but each other",
+    ),
     # data_prep never imports clip_pl (and clip_pl never imports data_prep: the demo runs it as a command).
-    (10, ("data_prep.captions", "data_prep.failures", "data_prep.tables", "data_prep.shards",
-          "data_prep.demo.digits", "data_prep.demo.server", "data_prep.curate.chunks",
-          "data_prep.curate.shardio"),
-     "data_prep primitives: caption hygiene, failure reasons, input tables (whole or in chunks), img2dataset's "
-     "output, the digits and the fault-injecting server"),
-    (11, ("data_prep.stats", "data_prep.download", "data_prep.curate.balance", "data_prep.curate.score"),
-     "data_prep engines: url table → shards + manifests (img2dataset); table → balanced table, shards → CLIP scores"),
-    (12, ("data_prep.curate.cut", "data_prep.curate.dedup"),
-     "data_prep curation over scores: CLIP-score cuts and near-duplicate removal, reading what score wrote"),
+    (
+        10,
+        (
+            "data_prep.captions",
+            "data_prep.failures",
+            "data_prep.tables",
+            "data_prep.shards",
+            "data_prep.demo.digits",
+            "data_prep.demo.server",
+            "data_prep.curate.chunks",
+            "data_prep.curate.shardio",
+        ),
+        "data_prep primitives: caption hygiene, failure reasons, input tables (whole or in chunks), img2dataset's "
+        "output, the digits and the fault-injecting server",
+    ),
+    (
+        11,
+        ("data_prep.stats", "data_prep.download", "data_prep.curate.balance", "data_prep.curate.score"),
+        "data_prep engines: url table → shards + manifests (img2dataset); table → balanced table, shards → CLIP scores",
+    ),
+    (
+        12,
+        ("data_prep.curate.cut", "data_prep.curate.dedup"),
+        "data_prep curation over scores: CLIP-score cuts and near-duplicate removal, reading what score wrote",
+    ),
     (12, ("data_prep.demo.build",), "the demo corpus, built with the real download"),
     (13, ("data_prep.demo.__main__", "data_prep.benchmark", "data_prep.curate.__main__"), "data_prep entry points"),
 ]
@@ -111,8 +189,10 @@ def imports_of(name: str, modules: dict[str, Path], module_level_only: bool = Fa
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             exports = facade_exports(base, modules) if base in modules and is_package(base, modules) else {}
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else exports.get(alias.name, base)
-                       for alias in node.names]
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else exports.get(alias.name, base)
+                for alias in node.names
+            ]
         else:
             continue
         found.update(t for t in (_resolve(target, modules) for target in targets) if t)
@@ -131,14 +211,20 @@ def floor_of(name: str) -> int | None:
 
 def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
     """Edges of the non-facade modules (package ``__init__`` re-exports are left out, see the docstring)."""
-    return {name: {t for t in imports_of(name, modules) if not is_package(t, modules)}
-            for name in modules if not is_package(name, modules)}
+    return {
+        name: {t for t in imports_of(name, modules) if not is_package(t, modules)}
+        for name in modules
+        if not is_package(name, modules)
+    }
 
 
 def upward_edges(graph: dict[str, set[str]]) -> list[str]:
-    return [f"{a} (floor {floor_of(a)}) imports {b} (floor {floor_of(b)})"
-            for a, targets in sorted(graph.items()) for b in sorted(targets)
-            if floor_of(a) is not None and floor_of(b) is not None and floor_of(b) > floor_of(a)]
+    return [
+        f"{a} (floor {floor_of(a)}) imports {b} (floor {floor_of(b)})"
+        for a, targets in sorted(graph.items())
+        for b in sorted(targets)
+        if floor_of(a) is not None and floor_of(b) is not None and floor_of(b) > floor_of(a)
+    ]
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -148,7 +234,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         state[node] = 1
         for target in sorted(graph.get(node, ())):
             if state.get(target) == 1:
-                found.append(path[path.index(target):] + [target])
+                found.append(path[path.index(target) :] + [target])
             elif target not in state:
                 visit(target, path + [target])
         state[node] = 2
@@ -177,20 +263,28 @@ def test_the_import_graph_has_no_cycle():
 
 
 def test_package_inits_are_facades():
-    eager = {name: sorted(imports_of(name, MODULES, module_level_only=True) - {FACADE_HELPER})
-             for name in MODULES if is_package(name, MODULES)}
+    eager = {
+        name: sorted(imports_of(name, MODULES, module_level_only=True) - {FACADE_HELPER})
+        for name in MODULES
+        if is_package(name, MODULES)
+    }
     eager = {name: targets for name, targets in eager.items() if targets}
-    assert not eager, (f"package __init__ files import project modules at module level: {eager}; import them "
-                       f"inside __getattr__ (see clip_pl/eval/__init__.py), so a submodule import stays cheap")
+    assert not eager, (
+        f"package __init__ files import project modules at module level: {eager}; import them "
+        f"inside __getattr__ (see clip_pl/eval/__init__.py), so a submodule import stays cheap"
+    )
 
 
 def test_data_prep_and_clip_pl_stay_apart():
-    crossing = [f"{a} imports {b}" for a, targets in GRAPH.items() for b in targets
-                if a.split(".")[0] != b.split(".")[0]]
+    crossing = [
+        f"{a} imports {b}" for a, targets in GRAPH.items() for b in targets if a.split(".")[0] != b.split(".")[0]
+    ]
     assert not crossing, crossing
 
 
-@pytest.mark.parametrize("bad_edge", [("clip_pl.model", "clip_pl.module"), ("clip_pl.data.reader", "clip_pl.data.stream")])
+@pytest.mark.parametrize(
+    "bad_edge", [("clip_pl.model", "clip_pl.module"), ("clip_pl.data.reader", "clip_pl.data.stream")]
+)
 def test_the_checks_see_an_upward_import(bad_edge):
     # The checks themselves, on a copy of the graph with one import added where it must not be.
     source, target = bad_edge
@@ -208,7 +302,9 @@ def test_the_parser_reads_relative_and_lazy_imports(tmp_path):
     (package / "sub" / "__init__.py").write_text("")
     (package / "sub" / "leaf.py").write_text("from .. import base\n\ndef f():\n    from ..top import y\n")
     (package / "facade").mkdir()
-    (package / "facade" / "__init__.py").write_text("__getattr__, __all__ = lazy_exports(__name__, {'deep': ['Thing']})\n")
+    (package / "facade" / "__init__.py").write_text(
+        "__getattr__, __all__ = lazy_exports(__name__, {'deep': ['Thing']})\n"
+    )
     (package / "facade" / "deep.py").write_text("")
     (package / "user.py").write_text("from clip_pl.facade import Thing\n")
     (tmp_path / "data_prep").mkdir()

@@ -95,9 +95,10 @@ def _open_clip_parity(rank: int, world_size: int):
     txt = F.normalize(torch.randn(world_size * 4, 6, generator=gen), dim=-1)
     rows = slice(rank * 4, (rank + 1) * 4)
     out = {}
-    for name, fn in {"ours": ClipLoss(),
-                     "open_clip": OpenClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
-                                               world_size=world_size)}.items():
+    for name, fn in {
+        "ours": ClipLoss(),
+        "open_clip": OpenClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size),
+    }.items():
         i, t = img[rows].clone().requires_grad_(), txt[rows].clone().requires_grad_()
         scale = torch.tensor(14.0, requires_grad=True)
         loss = fn(i, t, scale)

@@ -15,18 +15,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _port_line() -> str:
-    lines = [line for line in (REPO / "slurm" / "launch.sh").read_text().splitlines()
-             if re.match(r"\s*export MASTER_PORT=", line)]
+    lines = [
+        line
+        for line in (REPO / "slurm" / "launch.sh").read_text().splitlines()
+        if re.match(r"\s*export MASTER_PORT=", line)
+    ]
     assert len(lines) == 1, lines
     return re.search(r'export MASTER_PORT="[^"]*"', lines[0]).group(0)  # without a trailing comment
 
 
 def _ports(job_ids: list[int], preset: str | None = None) -> list[int]:
     """Evaluate launch.sh's own line in bash for each job id (ids on stdin)."""
-    script = (f"while read -r SLURM_JOB_ID; do unset MASTER_PORT; "
-              f"{'MASTER_PORT=' + preset + ';' if preset else ''} {_port_line()}; echo $MASTER_PORT; done")
-    out = subprocess.run(["bash", "-c", script], input="\n".join(map(str, job_ids)) + "\n",
-                         capture_output=True, text=True, check=True).stdout
+    script = (
+        f"while read -r SLURM_JOB_ID; do unset MASTER_PORT; "
+        f"{'MASTER_PORT=' + preset + ';' if preset else ''} {_port_line()}; echo $MASTER_PORT; done"
+    )
+    out = subprocess.run(
+        ["bash", "-c", script], input="\n".join(map(str, job_ids)) + "\n", capture_output=True, text=True, check=True
+    ).stdout
     return [int(p) for p in out.split()]
 
 

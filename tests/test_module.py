@@ -22,15 +22,19 @@ def assert_grads_close(actual: dict, expected: dict) -> None:
     """Float32 sums in another order differ by ~1e-7 of the gradient's scale, no more."""
     assert actual.keys() == expected.keys()
     for name, grad in expected.items():
-        torch.testing.assert_close(actual[name], grad, rtol=1e-4, atol=1e-6 * max(1.0, grad.abs().max().item()),
-                                   msg=name)
+        torch.testing.assert_close(
+            actual[name], grad, rtol=1e-4, atol=1e-6 * max(1.0, grad.abs().max().item()), msg=name
+        )
 
 
 def make_module(chunks: int = 1, loss=None, arch_config=TINY, **config) -> CLIPModule:
     torch.manual_seed(0)
-    return CLIPModule(model_config=resolve_model_config(arch_config=arch_config, **config), loss=loss or ClipLoss(),
-                      optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.2),
-                      grad_cache_chunks=chunks)
+    return CLIPModule(
+        model_config=resolve_model_config(arch_config=arch_config, **config),
+        loss=loss or ClipLoss(),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.2),
+        grad_cache_chunks=chunks,
+    )
 
 
 def grads_of(module: CLIPModule, images, texts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -48,8 +52,13 @@ def test_weight_decay_groups_exclude_biases_norms_and_temperature():
     exempt = {names[id(p)] for p in no_decay["params"]}
     assert no_decay["weight_decay"] == 0.0 and "weight_decay" not in decay  # AdamW's own wd applies
     assert "logit_scale" in exempt and "visual.class_embedding" in exempt
-    assert all(n.endswith("bias") or "ln_" in n or n in ("logit_scale", "visual.class_embedding") or
-               module.model.get_parameter(n).ndim < 2 for n in exempt)
+    assert all(
+        n.endswith("bias")
+        or "ln_" in n
+        or n in ("logit_scale", "visual.class_embedding")
+        or module.model.get_parameter(n).ndim < 2
+        for n in exempt
+    )
     assert "visual.transformer.resblocks.0.attn.in_proj_weight" in decayed
     assert "transformer.resblocks.0.mlp.c_fc.weight" in decayed
     assert not any(n.endswith("bias") or "ln_" in n for n in decayed)
@@ -165,8 +174,11 @@ def test_schedules_warm_up_linearly_then_follow_their_shape():
 def test_grad_cache_recompute_does_not_update_batchnorm_statistics_twice():
     """ResNet towers: each chunk's forward updates the running statistics once, as without chunks;
     the recompute in the backward must not update them again."""
-    resnet = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
-              "text_cfg": TINY["text_cfg"]}
+    resnet = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
+        "text_cfg": TINY["text_cfg"],
+    }
     module = make_module(2, arch_config=resnet)
     reference = copy.deepcopy(module.model)
     images, texts = torch.randn(8, 3, 32, 32), make_batch(8)[1]

@@ -18,9 +18,9 @@ import lightning as L
 import pytest
 import torch
 
+from clip_pl.callbacks.preemption import PreemptionCheckpoint
 from clip_pl.data import WebDatasetDataModule
 from tests.support.fake_shards import write_shards
-from clip_pl.callbacks.preemption import PreemptionCheckpoint
 
 BATCH, SAMPLES = 4, 26  # 6 steps per epoch on one rank, 2 samples left out
 
@@ -49,13 +49,30 @@ class StopAt(L.Callback):
 
 
 def _fit(shards, root, max_steps, stop_at=None, ckpt_path=None):
-    dm = WebDatasetDataModule(train_shards=str(shards), batch_size=BATCH, num_workers=0, image_size=32,
-                              context_length=16, record_keys=True, shuffle_buffer=4, seed=0)
+    dm = WebDatasetDataModule(
+        train_shards=str(shards),
+        batch_size=BATCH,
+        num_workers=0,
+        image_size=32,
+        context_length=16,
+        record_keys=True,
+        shuffle_buffer=4,
+        seed=0,
+    )
     model = KeyModel()
     callbacks = [PreemptionCheckpoint(dirpath=str(root))] + ([StopAt(stop_at)] if stop_at else [])
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        default_root_dir=str(root), callbacks=callbacks)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(root),
+        callbacks=callbacks,
+    )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model.seen
 

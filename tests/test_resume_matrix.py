@@ -21,9 +21,9 @@ import lightning as L
 import pytest
 import torch
 
-from tests.support.fake_shards import write_shards
-from tests.support.distributed import run_distributed
 from tests.support.config import SMALLER
+from tests.support.distributed import run_distributed
+from tests.support.fake_shards import write_shards
 
 BATCH = 2
 
@@ -63,23 +63,43 @@ def shard_sizes(world: int, batches: int) -> list[int]:
 
 
 def overrides(run_dir: Path, shards: Path, workers: int, world: int, max_steps: int) -> list[str]:
-    return ["model=tiny", *SMALLER, "trainer=cpu", "data=wds", f"data.train_shards={shards}", f"data.batch_size={BATCH}",
-            f"data.num_workers={workers}", "+data.return_keys=true", "data.shuffle_buffer=4",
-            "data.prefetch_factor=1", "global_batch_size=null", "logger=csv", f"trainer.devices={world}",
-            f"trainer.max_steps={max_steps}", "trainer.log_every_n_steps=1", "scheduler.warmup_steps=2",
-            f"paths.run_dir={run_dir}", "resume=auto", "callbacks.progress_bar=null",
-            f"+callbacks.keylog._target_={__name__}.KeyLog", f"+callbacks.keylog.directory={run_dir}"]
+    return [
+        "model=tiny",
+        *SMALLER,
+        "trainer=cpu",
+        "data=wds",
+        f"data.train_shards={shards}",
+        f"data.batch_size={BATCH}",
+        f"data.num_workers={workers}",
+        "+data.return_keys=true",
+        "data.shuffle_buffer=4",
+        "data.prefetch_factor=1",
+        "global_batch_size=null",
+        "logger=csv",
+        f"trainer.devices={world}",
+        f"trainer.max_steps={max_steps}",
+        "trainer.log_every_n_steps=1",
+        "scheduler.warmup_steps=2",
+        f"paths.run_dir={run_dir}",
+        "resume=auto",
+        "callbacks.progress_bar=null",
+        f"+callbacks.keylog._target_={__name__}.KeyLog",
+        f"+callbacks.keylog.directory={run_dir}",
+    ]
 
 
 def run(run_dir: Path, shards: Path, workers: int, world: int, max_steps: int, stop: int | None = None) -> None:
     """One start of the entry point; with ``stop``, checkpoints at that step and crashes after it."""
-    from tests.support.config import make_cfg
     from clip_pl.train import train
+    from tests.support.config import make_cfg
 
     extra = []
     if stop is not None:
-        extra = [f"callbacks.checkpoint.every_n_train_steps={stop}", f"+callbacks.crash._target_={__name__}.CrashAfter",
-                 f"+callbacks.crash.step={stop}"]
+        extra = [
+            f"callbacks.checkpoint.every_n_train_steps={stop}",
+            f"+callbacks.crash._target_={__name__}.CrashAfter",
+            f"+callbacks.crash.step={stop}",
+        ]
     cfg = make_cfg([*overrides(run_dir, shards, workers, world, max_steps), *extra], run_dir.parent)
     train(cfg)
 
@@ -95,8 +115,7 @@ def loss_curve(run_dir: Path) -> list[tuple[int, float, float]]:
     return [(int(float(r["step"])), float(r["train/loss"]), float(r["train/lr"])) for r in rows]
 
 
-def interrupted_and_resumed(root: Path, shards: Path, workers: int, world: int, batches: int,
-                            stops: list[int]) -> dict:
+def interrupted_and_resumed(root: Path, shards: Path, workers: int, world: int, batches: int, stops: list[int]) -> dict:
     """The uninterrupted reference, and one run directory that crashes after each stop in turn and
     is restarted each time (a job preempted several times); keys, curves and loader states."""
     steps = 2 * batches  # two epochs
@@ -123,8 +142,13 @@ def check(outcome: dict, world: int, batches: int) -> None:
     for rank_keys in reference["keys"]:
         assert [step for step, _ in rank_keys] == list(range(1, steps + 1))
     for epoch in range(2):  # the reference itself: every usable sample once per epoch, over all ranks
-        keys = [k for rank_keys in reference["keys"] for step, batch in rank_keys
-                if epoch * batches < step <= (epoch + 1) * batches for k in batch]
+        keys = [
+            k
+            for rank_keys in reference["keys"]
+            for step, batch in rank_keys
+            if epoch * batches < step <= (epoch + 1) * batches
+            for k in batch
+        ]
         assert len(keys) == len(set(keys)) == world * BATCH * batches
     for stop, state in outcome["states"].items():
         # The checkpoint of an epoch's last step still belongs to that epoch (all its batches consumed).
@@ -134,7 +158,8 @@ def check(outcome: dict, world: int, batches: int) -> None:
         for (step, keys), (ref_step, ref_keys) in zip(resumed["keys"][rank], reference["keys"][rank]):
             assert (step, keys) == (ref_step, ref_keys), (
                 f"rank {rank}, step {step} (stops {list(outcome['states'])}): the resumed run trained other "
-                "samples than the uninterrupted one")
+                "samples than the uninterrupted one"
+            )
         assert len(resumed["keys"][rank]) == len(reference["keys"][rank]) == steps, "no step repeated or lost"
     curve = [value for row in resumed["loss"] for value in row]
     assert [row[0] for row in resumed["loss"]] == list(range(1, steps + 1)), "metrics.csv: one row per step"

@@ -67,12 +67,20 @@ def test_the_plan_is_what_the_loader_reads(tmp_path):
     plan = epoch_plan(sizes, world, 1, batch, seed=0, epoch=0)
     positions = [(i, k) for i in plan.order for k in range(sizes[i])]  # (shard, index in shard) of each position
     for rank in range(world):
-        dm = WebDatasetDataModule(train_shards=str(tmp_path), batch_size=batch, num_workers=0, image_size=32,
-                                  context_length=16, return_keys=True, shuffle_buffer=0, seed=0)
+        dm = WebDatasetDataModule(
+            train_shards=str(tmp_path),
+            batch_size=batch,
+            num_workers=0,
+            image_size=32,
+            context_length=16,
+            return_keys=True,
+            shuffle_buffer=0,
+            seed=0,
+        )
         dm._topology = lambda rank=rank: (rank, world)
         dm.setup("fit")
         keys = [k for b in dm.train_dataloader() for k in b["key"]]
         w = plan.workers[rank]
-        expected = [f"{s:05d}{k:04d}" for s, k in positions[w.start:w.stop]]
+        expected = [f"{s:05d}{k:04d}" for s, k in positions[w.start : w.stop]]
         assert keys == expected, rank
     torch.set_num_threads(torch.get_num_threads())

@@ -34,8 +34,15 @@ import torch
 from tests.support.distributed import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
-STRATEGIES = ["ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_2_offload",
-              "deepspeed_stage_3_offload", "fsdp"]
+STRATEGIES = [
+    "ddp",
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_3",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3_offload",
+    "fsdp",
+]
 STEPS, RESUME_AT = 20, 15
 # Just above the cap: a latched cap (zero gradient above it) would hold the temperature at 100.
 INIT_LOGIT_SCALE = math.log(100.0) + 2e-3
@@ -44,16 +51,32 @@ INIT_LOGIT_SCALE = math.log(100.0) + 2e-3
 def common_overrides(shards: str) -> list[str]:
     # No loader workers: crops are seeded per batch in the training process too (a resume re-crops
     # alike), and nothing is forked from processes that DeepSpeed's and gloo's threads run in.
-    return ["model=tiny", "trainer=cpu", "trainer.devices=2", "data=wds", f"data.train_shards={shards}",
-            "data.batch_size=8", "data.num_workers=0", "global_batch_size=null", f"trainer.max_steps={STEPS}",
-            "scheduler.warmup_steps=1", "trainer.log_every_n_steps=1", "trainer.gradient_clip_val=1.0",
-            f"model.init_logit_scale={INIT_LOGIT_SCALE}", f"callbacks.checkpoint.every_n_train_steps={RESUME_AT}",
-            "callbacks.checkpoint.save_last=false", f"callbacks.telemetry.heatmap_every_n_steps={STEPS}",
-            "callbacks.progress_bar=null", "logger=csv", "eval=none"]
+    return [
+        "model=tiny",
+        "trainer=cpu",
+        "trainer.devices=2",
+        "data=wds",
+        f"data.train_shards={shards}",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "global_batch_size=null",
+        f"trainer.max_steps={STEPS}",
+        "scheduler.warmup_steps=1",
+        "trainer.log_every_n_steps=1",
+        "trainer.gradient_clip_val=1.0",
+        f"model.init_logit_scale={INIT_LOGIT_SCALE}",
+        f"callbacks.checkpoint.every_n_train_steps={RESUME_AT}",
+        "callbacks.checkpoint.save_last=false",
+        f"callbacks.telemetry.heatmap_every_n_steps={STEPS}",
+        "callbacks.progress_bar=null",
+        "logger=csv",
+        "eval=none",
+    ]
 
 
 def compose(overrides: list[str], root: Path, run_name: str):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from clip_pl.config_dir import config_dir
 
@@ -86,7 +109,9 @@ def decayed_parameter_names(trainer) -> set[str]:
         groups = optimizer.fp16_groups
     else:
         groups = [g["params"] for g in optimizer.param_groups]
-    decays = [g["weight_decay"] for g in (optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer).param_groups]
+    decays = [
+        g["weight_decay"] for g in (optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer).param_groups
+    ]
     assert len(groups) == len(decays) == 2
     return {names[id(p)] for group, wd in zip(groups, decays) if wd > 0 for p in group}
 
@@ -120,9 +145,14 @@ class RecordLossInputs(L.Callback):
 
     def _record(self, loss_module, args) -> None:
         image_features, text_features, scale, bias = args
-        self.seen.append({"features": {image_features.dtype, text_features.dtype}, "scale": scale.dtype,
-                          "bias": None if bias is None else bias.dtype,
-                          "autocast": torch.is_autocast_enabled("cpu")})
+        self.seen.append(
+            {
+                "features": {image_features.dtype, text_features.dtype},
+                "scale": scale.dtype,
+                "bias": None if bias is None else bias.dtype,
+                "autocast": torch.is_autocast_enabled("cpu"),
+            }
+        )
 
 
 def _strategy_matrix(rank: int, world_size: int, shards: str, root: str) -> dict:
@@ -137,21 +167,47 @@ def _strategy_matrix(rank: int, world_size: int, shards: str, root: str) -> dict
         trainer = train(compose(overrides, root_path, strategy))
         print(f"[timing] {strategy}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
         result = {"decayed": decayed_parameter_names(trainer), "embeddings": live_embeddings(trainer.lightning_module)}
-        resumed = compose([*overrides, f"resume='{root_path}/runs/{strategy}/checkpoints/step={RESUME_AT}.ckpt'"],
-                          root_path, f"{strategy}-resumed")
+        resumed = compose(
+            [*overrides, f"resume='{root_path}/runs/{strategy}/checkpoints/step={RESUME_AT}.ckpt'"],
+            root_path,
+            f"{strategy}-resumed",
+        )
         train(resumed)
         results[strategy] = result
     for strategy, chunks in (("ddp", 1), ("fsdp", 2), ("deepspeed_stage_3", 2)):  # DDP unchunked: the reference
-        train(compose([*common_overrides(shards), f"strategy={strategy}", f"model.grad_cache_chunks={chunks}",
-                       "trainer.max_steps=5"], root_path, f"{strategy}-grad-cache"))
+        train(
+            compose(
+                [
+                    *common_overrides(shards),
+                    f"strategy={strategy}",
+                    f"model.grad_cache_chunks={chunks}",
+                    "trainer.max_steps=5",
+                ],
+                root_path,
+                f"{strategy}-grad-cache",
+            )
+        )
     for strategy in ("ddp", "fsdp", "deepspeed_stage_3"):
-        trainer = train(compose([*common_overrides(shards), f"strategy={strategy}", "trainer.precision=bf16-mixed",
-                                 "trainer.max_steps=3", "loss=siglip", "model.init_logit_bias=-10",
-                                 "+callbacks.record._target_=tests.test_strategies.RecordLossInputs"],
-                                root_path, f"{strategy}-bf16"))
+        trainer = train(
+            compose(
+                [
+                    *common_overrides(shards),
+                    f"strategy={strategy}",
+                    "trainer.precision=bf16-mixed",
+                    "trainer.max_steps=3",
+                    "loss=siglip",
+                    "model.init_logit_bias=-10",
+                    "+callbacks.record._target_=tests.test_strategies.RecordLossInputs",
+                ],
+                root_path,
+                f"{strategy}-bf16",
+            )
+        )
         recorder = next(c for c in trainer.callbacks if isinstance(c, RecordLossInputs))
-        results[f"{strategy}-bf16"] = {"loss_inputs": recorder.seen,
-                                       "temperature_dtype": trainer.lightning_module.model.logit_scale.dtype}
+        results[f"{strategy}-bf16"] = {
+            "loss_inputs": recorder.seen,
+            "temperature_dtype": trainer.lightning_module.model.logit_scale.dtype,
+        }
     return results if rank == 0 else {}
 
 
@@ -194,7 +250,7 @@ def test_every_strategy_trains_like_ddp(matrix, strategy):
 def test_the_temperature_comes_back_down_from_the_cap(matrix, strategy):
     temperature = curve(metrics_of(matrix, strategy), "train/temperature")
     assert temperature[0] == pytest.approx(100.0)  # the parameter starts above the cap: capped
-    assert temperature[-1] < 99.9                   # and the gradient brought it back below
+    assert temperature[-1] < 99.9  # and the gradient brought it back below
 
 
 @pytest.mark.slow
@@ -214,8 +270,13 @@ def test_a_consolidated_sharded_checkpoint_loads_with_the_live_embeddings(matrix
     folder = matrix["root"] / "runs" / strategy / "checkpoints" / f"step={STEPS}.ckpt"
     assert folder.is_dir()  # sharded: one folder, a shard per rank
     out = tmp_path / "consolidated.ckpt"
-    done = subprocess.run([sys.executable, "-m", "clip_pl.interchange", "consolidate", str(folder), str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "clip_pl.interchange", "consolidate", str(folder), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     model, _, _ = clip_pl.load(out)
     images, texts = probe_batch()
@@ -243,8 +304,7 @@ def test_under_bf16_the_loss_runs_in_fp32_and_the_temperature_stays_fp32(matrix,
     result = matrix["results"][f"{strategy}-bf16"]
     assert len(result["loss_inputs"]) == 3
     for seen in result["loss_inputs"]:
-        assert seen == {"features": {torch.float32}, "scale": torch.float32, "bias": torch.float32,
-                        "autocast": False}
+        assert seen == {"features": {torch.float32}, "scale": torch.float32, "bias": torch.float32, "autocast": False}
     assert result["temperature_dtype"] == torch.float32
     losses = curve(metrics_of(matrix, f"{strategy}-bf16"), "train/loss")
     assert losses == pytest.approx(curve(metrics_of(matrix, "ddp-bf16"), "train/loss"), rel=2e-2)  # bf16 noise
@@ -254,8 +314,16 @@ def test_under_bf16_the_loss_runs_in_fp32_and_the_temperature_stays_fp32(matrix,
 @pytest.mark.parametrize("strategy", ["deepspeed_stage_3_offload", "fsdp"])
 def test_the_entry_point_launches_sharded_strategies_on_two_processes(matrix, strategy, tmp_path):
     """python -m clip_pl.train with Lightning's own launcher: the same curve as the in-process runs."""
-    command = [sys.executable, "-m", "clip_pl.train", *common_overrides(str(matrix["shards"])),
-               f"strategy={strategy}", "trainer.max_steps=5", f"paths.root_dir={tmp_path}", "run_name=cli"]
+    command = [
+        sys.executable,
+        "-m",
+        "clip_pl.train",
+        *common_overrides(str(matrix["shards"])),
+        f"strategy={strategy}",
+        "trainer.max_steps=5",
+        f"paths.root_dir={tmp_path}",
+        "run_name=cli",
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     losses = curve(read_metrics(tmp_path / "runs" / "cli"), "train/loss")

@@ -1,6 +1,6 @@
 """clip_pl's tokenizer (``clip_pl.model.CLIPTokenizer``) gives open_clip's ids, whatever it remembers.
 
-    pytest tests/test_tokenizer.py
+pytest tests/test_tokenizer.py
 """
 
 from __future__ import annotations
@@ -18,13 +18,19 @@ from tests.test_hf_export import varied_captions
 def _random_texts(n: int, seed: int) -> list[str]:
     """Words of letters, digits, punctuation, accents, CJK, emoji, control characters, entities."""
     rng = random.Random(seed)
-    alphabet = ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJ0123456789 .,;:!?'\"-&#<>/\t\n\r\x07\x1b"
-                "éèàüößñçÉÀ漢字かなカナ😀👍🏽–—“”‘’…€™\u00a0\u200b")
+    alphabet = (
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJ0123456789 .,;:!?'\"-&#<>/\t\n\r\x07\x1b"
+        "éèàüößñçÉÀ漢字かなカナ😀👍🏽–—“”‘’…€™\u00a0\u200b"
+    )
     words = ["&amp;", "&lt;b&gt;", "<start_of_text>", "<end_of_text>", "'s", "don't", "café", "ÉCOLE"]
     texts = []
     for _ in range(n):
-        parts = [rng.choice(words) if rng.random() < 0.2 else
-                 "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(rng.randint(0, 30))]
+        parts = [
+            rng.choice(words)
+            if rng.random() < 0.2
+            else "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+            for _ in range(rng.randint(0, 30))
+        ]
         texts.append(" ".join(parts))
     return texts
 

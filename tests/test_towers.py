@@ -14,6 +14,7 @@ from clip_pl.schedule import warmup_cosine
 from tests.support.config import CPU_TINY, make_cfg
 from tests.support.tiny_fit import BASE_LR, TINY2, fit, make_module, snapshot
 
+
 def is_text(name: str) -> bool:
     return not name.startswith("visual.") and name not in ("logit_scale", "logit_bias")
 
@@ -22,8 +23,9 @@ def test_locked_towers_stay_bitwise_still_and_own_no_optimizer_state():
     # Image tower all locked; text tower locked but for its last 2 groups (open_clip's groups: the
     # embeddings, each block but the last, the last block + final norm, the projection).
     # (with layer-wise decay on the text tower, so its per-depth groups are built too)
-    module = make_module(lock=dict(lock_image=True, lock_text=True, lock_text_unlocked_layers=2),
-                         tower_lr=dict(text_layer_decay=0.8))
+    module = make_module(
+        lock=dict(lock_image=True, lock_text=True, lock_text_unlocked_layers=2), tower_lr=dict(text_layer_decay=0.8)
+    )
     before = snapshot(module)
     trainer = fit(module, steps=50)
     after = snapshot(module)
@@ -44,18 +46,24 @@ def test_locked_towers_stay_bitwise_still_and_own_no_optimizer_state():
 
 
 def test_unlocked_groups_follow_open_clip_meanings():
-    names = lambda m: {n for n, p in m.model.named_parameters() if p.requires_grad and n.startswith("visual.")}
+    def names(m):
+        return {n for n, p in m.model.named_parameters() if p.requires_grad and n.startswith("visual.")}
+
     locked = make_module(lock=dict(lock_image=True))  # the plain two groups leave locked parameters out too
     assert all(p.requires_grad for g in locked.parameter_groups() for p in g["params"])
     assert names(make_module(lock=dict(lock_image=True, lock_image_unlocked_groups=1))) == {"visual.proj"}
     last_two = names(make_module(lock=dict(lock_image=True, lock_image_unlocked_groups=2)))
     assert last_two == {"visual.proj", "visual.ln_post.weight", "visual.ln_post.bias"} | {
-        n for n in snapshot(make_module()) if n.startswith("visual.transformer.resblocks.1.")}
+        n for n in snapshot(make_module()) if n.startswith("visual.transformer.resblocks.1.")
+    }
 
 
 def test_locked_batchnorm_keeps_its_statistics_through_train_mode():
-    resnet = dict(embed_dim=8, vision_cfg=dict(image_size=32, layers=[1, 1, 1, 1], width=8, head_width=8),
-                  text_cfg=TINY2["text_cfg"])
+    resnet = dict(
+        embed_dim=8,
+        vision_cfg=dict(image_size=32, layers=[1, 1, 1, 1], width=8, head_width=8),
+        text_cfg=TINY2["text_cfg"],
+    )
     module = make_module(lock=dict(lock_image=True), arch_config=resnet)
     stats = {n: b.clone() for n, b in module.model.visual.named_buffers()}
     module.train()  # what Lightning does at every epoch start
@@ -107,27 +115,39 @@ def test_every_group_lr_is_base_times_decay_power_depth_times_tower_scale_throug
 
 def test_locked_tower_step_holds_less_memory():
     """Gradient + optimizer-state bytes after a step (what a locked tower saves), measured."""
+
     def step_bytes(lock):
         module = make_module(lock=lock)
         trainer = fit(module, steps=2)
         grads = sum(p.grad.numel() * p.grad.element_size() for p in module.parameters() if p.grad is not None)
-        state = sum(t.numel() * t.element_size() for s in trainer.optimizers[0].state.values()
-                    for t in s.values() if torch.is_tensor(t) and t.ndim > 0)
+        state = sum(
+            t.numel() * t.element_size()
+            for s in trainer.optimizers[0].state.values()
+            for t in s.values()
+            if torch.is_tensor(t) and t.ndim > 0
+        )
         return grads + state
+
     full, locked = step_bytes(None), step_bytes(dict(lock_image=True))
     image = sum(p.numel() * 4 for p in make_module().model.visual.parameters())
     assert full - locked == 3 * image  # its gradient and Adam's two moments, no longer held
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.lock_text=true model.lock_text_unlocked_layers=-1", "lock_text_unlocked_layers=-1 must be an integer >= 0"),
-    ("optim.image_layer_decay=1.5", "image_layer_decay=1.5 must be in (0, 1]"),
-    ("optim.text_layer_decay=0", "text_layer_decay=0.0 must be in (0, 1]"),
-    ("model=rn50 optim.image_layer_decay=0.8", "needs a ViT image tower"),
-    ("model=rn50 model.lock_image=true model.lock_image_unlocked_groups=1", "needs a ViT image tower"),
-    ("model.lock_image=true strategy=fsdp trainer.devices=2", "tested only under DDP"),
-    ("optim.text_lr_scale=0.1 strategy=deepspeed_stage_2 trainer.devices=2", "tested only under DDP"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "model.lock_text=true model.lock_text_unlocked_layers=-1",
+            "lock_text_unlocked_layers=-1 must be an integer >= 0",
+        ),
+        ("optim.image_layer_decay=1.5", "image_layer_decay=1.5 must be in (0, 1]"),
+        ("optim.text_layer_decay=0", "text_layer_decay=0.0 must be in (0, 1]"),
+        ("model=rn50 optim.image_layer_decay=0.8", "needs a ViT image tower"),
+        ("model=rn50 model.lock_image=true model.lock_image_unlocked_groups=1", "needs a ViT image tower"),
+        ("model.lock_image=true strategy=fsdp trainer.devices=2", "tested only under DDP"),
+        ("optim.text_lr_scale=0.1 strategy=deepspeed_stage_2 trainer.devices=2", "tested only under DDP"),
+    ],
+)
 def test_bad_tower_options_are_refused_before_anything_is_built(override, message, tmp_path):
     from clip_pl.config_checks import ConfigError, prepare_config
 
@@ -146,4 +166,4 @@ def test_tower_options_reach_the_module_from_the_config(tmp_path):
     assert module.tower_lr["text_layer_decay"] == 0.5
     scales = {g["lr_scale"] for g in module.parameter_groups()}
     assert scales == {1.0, 0.5, 0.25, 0.125, 0.0625}  # tiny text tower: 3 blocks → depths 0..4
-    assert math.isclose(min(scales), 0.5 ** 4)
+    assert math.isclose(min(scales), 0.5**4)

@@ -19,10 +19,23 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(tmp_path: Path, env: dict[str, str]) -> Path:
     run = tmp_path / "runs" / "r"
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_PROCID")}
-    subprocess.run([sys.executable, "-m", "clip_pl.train", "debug=smoke", "trainer.fast_dev_run=true",
-                    "data.batch_size=4", f"paths.root_dir={tmp_path}", "run_name=r"],
-                   cwd=REPO, env={**base, **env, "PYTHONPATH": str(REPO)}, check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_pl.train",
+            "debug=smoke",
+            "trainer.fast_dev_run=true",
+            "data.batch_size=4",
+            f"paths.root_dir={tmp_path}",
+            "run_name=r",
+        ],
+        cwd=REPO,
+        env={**base, **env, "PYTHONPATH": str(REPO)},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return run
 
 

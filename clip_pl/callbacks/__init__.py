@@ -19,14 +19,17 @@ from __future__ import annotations
 
 from clip_pl._lazy import lazy_exports
 
-__getattr__, __all__ = lazy_exports(__name__, {
-    "checkpoint": ["StepCheckpoint"],
-    "preemption": ["PreemptionCheckpoint"],
-    "telemetry": ["Telemetry", "pause_clock"],
-    "progress": ["ThroughputProgressBar"],
-    "metrics_continuity": ["ContinueMetrics"],
-    "keys": ["KeyRecorder"],
-    "ema": ["EMA"],
-    "evaluation": ["ZeroShotCallback", "RetrievalCallback", "SuiteCallback"],
-    "loop": ["RunEvents", "GradNorm", "StepSleep"],
-})
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "checkpoint": ["StepCheckpoint"],
+        "preemption": ["PreemptionCheckpoint"],
+        "telemetry": ["Telemetry", "pause_clock"],
+        "progress": ["ThroughputProgressBar"],
+        "metrics_continuity": ["ContinueMetrics"],
+        "keys": ["KeyRecorder"],
+        "ema": ["EMA"],
+        "evaluation": ["ZeroShotCallback", "RetrievalCallback", "SuiteCallback"],
+        "loop": ["RunEvents", "GradNorm", "StepSleep"],
+    },
+)

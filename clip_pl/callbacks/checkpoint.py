@@ -32,8 +32,12 @@ class StepCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         if any(getattr(cb, "stopped_at_step", None) is not None for cb in trainer.callbacks):
             return  # preempted: the hpc checkpoint of this step is the resume point
-        if (self._every_n_train_steps and not trainer.fast_dev_run and trainer.global_step > 0
-                and self._last_global_step_saved != trainer.global_step):
+        if (
+            self._every_n_train_steps
+            and not trainer.fast_dev_run
+            and trainer.global_step > 0
+            and self._last_global_step_saved != trainer.global_step
+        ):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)

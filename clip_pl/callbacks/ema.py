@@ -17,7 +17,8 @@ checkpoint under ``callbacks``; a resumed run continues the same recursion bit f
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -31,14 +32,17 @@ def check_ema_options(decay: Any, start_step: Any, sharded: str | None = None) -
     if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0:
         raise ValueError(f"callbacks.ema.start_step={start_step!r} must be an integer >= 0.")
     if sharded:
-        raise ValueError(f"callbacks.ema: strategy {sharded} shards the parameters over the ranks, and clip_pl's EMA "
-                         f"holds full tensors per rank (tested under DDP only). Use strategy=ddp or "
-                         f"callbacks.ema.enabled=false.")
+        raise ValueError(
+            f"callbacks.ema: strategy {sharded} shards the parameters over the ranks, and clip_pl's EMA "
+            f"holds full tensors per rank (tested under DDP only). Use strategy=ddp or "
+            f"callbacks.ema.enabled=false."
+        )
 
 
 class EMA(L.Callback):
-    def __init__(self, enabled: bool = False, decay: float = 0.9999, start_step: int = 0,
-                 evaluate_with_ema: bool = False):
+    def __init__(
+        self, enabled: bool = False, decay: float = 0.9999, start_step: int = 0, evaluate_with_ema: bool = False
+    ):
         self.enabled = bool(enabled)
         if self.enabled:
             check_ema_options(decay, start_step)
@@ -60,15 +64,17 @@ class EMA(L.Callback):
 
         strategy = trainer.strategy
         if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)) or not isinstance(
-                strategy, (DDPStrategy, SingleDeviceStrategy)):
+            strategy, (DDPStrategy, SingleDeviceStrategy)
+        ):
             check_ema_options(self.decay, self.start_step, sharded=type(strategy).__name__)
 
     @staticmethod
     def _parameters(pl_module: L.LightningModule) -> Iterator[tuple[str, torch.nn.Parameter]]:
         return ((n, p) for n, p in pl_module.model.named_parameters() if p.is_floating_point())
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if not self.enabled or step <= self.step:  # no optimizer step happened on this batch
             return
@@ -97,8 +103,12 @@ class EMA(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         if not self.enabled or self.ema is None:
             return {}
-        return {"decay": self.decay, "start_step": self.start_step, "step": self.step,
-                "ema": {n: t.detach().clone() for n, t in self.ema.items()}}
+        return {
+            "decay": self.decay,
+            "start_step": self.start_step,
+            "step": self.step,
+            "ema": {n: t.detach().clone() for n, t in self.ema.items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not self.enabled or not state_dict:

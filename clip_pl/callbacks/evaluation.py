@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from clip_pl.callbacks.ema import evaluation_weights
+from clip_pl.callbacks.telemetry import pause_clock
 from clip_pl.eval import datasets
 from clip_pl.eval.common import AutocastFactory, no_autocast
 from clip_pl.eval.labels import load_classnames, load_templates
@@ -33,8 +36,6 @@ from clip_pl.eval.retrieval import RECALL_K, retrieval_evaluate
 from clip_pl.eval.suite import AVERAGE, evaluate_tasks, suite_average
 from clip_pl.eval.tasks import load_task_list
 from clip_pl.eval.zeroshot import zero_shot_evaluate
-from clip_pl.callbacks.telemetry import pause_clock
-from clip_pl.callbacks.ema import evaluation_weights
 
 
 def check_strategy(strategy: Any) -> None:
@@ -43,25 +44,33 @@ def check_strategy(strategy: Any) -> None:
 
     # FSDP2 (ModelParallelStrategy) gathers parameters around forward() only; the evaluators call
     # encode_image / encode_text on their own.
-    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3):
-        raise ValueError(f"evaluation callbacks cannot run under {type(strategy).__name__} with sharded parameters "
-                         f"(FSDP / ZeRO-3 keep each rank's slice only): train with strategy=ddp or "
-                         f"deepspeed_stage_1/2, or use eval=none and evaluate the saved checkpoints with "
-                         f"`python -m clip_pl.eval checkpoint=… eval=…`.")
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or (
+        isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+    ):
+        raise ValueError(
+            f"evaluation callbacks cannot run under {type(strategy).__name__} with sharded parameters "
+            f"(FSDP / ZeRO-3 keep each rank's slice only): train with strategy=ddp or "
+            f"deepspeed_stage_1/2, or use eval=none and evaluate the saved checkpoints with "
+            f"`python -m clip_pl.eval checkpoint=… eval=…`."
+        )
 
 
 def _require_data(data: str | Sequence[str] | None, name: str) -> str | list[str]:
     if data is None or (isinstance(data, str) and not data.strip()):
-        raise ValueError(f"eval callback {name!r}: no evaluation data given. Set the paths.* key its eval "
-                         f"config reads (e.g. paths.imagenet_val_dir=/data/imagenet/val, "
-                         f"paths.retrieval_shards='/data/coco/{{0000..0004}}.tar') or eval.callbacks.{name}.data.")
+        raise ValueError(
+            f"eval callback {name!r}: no evaluation data given. Set the paths.* key its eval "
+            f"config reads (e.g. paths.imagenet_val_dir=/data/imagenet/val, "
+            f"paths.retrieval_shards='/data/coco/{{0000..0004}}.tar') or eval.callbacks.{name}.data."
+        )
     return data if isinstance(data, str) else [str(d) for d in data]
 
 
 class _PeriodicEvaluation(pl.Callback, ABC):
     def __init__(self, name: str, every_n_steps: int, at_train_end: bool):
         if every_n_steps < 0:
-            raise ValueError(f"eval callback {name!r}: every_n_steps={every_n_steps} must be >= 0 (0: only at the end).")
+            raise ValueError(
+                f"eval callback {name!r}: every_n_steps={every_n_steps} must be >= 0 (0: only at the end)."
+            )
         self.name = name
         self.every_n_steps = int(every_n_steps)
         self.at_train_end = at_train_end
@@ -70,8 +79,9 @@ class _PeriodicEvaluation(pl.Callback, ABC):
         self._last_step = -1
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, model_config: Mapping[str, Any],
-                 autocast: AutocastFactory = no_autocast) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, model_config: Mapping[str, Any], autocast: AutocastFactory = no_autocast
+    ) -> dict[str, float]:
         """This task's metrics for ``model``, computed over all ranks (every rank calls it)."""
 
     def table(self, metrics: Mapping[str, float]) -> str:
@@ -81,8 +91,9 @@ class _PeriodicEvaluation(pl.Callback, ABC):
     def _evaluate_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         start = time.perf_counter()
         with pause_clock(trainer), evaluation_weights(trainer, pl_module):  # EMA weights if callbacks.ema asks
-            metrics = self.evaluate(pl_module.model, pl_module.model_config,
-                                    autocast=trainer.precision_plugin.forward_context)
+            metrics = self.evaluate(
+                pl_module.model, pl_module.model_config, autocast=trainer.precision_plugin.forward_context
+            )
         metrics["seconds"] = time.perf_counter() - start
         self._last_step = trainer.global_step
         self.last_metrics = metrics
@@ -96,18 +107,22 @@ class _PeriodicEvaluation(pl.Callback, ABC):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy)
         if not (hasattr(pl_module, "model") and hasattr(pl_module, "model_config")):
-            raise AttributeError(f"eval callback {self.name!r} needs the LightningModule to expose `model` (the "
-                                 f"open_clip model) and `model_config`; {type(pl_module).__name__} does not.")
+            raise AttributeError(
+                f"eval callback {self.name!r} needs the LightningModule to expose `model` (the "
+                f"open_clip model) and `model_config`; {type(pl_module).__name__} does not."
+            )
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         # With gradient accumulation several batches end at the same global_step: evaluate once.
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             for key, value in self._evaluate_now(trainer, pl_module).items():
                 # Identical on every rank after the all-reduce, hence no sync_dist.
-                pl_module.log(key, value, logger=False, on_step=True, on_epoch=False,
-                              rank_zero_only=False, sync_dist=False)
+                pl_module.log(
+                    key, value, logger=False, on_step=True, on_epoch=False, rank_zero_only=False, sync_dist=False
+                )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.at_train_end and trainer.global_step != self._last_step:
@@ -123,10 +138,18 @@ class ZeroShotCallback(_PeriodicEvaluation):
     checked here, at construction, so a bad list fails before training starts.
     """
 
-    def __init__(self, data: str | Sequence[str], classnames: str | Sequence[str] = "imagenet",
-                 templates: str | Sequence[str] = "openai_imagenet", name: str = "zeroshot",
-                 every_n_steps: int = 1000, at_train_end: bool = True, batch_size: int = 64,
-                 num_workers: int = 4, label_key: str = "cls"):
+    def __init__(
+        self,
+        data: str | Sequence[str],
+        classnames: str | Sequence[str] = "imagenet",
+        templates: str | Sequence[str] = "openai_imagenet",
+        name: str = "zeroshot",
+        every_n_steps: int = 1000,
+        at_train_end: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        label_key: str = "cls",
+    ):
         super().__init__(name, every_n_steps, at_train_end)
         self.data = _require_data(data, name)
         self.classnames = load_classnames(classnames if isinstance(classnames, str) else list(classnames))
@@ -135,11 +158,20 @@ class ZeroShotCallback(_PeriodicEvaluation):
             datasets.expand_shards(self.data)  # fail now on missing shards
         self.batch_size, self.num_workers, self.label_key = batch_size, num_workers, label_key
 
-    def evaluate(self, model: nn.Module, model_config: Mapping[str, Any],
-                 autocast: AutocastFactory = no_autocast) -> dict[str, float]:
-        return zero_shot_evaluate(model, model_config, self.data, self.classnames, self.templates,
-                                  batch_size=self.batch_size, num_workers=self.num_workers,
-                                  label_key=self.label_key, autocast=autocast)
+    def evaluate(
+        self, model: nn.Module, model_config: Mapping[str, Any], autocast: AutocastFactory = no_autocast
+    ) -> dict[str, float]:
+        return zero_shot_evaluate(
+            model,
+            model_config,
+            self.data,
+            self.classnames,
+            self.templates,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            label_key=self.label_key,
+            autocast=autocast,
+        )
 
 
 class RetrievalCallback(_PeriodicEvaluation):
@@ -149,10 +181,19 @@ class RetrievalCallback(_PeriodicEvaluation):
     caption per sample); images whose text is empty are gallery items only, and are counted.
     """
 
-    def __init__(self, data: str | Sequence[str], name: str = "retrieval", every_n_steps: int = 1000,
-                 at_train_end: bool = True, batch_size: int = 64, num_workers: int = 4,
-                 text_key: str = "txt", caption_separator: str | None = "\n",
-                 ks: Sequence[int] = RECALL_K, chunk_size: int = 1024):
+    def __init__(
+        self,
+        data: str | Sequence[str],
+        name: str = "retrieval",
+        every_n_steps: int = 1000,
+        at_train_end: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        text_key: str = "txt",
+        caption_separator: str | None = "\n",
+        ks: Sequence[int] = RECALL_K,
+        chunk_size: int = 1024,
+    ):
         super().__init__(name, every_n_steps, at_train_end)
         self.data = _require_data(data, name)
         datasets.expand_shards(self.data)  # fail now on missing shards
@@ -162,12 +203,21 @@ class RetrievalCallback(_PeriodicEvaluation):
         self.text_key, self.caption_separator = text_key, caption_separator
         self.ks, self.chunk_size = tuple(int(k) for k in ks), chunk_size
 
-    def evaluate(self, model: nn.Module, model_config: Mapping[str, Any],
-                 autocast: AutocastFactory = no_autocast) -> dict[str, float]:
-        return retrieval_evaluate(model, model_config, self.data, batch_size=self.batch_size,
-                                  num_workers=self.num_workers, text_key=self.text_key,
-                                  caption_separator=self.caption_separator, ks=self.ks,
-                                  chunk_size=self.chunk_size, autocast=autocast)
+    def evaluate(
+        self, model: nn.Module, model_config: Mapping[str, Any], autocast: AutocastFactory = no_autocast
+    ) -> dict[str, float]:
+        return retrieval_evaluate(
+            model,
+            model_config,
+            self.data,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            text_key=self.text_key,
+            caption_separator=self.caption_separator,
+            ks=self.ks,
+            chunk_size=self.chunk_size,
+            autocast=autocast,
+        )
 
 
 class SuiteCallback(_PeriodicEvaluation):
@@ -177,19 +227,30 @@ class SuiteCallback(_PeriodicEvaluation):
     construction, so a bad list fails before the model is loaded or training starts.
     """
 
-    def __init__(self, task_list: str, name: str = "suite", every_n_steps: int = 1000, at_train_end: bool = True,
-                 batch_size: int = 64, num_workers: int = 4):
+    def __init__(
+        self,
+        task_list: str,
+        name: str = "suite",
+        every_n_steps: int = 1000,
+        at_train_end: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 4,
+    ):
         super().__init__(name, every_n_steps, at_train_end)
         if not task_list:
-            raise ValueError(f"eval callback {name!r}: no task list given; pass eval.task_list=PATH to a YAML task "
-                             f"list (format: clip_pl/eval/tasks.py, example: docs/evaluation.md).")
+            raise ValueError(
+                f"eval callback {name!r}: no task list given; pass eval.task_list=PATH to a YAML task "
+                f"list (format: clip_pl/eval/tasks.py, example: docs/evaluation.md)."
+            )
         self.tasks = load_task_list(task_list)
         self.batch_size, self.num_workers = batch_size, num_workers
 
-    def evaluate(self, model: nn.Module, model_config: Mapping[str, Any],
-                 autocast: AutocastFactory = no_autocast) -> dict[str, float]:
-        results = evaluate_tasks(model, model_config, self.tasks, batch_size=self.batch_size,
-                                 num_workers=self.num_workers, autocast=autocast)
+    def evaluate(
+        self, model: nn.Module, model_config: Mapping[str, Any], autocast: AutocastFactory = no_autocast
+    ) -> dict[str, float]:
+        results = evaluate_tasks(
+            model, model_config, self.tasks, batch_size=self.batch_size, num_workers=self.num_workers, autocast=autocast
+        )
         flat = {f"{task}/{metric}": value for task, metrics in results.items() for metric, value in metrics.items()}
         flat[AVERAGE] = suite_average(results, self.tasks)
         return flat

@@ -6,16 +6,18 @@ Drawn by :class:`clip_pl.callbacks.telemetry.Telemetry` every ``heatmap_every_n_
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import lightning as L
 import torch
 
 
 @torch.no_grad()
-def save_similarity_heatmap(trainer: L.Trainer, pl_module: L.LightningModule, batch: Mapping[str, Any],
-                            size: int = 16) -> Path | None:
+def save_similarity_heatmap(
+    trainer: L.Trainer, pl_module: L.LightningModule, batch: Mapping[str, Any], size: int = 16
+) -> Path | None:
     """The cosine similarity of the batch's first ``size`` images and texts, as
     ``RUN_DIR/plots/similarity_step<n>.png`` (rank 0; every rank runs the forward)."""
     n = min(size, batch["image"].shape[0])

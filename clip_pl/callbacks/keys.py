@@ -46,8 +46,12 @@ class KeyRecorder(L.Callback):
         epoch = batch.get("epoch")  # the loader's own epoch (its data order); Lightning's counter as a fallback
         if epoch is None:
             epoch = trainer.fit_loop.epoch_progress.current.processed
-        record = {"step": trainer.global_step, "epoch": int(epoch),
-                  "keys": list(batch["key"]), "bad": dict(batch.get("bad_samples") or {})}
+        record = {
+            "step": trainer.global_step,
+            "epoch": int(epoch),
+            "keys": list(batch["key"]),
+            "bad": dict(batch.get("bad_samples") or {}),
+        }
         self._file.write(json.dumps(record) + "\n")
 
     def teardown(self, trainer, pl_module, stage: str) -> None:

@@ -50,8 +50,9 @@ class RunEvents(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # preempted_at_step: the step whose hpc_ckpt this attempt saved before stopping (None: not preempted)
-        preempted = next((cb.stopped_at_step for cb in trainer.callbacks
-                          if getattr(cb, "stopped_at_step", None) is not None), None)
+        preempted = next(
+            (cb.stopped_at_step for cb in trainer.callbacks if getattr(cb, "stopped_at_step", None) is not None), None
+        )
         self._write(trainer, "end", preempted_at_step=preempted)
 
 

@@ -36,8 +36,9 @@ import re
 import signal
 import subprocess
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -67,13 +68,18 @@ class PreemptionCheckpoint(L.Callback):
     ``scontrol requeue <job id>``; nothing outside SLURM).
     """
 
-    def __init__(self, dirpath: str | None = None, requeue_signals: Sequence[str] = ("SIGUSR1",),
-                 stop_signals: Sequence[str] = ("SIGTERM",), requeue_command: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        requeue_signals: Sequence[str] = ("SIGUSR1",),
+        stop_signals: Sequence[str] = ("SIGTERM",),
+        requeue_command: Sequence[str] | None = None,
+    ) -> None:
         self.dirpath = dirpath
-        self.requeue_signals = tuple(signal.Signals[s] if isinstance(s, str) else signal.Signals(s)
-                                     for s in requeue_signals)
-        self.stop_signals = tuple(signal.Signals[s] if isinstance(s, str) else signal.Signals(s)
-                                  for s in stop_signals)
+        self.requeue_signals = tuple(
+            signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in requeue_signals
+        )
+        self.stop_signals = tuple(signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in stop_signals)
         self.requeue_command = list(requeue_command) if requeue_command else None
         self._asked = [0, 0]  # [requeue, stop]: written by the handler, read at step boundaries
         self._originals: dict[int, Any] = {}
@@ -121,17 +127,20 @@ class PreemptionCheckpoint(L.Callback):
         connector = getattr(trainer, "_signal_connector", None)
         register = getattr(connector, "register_signal_handlers", None)
         if register is not None and not getattr(register, "_clip_pl_wrapped", False):
+
             def register_then_ours() -> None:
                 register()
                 self._install()
+
             register_then_ours._clip_pl_wrapped = True  # type: ignore[attr-defined]
             connector.register_signal_handlers = register_then_ours  # type: ignore[union-attr]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()  # in case the trainer registered handlers without the hook above
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         # After the optimizer step of this batch: every rank is here at the same global step.
         asked = self._agree(trainer)
         if not any(asked):
@@ -139,8 +148,9 @@ class PreemptionCheckpoint(L.Callback):
         step = trainer.global_step
         reason = "SIGUSR1 (time limit)" if asked[0] else "SIGTERM (preemption)"
         if trainer.is_global_zero:
-            log.warning("Stop requested by %s: all %d ranks save at step %d, then stop.", reason,
-                        trainer.world_size, step)
+            log.warning(
+                "Stop requested by %s: all %d ranks save at step %d, then stop.", reason, trainer.world_size, step
+            )
         path = Path(self.dirpath or trainer.default_root_dir) / f"hpc_ckpt_{step}.ckpt"
         save_checkpoint_atomically(trainer, path)
         self.saved_path, self.stopped_at_step = str(path), step

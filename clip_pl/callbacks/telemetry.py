@@ -18,7 +18,8 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -128,8 +129,13 @@ class Telemetry(L.Callback):
     it covers the kernels the window queued, not only their launch (one sync per window, no more).
     """
 
-    def __init__(self, log_every_n_steps: int = 10, heatmap_every_n_steps: int = 0,
-                 heatmap_size: int = 16, peak_flops_per_device: float | None = None):
+    def __init__(
+        self,
+        log_every_n_steps: int = 10,
+        heatmap_every_n_steps: int = 0,
+        heatmap_size: int = 16,
+        peak_flops_per_device: float | None = None,
+    ):
         self.log_every_n_steps = max(1, log_every_n_steps)
         self.heatmap_every_n_steps = heatmap_every_n_steps
         self.heatmap_size = heatmap_size
@@ -153,8 +159,11 @@ class Telemetry(L.Callback):
             name = torch.cuda.get_device_name(trainer.strategy.root_device)
             self.peak_flops = peak_flops_per_device(name, str(trainer.precision))
             if self.peak_flops is None:
-                log.warning("MFU not logged: %r is not in clip_pl.callbacks.telemetry.PEAK_FLOPS; set "
-                            "callbacks.telemetry.peak_flops_per_device to its dense peak FLOP/s.", name)
+                log.warning(
+                    "MFU not logged: %r is not in clip_pl.callbacks.telemetry.PEAK_FLOPS; set "
+                    "callbacks.telemetry.peak_flops_per_device to its dense peak FLOP/s.",
+                    name,
+                )
         self._time_fetches(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from clip_pl._lazy import lazy_exports
 
-__getattr__, __all__ = lazy_exports(__name__, {
-    "datamodule": ["WebDatasetDataModule", "EpochAwareLoader"], "stream": ["WebDatasetStream"],
-    "shardspec": ["ShardSet", "resolve_shards"], "synthetic": ["SyntheticDataModule"],
-    "accounting": ["sum_over_ranks"],
-})
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "datamodule": ["WebDatasetDataModule", "EpochAwareLoader"],
+        "stream": ["WebDatasetStream"],
+        "shardspec": ["ShardSet", "resolve_shards"],
+        "synthetic": ["SyntheticDataModule"],
+        "accounting": ["sum_over_ranks"],
+    },
+)

@@ -12,7 +12,7 @@ counts arrive exactly once); :func:`sum_over_ranks` adds the ranks together.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch.distributed as dist
 

@@ -64,8 +64,16 @@ def audit(run_dir: Path, epoch_samples: int) -> dict:
             e["keys"].update(r["keys"])
             e["bad"].update(r.get("bad") or {})
             e["steps"][rank].append(int(r["step"]))
-    report = {"run_dir": str(run_dir), "world_size": world, "batch_size": batch, "epoch_samples": epoch_samples,
-              "steps_per_epoch": steps_per_epoch, "remainder_per_epoch": remainder, "epochs": [], "ok": True}
+    report = {
+        "run_dir": str(run_dir),
+        "world_size": world,
+        "batch_size": batch,
+        "epoch_samples": epoch_samples,
+        "steps_per_epoch": steps_per_epoch,
+        "remainder_per_epoch": remainder,
+        "epochs": [],
+        "ok": True,
+    }
     last_epoch = max(epochs) if epochs else None
     for epoch in sorted(epochs):
         e = epochs[epoch]
@@ -85,16 +93,30 @@ def audit(run_dir: Path, epoch_samples: int) -> dict:
         if replayed:
             problems.append(f"steps recorded twice: {replayed}")
         if complete and missing > remainder + skipped:
-            problems.append(f"{missing} samples never trained, {remainder} remainder + {skipped} skipped explain "
-                            f"{remainder + skipped}")
+            problems.append(
+                f"{missing} samples never trained, {remainder} remainder + {skipped} skipped explain "
+                f"{remainder + skipped}"
+            )
         if not complete and epoch != last_epoch:
-            problems.append(f"incomplete ({ {r: len(s) for r, s in sorted(e['steps'].items())} } steps by rank, "
-                            f"{steps_per_epoch} expected) yet a later epoch started: steps were lost")
+            problems.append(
+                f"incomplete ({ {r: len(s) for r, s in sorted(e['steps'].items())} } steps by rank, "
+                f"{steps_per_epoch} expected) yet a later epoch started: steps were lost"
+            )
         if any(len(s) > steps_per_epoch for s in e["steps"].values()):
             problems.append(f"more than {steps_per_epoch} steps on a rank")
-        report["epochs"].append({"epoch": epoch, "complete": complete, "trained": trained, "distinct": distinct,
-                                 "duplicates": duplicates, "missing": missing, "skipped": skipped,
-                                 "refilled": refilled, "problems": problems})
+        report["epochs"].append(
+            {
+                "epoch": epoch,
+                "complete": complete,
+                "trained": trained,
+                "distinct": distinct,
+                "duplicates": duplicates,
+                "missing": missing,
+                "skipped": skipped,
+                "refilled": refilled,
+                "problems": problems,
+            }
+        )
         report["ok"] = report["ok"] and not problems
     return report
 
@@ -102,8 +124,9 @@ def audit(run_dir: Path, epoch_samples: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m clip_pl.data.audit", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--sizes", type=Path, default=None,
-                   help="the manifest (sizes.json, or its folder); default: the run's config")
+    p.add_argument(
+        "--sizes", type=Path, default=None, help="the manifest (sizes.json, or its folder); default: the run's config"
+    )
     p.add_argument("--epoch-samples", type=int, default=None, help="samples per epoch, if not the manifest's sum")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = p.parse_args(argv)
@@ -114,14 +137,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         n = epoch_samples_from_config(args.run_dir)
     report = audit(args.run_dir, n)
-    print(f"{report['run_dir']}: {report['world_size']} ranks × batch {report['batch_size']}, {n} samples per "
-          f"epoch → {report['steps_per_epoch']} steps, {report['remainder_per_epoch']} left out per epoch")
-    print(f"{'epoch':>5} {'complete':>8} {'trained':>8} {'distinct':>8} {'dups':>5} {'missing':>7} "
-          f"{'skipped':>7} {'refilled':>8}  result")
+    print(
+        f"{report['run_dir']}: {report['world_size']} ranks × batch {report['batch_size']}, {n} samples per "
+        f"epoch → {report['steps_per_epoch']} steps, {report['remainder_per_epoch']} left out per epoch"
+    )
+    print(
+        f"{'epoch':>5} {'complete':>8} {'trained':>8} {'distinct':>8} {'dups':>5} {'missing':>7} "
+        f"{'skipped':>7} {'refilled':>8}  result"
+    )
     for e in report["epochs"]:
         missing = "-" if e["missing"] is None else e["missing"]
-        print(f"{e['epoch']:>5} {str(e['complete']):>8} {e['trained']:>8} {e['distinct']:>8} {e['duplicates']:>5} "
-              f"{missing:>7} {e['skipped']:>7} {e['refilled']:>8}  {'; '.join(e['problems']) or 'ok'}")
+        print(
+            f"{e['epoch']:>5} {str(e['complete']):>8} {e['trained']:>8} {e['distinct']:>8} {e['duplicates']:>5} "
+            f"{missing:>7} {e['skipped']:>7} {e['refilled']:>8}  {'; '.join(e['problems']) or 'ok'}"
+        )
     print("every sample exactly once" if report["ok"] else "FAILED: see the problems above")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

@@ -12,7 +12,7 @@ A batch in ordinary memory is copied into shared memory again when the worker se
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import get_worker_info
@@ -38,7 +38,9 @@ class StackedRows:
         if self.added == self.rows:
             raise ValueError(f"a batch of {self.rows} rows got one more")
         if tuple(row.shape) != tuple(self.batch.shape[1:]):
-            raise ValueError(f"rows of one batch must have one shape: {tuple(self.batch.shape[1:])} then {tuple(row.shape)}")
+            raise ValueError(
+                f"rows of one batch must have one shape: {tuple(self.batch.shape[1:])} then {tuple(row.shape)}"
+            )
         self.batch[self.added].copy_(row)
         self.added += 1
 

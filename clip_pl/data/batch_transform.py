@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +54,9 @@ def crop_randomness(rng: random.Random) -> Iterator[None]:
         _crop_random = previous
 
 
-def random_resized_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float]) -> tuple[int, int, int, int]:
+def random_resized_box(
+    height: int, width: int, scale: Sequence[float], ratio: Sequence[float]
+) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a RandomResizedCrop box on a ``height × width`` image; see the module doc."""
     if _crop_random is not None:
         draw = _crop_random.random
@@ -84,7 +86,9 @@ def random_resized_box(height: int, width: int, scale: Sequence[float], ratio: S
 def resized_crop(x: torch.Tensor, box: Sequence[int], step: T.RandomResizedCrop) -> torch.Tensor:
     """``x[:, top:top+h, left:left+w]`` resized to the step's size (bicubic, antialiased), uint8 in and out."""
     top, left, height, width = (int(v) for v in box)
-    return F.resized_crop(x, top, left, height, width, list(step.size), interpolation=step.interpolation, antialias=True)
+    return F.resized_crop(
+        x, top, left, height, width, list(step.size), interpolation=step.interpolation, antialias=True
+    )
 
 
 def _name(step) -> str:
@@ -96,14 +100,18 @@ class BatchedImageTransform:
         steps = list(getattr(compose, "transforms", [compose]))
         normalize = [s for s in steps if isinstance(s, T.Normalize)]
         if len(normalize) != 1 or not np.allclose(normalize[0].mean, MEAN) or not np.allclose(normalize[0].std, STD):
-            raise ValueError(f"the image transform must end in Normalize with OpenAI's mean/std ({MEAN}, {STD}), "
-                             "which the model applies on the device (clip_pl.pixels); got "
-                             f"{[_name(s) for s in steps]}")
+            raise ValueError(
+                f"the image transform must end in Normalize with OpenAI's mean/std ({MEAN}, {STD}), "
+                "which the model applies on the device (clip_pl.pixels); got "
+                f"{[_name(s) for s in steps]}"
+            )
         self.geometry = [s for s in steps if _name(s) not in _DEVICE_OR_NOOP]
         for step in self.geometry:
             if not isinstance(step, (T.RandomResizedCrop, T.Resize, T.CenterCrop)):
-                raise ValueError(f"unsupported image transform step {step!r}: the loader runs RandomResizedCrop, "
-                                 "Resize and CenterCrop on uint8 tensors (clip_pl/data/batch_transform.py).")
+                raise ValueError(
+                    f"unsupported image transform step {step!r}: the loader runs RandomResizedCrop, "
+                    "Resize and CenterCrop on uint8 tensors (clip_pl/data/batch_transform.py)."
+                )
 
     @property
     def random_crop(self) -> T.RandomResizedCrop | None:

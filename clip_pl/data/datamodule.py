@@ -19,7 +19,8 @@ import hashlib
 import json
 import logging
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -28,9 +29,9 @@ from torch.utils.data import DataLoader
 from clip_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from clip_pl.data.shardspec import ShardSet, resolve_shards, resolve_shards_once
 from clip_pl.data.stream import WebDatasetStream
+from clip_pl.data.workers import START_METHOD, check_start_method, worker_context, worker_options
 from clip_pl.distributed import rank_and_world_size
 from clip_pl.model import get_tokenizer, image_transforms
-from clip_pl.data.workers import START_METHOD, check_start_method, worker_context, worker_options
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,16 @@ class WebDatasetDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if decode_on not in ("cpu", "device"):
-            raise ValueError(f"data.decode_on={decode_on!r}: 'cpu' (workers decode, crop, resize) or 'device' "
-                             "(workers ship JPEG bytes; the training device decodes them, see docs/data.md).")
+            raise ValueError(
+                f"data.decode_on={decode_on!r}: 'cpu' (workers decode, crop, resize) or 'device' "
+                "(workers ship JPEG bytes; the training device decodes them, see docs/data.md)."
+            )
         if resize_on not in (None, "worker", "device") or (decode_on == "device" and resize_on == "worker"):
-            raise ValueError(f"data.resize_on={resize_on!r} with data.decode_on={decode_on}: null (where the decode "
-                             "runs), 'worker', or 'device' (workers decode and crop, the device resizes the batch); "
-                             "the device path decodes on the device, so it resizes there too.")
+            raise ValueError(
+                f"data.resize_on={resize_on!r} with data.decode_on={decode_on}: null (where the decode "
+                "runs), 'worker', or 'device' (workers decode and crop, the device resizes the batch); "
+                "the device path decodes on the device, so it resizes there too."
+            )
         # Training batches only: validation is a few batches, decoded on the CPU path whatever this says.
         self.decode_on, self.resize_on = decode_on, resize_on
         if batch_size < 1 or num_workers < 0:
@@ -129,8 +134,10 @@ class WebDatasetDataModule(L.LightningDataModule):
         if not self.resampled and train_weights is not None:
             weights = resolve_shards(train_shards, train_weights, sizes_file).weights
             if len(set(weights)) > 1:
-                raise ValueError("data.train_weights only apply with data.resampled=true: exact epochs read "
-                                 "every sample once. Set data.resampled=true and data.num_samples.")
+                raise ValueError(
+                    "data.train_weights only apply with data.resampled=true: exact epochs read "
+                    "every sample once. Set data.resampled=true and data.num_samples."
+                )
 
     # ---- topology ----------------------------------------------------------------------------
     def _topology(self) -> tuple[int, int]:
@@ -153,12 +160,16 @@ class WebDatasetDataModule(L.LightningDataModule):
         total = shards.total_samples
         if self.resampled:
             if self.num_samples is None and total is None:
-                raise ValueError("data.resampled=true needs the epoch length: set data.num_samples, or provide "
-                                 f"sizes.json for every shard (missing: {shards.missing_sizes()[:3]}).")
+                raise ValueError(
+                    "data.resampled=true needs the epoch length: set data.num_samples, or provide "
+                    f"sizes.json for every shard (missing: {shards.missing_sizes()[:3]})."
+                )
             return int(self.num_samples or total)
         if total is None:
-            raise ValueError("exact epochs (data.resampled=false) need sizes.json for every shard (missing: "
-                             f"{shards.missing_sizes()[:3]}); set data.sizes_file or data.resampled=true.")
+            raise ValueError(
+                "exact epochs (data.resampled=false) need sizes.json for every shard (missing: "
+                f"{shards.missing_sizes()[:3]}); set data.sizes_file or data.resampled=true."
+            )
         return min(total, self.num_samples) if self.num_samples else total
 
     def batches_per_epoch(self, world_size: int | None = None) -> int:
@@ -178,29 +189,52 @@ class WebDatasetDataModule(L.LightningDataModule):
         samples = self.epoch_samples()
         batches = samples // (world * self.batch_size)
         if batches < 1:
-            raise ValueError(f"data: an epoch of {samples} samples is less than one global batch "
-                             f"({world} ranks × data.batch_size={self.batch_size}); lower data.batch_size "
-                             "or add shards / data.num_samples.")
+            raise ValueError(
+                f"data: an epoch of {samples} samples is less than one global batch "
+                f"({world} ranks × data.batch_size={self.batch_size}); lower data.batch_size "
+                "or add shards / data.num_samples."
+            )
         if rank == 0:
             left = samples - batches * world * self.batch_size
-            log.info("data: %d batches per rank per epoch (%d ranks × %d); %d samples of each epoch's order "
-                     "left out (resampled=%s)", batches, world, self.batch_size, left, self.resampled)
+            log.info(
+                "data: %d batches per rank per epoch (%d ranks × %d); %d samples of each epoch's order "
+                "left out (resampled=%s)",
+                batches,
+                world,
+                self.batch_size,
+                left,
+                self.resampled,
+            )
         if self.val_spec is not None and self._val_set is None:
             self._val_set = resolve_shards_once(self.val_spec, None, self.val_sizes_file, "data.val_shards")
             if not self._val_set.sizes_known:
-                raise ValueError(f"data.val_shards need sizes.json (missing: {self._val_set.missing_sizes()[:3]}); "
-                                 "set data.val_sizes_file.")
+                raise ValueError(
+                    f"data.val_shards need sizes.json (missing: {self._val_set.missing_sizes()[:3]}); "
+                    "set data.val_sizes_file."
+                )
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._topology()
         train_tf, _ = image_transforms(self.image_size)
         stream = WebDatasetStream(
-            self._train_shards(), batch_size=self.batch_size, batches_per_rank=self.batches_per_epoch(world),
-            rank=rank, world_size=world, transform=train_tf, tokenizer=get_tokenizer(self.context_length),
-            image_size=self.image_size, resampled=self.resampled, shuffle=True, seed=self.seed,
-            shuffle_buffer=self.shuffle_buffer, max_image_pixels=self.max_image_pixels,
-            epoch_samples=self.epoch_samples(), return_keys=self.return_keys, decode_on=self.decode_on,
-            resize_on=self.resize_on)
+            self._train_shards(),
+            batch_size=self.batch_size,
+            batches_per_rank=self.batches_per_epoch(world),
+            rank=rank,
+            world_size=world,
+            transform=train_tf,
+            tokenizer=get_tokenizer(self.context_length),
+            image_size=self.image_size,
+            resampled=self.resampled,
+            shuffle=True,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            max_image_pixels=self.max_image_pixels,
+            epoch_samples=self.epoch_samples(),
+            return_keys=self.return_keys,
+            decode_on=self.decode_on,
+            resize_on=self.resize_on,
+        )
         return self._loader(stream, self._train_position)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -212,23 +246,39 @@ class WebDatasetDataModule(L.LightningDataModule):
         total = self._val_set.total_samples  # type: ignore[union-attr]
         batches = total // (world * self.batch_size)
         if batches < 1:
-            raise ValueError(f"data.val_shards hold {total} samples, less than one global batch "
-                             f"({world} × {self.batch_size}).")
+            raise ValueError(
+                f"data.val_shards hold {total} samples, less than one global batch ({world} × {self.batch_size})."
+            )
         _, eval_tf = image_transforms(self.image_size)
         stream = WebDatasetStream(
-            self._val_set, batch_size=self.batch_size, batches_per_rank=batches, rank=rank, world_size=world,  # type: ignore[arg-type]
-            transform=eval_tf, tokenizer=get_tokenizer(self.context_length), image_size=self.image_size,
-            resampled=False, shuffle=False, seed=self.seed, max_image_pixels=self.max_image_pixels,
-            return_keys=self.return_keys)
+            self._val_set,
+            batch_size=self.batch_size,
+            batches_per_rank=batches,
+            rank=rank,
+            world_size=world,  # type: ignore[arg-type]
+            transform=eval_tf,
+            tokenizer=get_tokenizer(self.context_length),
+            image_size=self.image_size,
+            resampled=False,
+            shuffle=False,
+            seed=self.seed,
+            max_image_pixels=self.max_image_pixels,
+            return_keys=self.return_keys,
+        )
         return self._loader(stream, lambda: (0, 0))
 
     def _loader(self, stream: WebDatasetStream, position_fn) -> DataLoader:
         # Workers start from a forkserver and ignore SIGUSR1/SIGTERM (clip_pl/data/workers.py).
-        extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": True,
-                 **worker_options(self.num_workers, self._topology()[0], self.multiprocessing_context)
-                 } if self.num_workers else {}
-        return EpochAwareLoader(stream, position_fn, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory, **extra)
+        extra = (
+            {
+                "prefetch_factor": self.prefetch_factor,
+                "persistent_workers": True,
+                **worker_options(self.num_workers, self._topology()[0], self.multiprocessing_context),
+            }
+            if self.num_workers
+            else {}
+        )
+        return EpochAwareLoader(stream, position_fn, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra)
 
     def _train_position(self) -> tuple[int, int]:
         """(epoch, batches to skip) for the pass over the data that is starting."""
@@ -250,10 +300,16 @@ class WebDatasetDataModule(L.LightningDataModule):
         shards = self._train_shards()
         # The shards' identity, not just their number: the resolved URLs in order, with their sizes.
         listing = json.dumps([[s.url, s.size, s.source] for s in shards.shards])
-        return {"world_size": world, "batch_size": self.batch_size, "num_workers": self.num_workers,
-                "seed": self.seed, "resampled": self.resampled, "num_shards": len(shards.shards),
-                "shards_sha256": hashlib.sha256(listing.encode()).hexdigest(),
-                "epoch_samples": self.epoch_samples()}
+        return {
+            "world_size": world,
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "seed": self.seed,
+            "resampled": self.resampled,
+            "num_shards": len(shards.shards),
+            "shards_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+            "epoch_samples": self.epoch_samples(),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer_or_none()
@@ -281,7 +337,8 @@ class WebDatasetDataModule(L.LightningDataModule):
                     f"data: this checkpoint stopped mid-epoch with other loader settings {changed} "
                     "(saved, now). Exact epochs can only continue with the same world size, batch size, "
                     "num_workers, seed, shards (the same files, in the same order, of the same sizes) and epoch "
-                    "length (data.num_samples); resume with those, or from an end-of-epoch checkpoint.")
+                    "length (data.num_samples); resume with those, or from an end-of-epoch checkpoint."
+                )
         self._resume = {"epoch": int(state["epoch"]), "batches_consumed": consumed}
 
     def resume_from(self, epoch: int, batches_consumed: int) -> None:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import io
 import warnings
 from collections import Counter
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,8 +92,9 @@ def draft_for(img: Image.Image, target_size: int | None) -> None:
         img.draft(None, (target_size, target_size))
 
 
-def decode_image(sample: Mapping[str, Any], target_size: int | None, counts: Counter,
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def decode_image(
+    sample: Mapping[str, Any], target_size: int | None, counts: Counter, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> Image.Image:
     """The sample's image in RGB. With ``target_size`` a large JPEG is decoded at a reduced scale that
     still covers it (training's speed-up); None decodes every pixel (evaluation, as published numbers do)."""
     img = open_image(image_bytes(sample), max_pixels)
@@ -148,8 +150,9 @@ def _cpu_jpeg_decoder(kernel: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 _decode_jpeg_rgb = _cpu_jpeg_decoder(getattr(torch.ops.image, "decode_jpeg", None))
 
 
-def decode_pixels(sample: Mapping[str, Any], target_size: int | None, counts: Counter,
-                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
+def decode_pixels(
+    sample: Mapping[str, Any], target_size: int | None, counts: Counter, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> torch.Tensor:
     """The sample's image as uint8 3×H×W RGB, with :func:`decode_image`'s rules and counts (see the module doc
     for which decoder runs). A JPEG without its end-of-image marker goes to PIL, which refuses it if truncated."""
     data = image_bytes(sample)

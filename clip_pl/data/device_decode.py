@@ -23,8 +23,9 @@ batch (also ``refilled``). The same code runs with device = CPU in the tests.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -32,8 +33,15 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from clip_pl.data.batch_transform import BatchedImageTransform, random_resized_box
-from clip_pl.data.decode import (DEFAULT_MAX_IMAGE_PIXELS, BadSample, decode_image, draft_for, image_bytes, open_image,
-                                 quick_jpeg)
+from clip_pl.data.decode import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    BadSample,
+    decode_image,
+    draft_for,
+    image_bytes,
+    open_image,
+    quick_jpeg,
+)
 from clip_pl.data.jpeg import draft_size, ends_complete
 
 SPARES = 4  # good samples shipped with each batch for rows whose JPEG fails only on the device
@@ -48,8 +56,13 @@ class Jpeg:
     box: tuple[int, int, int, int]
 
 
-def prepare(sample: Mapping[str, Any], transform: BatchedImageTransform, target_size: int, counts: Counter,
-            max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Jpeg | torch.Tensor:
+def prepare(
+    sample: Mapping[str, Any],
+    transform: BatchedImageTransform,
+    target_size: int,
+    counts: Counter,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Jpeg | torch.Tensor:
     """The worker's share of one sample's image: a :class:`Jpeg`, or uint8 pixels when the device cannot
     decode it. Raises :class:`BadSample` exactly where the CPU path's header checks would."""
     step = transform.random_crop
@@ -86,19 +99,27 @@ def collate_images(items: Sequence[Jpeg | torch.Tensor], size: int) -> dict[str,
     ``jpeg_box`` each JPEG's crop box."""
     ready = [(row, item) for row, item in enumerate(items) if not isinstance(item, Jpeg)]
     image = torch.stack([item for _, item in ready]) if ready else torch.empty((0, 3, size, size), dtype=torch.uint8)
-    return {"image": image, "image_rows": torch.tensor([row for row, _ in ready], dtype=torch.long),
-            "jpeg": [item.data if isinstance(item, Jpeg) else None for item in items],
-            "jpeg_box": torch.tensor([item.box if isinstance(item, Jpeg) else (0, 0, 0, 0) for item in items],
-                                     dtype=torch.long).reshape(len(items), 4)}
+    return {
+        "image": image,
+        "image_rows": torch.tensor([row for row, _ in ready], dtype=torch.long),
+        "jpeg": [item.data if isinstance(item, Jpeg) else None for item in items],
+        "jpeg_box": torch.tensor(
+            [item.box if isinstance(item, Jpeg) else (0, 0, 0, 0) for item in items], dtype=torch.long
+        ).reshape(len(items), 4),
+    }
 
 
 def collate_spares(items: Sequence[tuple], tokenizer, size: int) -> dict[str, Any]:
     """(image item, caption, key) spares → the batch's ``spare_*`` fields (see collate_images)."""
     images = collate_images([i for i, _, _ in items], size)
-    return {"spare_image": images["image"], "spare_image_rows": images["image_rows"], "spare_jpeg": images["jpeg"],
-            "spare_box": images["jpeg_box"],
-            "spare_text": tokenizer([c for _, c, _ in items]) if items else None,
-            "spare_key": [k for _, _, k in items]}
+    return {
+        "spare_image": images["image"],
+        "spare_image_rows": images["image_rows"],
+        "spare_jpeg": images["jpeg"],
+        "spare_box": images["jpeg_box"],
+        "spare_text": tokenizer([c for _, c, _ in items]) if items else None,
+        "spare_key": [k for _, _, k in items],
+    }
 
 
 def _decode_all(datas: Sequence[bytes], device: torch.device) -> list[torch.Tensor | None]:
@@ -160,8 +181,10 @@ def decode_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
                 keys[row] = batch["spare_key"][source]
             continue
         if not good:
-            raise RuntimeError("every JPEG of the batch and its spares failed to decode on the device; "
-                               "check the shards (e.g. with data.decode_on=cpu, which names each bad sample).")
+            raise RuntimeError(
+                "every JPEG of the batch and its spares failed to decode on the device; "
+                "check the shards (e.g. with data.decode_on=cpu, which names each bad sample)."
+            )
         donor = good[n % len(good)]  # a duplicate within the batch: rare, counted as a refill
         image[row], text[row] = image[donor], text[donor]
         if keys is not None:

@@ -22,7 +22,8 @@ about 1.3× the 224-px output for 256-px shards.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ def crop(pixels: torch.Tensor, step: T.RandomResizedCrop) -> np.ndarray:
     H×W×3 NumPy view (the decoders' memory order; a NumPy view and copy cost ~2 µs where torch's
     indexing took ~7, per sample)."""
     top, left, height, width = random_resized_box(pixels.shape[1], pixels.shape[2], step.scale, step.ratio)
-    return pixels.permute(1, 2, 0).numpy()[top: top + height, left: left + width]
+    return pixels.permute(1, 2, 0).numpy()[top : top + height, left : left + width]
 
 
 class CropCanvas:

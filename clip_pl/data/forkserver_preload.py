@@ -27,11 +27,13 @@ if in_forkserver():
     ignore_stop_signals()
     # The server imported the main module (`python -m clip_pl.train`) on purpose, so that each worker's re-run
     # of it as __mp_main__ finds its imports loaded; runpy warns about exactly that, once per worker.
-    warnings.filterwarnings("ignore", message=r"'.*' found in sys.modules after import of package",
-                            category=RuntimeWarning)
-    import torch  # noqa: F401
-    import clip_pl.data.stream  # noqa: F401  (and through it the decoders and the batch transform)
-    import open_clip.tokenizer  # noqa: F401  (the loaders' tokenizer comes pickled with the dataset)
+    warnings.filterwarnings(
+        "ignore", message=r"'.*' found in sys.modules after import of package", category=RuntimeWarning
+    )
     # WorkerInit seeds each worker as Lightning would (seed_everything(workers=True)); unloaded, that import
     # alone made every worker of every fit start 3 s late.
     import lightning.fabric.utilities.seed  # noqa: F401
+    import open_clip.tokenizer  # noqa: F401  (the loaders' tokenizer comes pickled with the dataset)
+    import torch  # noqa: F401
+
+    import clip_pl.data.stream  # noqa: F401  (and through it the decoders and the batch transform)

@@ -36,11 +36,14 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
         if marker in _SOF_MARKERS:
             if pos + 10 > end:
                 return None
-            height, width = int.from_bytes(data[pos + 5: pos + 7], "big"), int.from_bytes(data[pos + 7: pos + 9], "big")
+            height, width = (
+                int.from_bytes(data[pos + 5 : pos + 7], "big"),
+                int.from_bytes(data[pos + 7 : pos + 9], "big"),
+            )
             return (width, height, data[pos + 9]) if width and height else None
         if marker in (0xDA, 0xD9):  # a scan or the end before any frame header
             return None
-        pos += 2 + int.from_bytes(data[pos + 2: pos + 4], "big")
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
     return None
 
 

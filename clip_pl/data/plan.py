@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Sequence
 
 from clip_pl.data.shardspec import Shard, ShardSet
 from clip_pl.data.stream import WebDatasetStream, worker_batches, worker_slice
@@ -47,16 +47,26 @@ class EpochPlan:
 PLAN_IMAGE_SIZE = 32
 
 
-def epoch_plan(sizes: Sequence[int], world_size: int, num_workers: int, batch_size: int,
-               seed: int = 0, epoch: int = 0) -> EpochPlan:
-    shards = ShardSet(shards=tuple(Shard(url=f"{i:05d}.tar", size=int(n), source=0) for i, n in enumerate(sizes)),
-                      weights=(1.0,))
+def epoch_plan(
+    sizes: Sequence[int], world_size: int, num_workers: int, batch_size: int, seed: int = 0, epoch: int = 0
+) -> EpochPlan:
+    shards = ShardSet(
+        shards=tuple(Shard(url=f"{i:05d}.tar", size=int(n), source=0) for i, n in enumerate(sizes)), weights=(1.0,)
+    )
     total = sum(int(n) for n in sizes)
     batches_per_rank = total // (world_size * batch_size)
-    stream = WebDatasetStream(shards, batch_size=batch_size, batches_per_rank=batches_per_rank, rank=0,
-                              world_size=world_size, transform=image_transforms(PLAN_IMAGE_SIZE)[1],
-                              tokenizer=lambda x: x, image_size=PLAN_IMAGE_SIZE,
-                              seed=seed, epoch_samples=total)
+    stream = WebDatasetStream(
+        shards,
+        batch_size=batch_size,
+        batches_per_rank=batches_per_rank,
+        rank=0,
+        world_size=world_size,
+        transform=image_transforms(PLAN_IMAGE_SIZE)[1],
+        tokenizer=lambda x: x,
+        image_size=PLAN_IMAGE_SIZE,
+        seed=seed,
+        epoch_samples=total,
+    )
     order = [int(s.url[:5]) for s in stream.epoch_order(epoch)]
     ends = list(accumulate(int(sizes[i]) for i in order))  # position after each shard of the order
 
@@ -74,8 +84,11 @@ def epoch_plan(sizes: Sequence[int], world_size: int, num_workers: int, batch_si
                 last, _ = locate(stop - 1)
             else:
                 first = offset = last = -1
-            plans.append(WorkerPlan(rank, worker, start, stop, batches, first, offset, last,
-                                    last - first + 1 if stop > start else 0))
+            plans.append(
+                WorkerPlan(
+                    rank, worker, start, stop, batches, first, offset, last, last - first + 1 if stop > start else 0
+                )
+            )
     used = world_size * batches_per_rank * batch_size
     return EpochPlan(order=order, workers=plans, batches_per_rank=batches_per_rank, used=used, left_out=total - used)
 
@@ -90,11 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epoch", type=int, default=0)
     args = p.parse_args(argv)
-    plan = epoch_plan([args.samples_per_shard] * args.shards, args.ranks, args.workers, args.batch, args.seed, args.epoch)
+    plan = epoch_plan(
+        [args.samples_per_shard] * args.shards, args.ranks, args.workers, args.batch, args.seed, args.epoch
+    )
     opened = [w.shards_opened for w in plan.workers]
-    print(f"{args.ranks} ranks × {args.workers} workers, batch {args.batch}/rank: {plan.batches_per_rank} steps per "
-          f"epoch, {plan.used} samples trained, {plan.left_out} left out; shards opened per worker "
-          f"{min(opened)}–{max(opened)}")
+    print(
+        f"{args.ranks} ranks × {args.workers} workers, batch {args.batch}/rank: {plan.batches_per_rank} steps per "
+        f"epoch, {plan.used} samples trained, {plan.left_out} left out; shards opened per worker "
+        f"{min(opened)}–{max(opened)}"
+    )
     return 0
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import webdataset as wds
 
@@ -42,7 +43,7 @@ def _group(files: Iterator[tuple[str, bytes]], url: str) -> Iterator[dict[str, A
         dot = name.find(".", start)
         if dot <= start:
             continue
-        key, field = name[:dot], name[dot + 1:].lower()
+        key, field = name[:dot], name[dot + 1 :].lower()
         if sample is None or key != sample["__key__"]:
             if sample is not None:
                 yield sample

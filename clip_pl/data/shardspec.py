@@ -22,8 +22,8 @@ import glob
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import braceexpand
 
@@ -63,8 +63,10 @@ def split_sources(spec: str | Sequence[str], setting: str = "data.train_shards")
     parts = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     sources = [p.strip() for part in parts for p in os.fspath(part).split("::") if p.strip()]
     if not sources:
-        raise ValueError(f"the shard spec is empty; set {setting} to a directory, "
-                         "a brace pattern such as /data/{00000..00099}.tar, or several joined with '::'.")
+        raise ValueError(
+            f"the shard spec is empty; set {setting} to a directory, "
+            "a brace pattern such as /data/{00000..00099}.tar, or several joined with '::'."
+        )
     return sources
 
 
@@ -78,8 +80,10 @@ def parse_weights(weights: str | float | Sequence[float] | None, num_sources: in
     else:
         values = [float(w) for w in weights]
     if len(values) != num_sources:
-        raise ValueError(f"data: {len(values)} sampling weights for {num_sources} '::'-joined sources; "
-                         "give one weight per source (e.g. data.train_weights='1::3').")
+        raise ValueError(
+            f"data: {len(values)} sampling weights for {num_sources} '::'-joined sources; "
+            "give one weight per source (e.g. data.train_weights='1::3')."
+        )
     if any(not w > 0 for w in values):
         raise ValueError(f"data: sampling weights must be > 0, got {values}.")
     return tuple(values)
@@ -100,7 +104,7 @@ def read_manifest(path: str) -> dict[str, int]:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"data: cannot read the sizes manifest {path}: {e}") from e
     if not isinstance(raw, dict):
-        raise ValueError(f"data: {path} must map shard file names to sample counts, e.g. {{\"00000.tar\": 10000}}.")
+        raise ValueError(f'data: {path} must map shard file names to sample counts, e.g. {{"00000.tar": 10000}}.')
     return {os.path.basename(k): int(v) for k, v in raw.items()}
 
 
@@ -123,8 +127,10 @@ def _expand_source(source: str, setting: str) -> tuple[list[str], str | None]:
     local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
     missing = [u for u in local if not os.path.exists(u)]
     if missing:
-        raise FileNotFoundError(f"{setting}: {len(missing)} of {len(urls)} shards do not exist in {source!r} "
-                                f"(first: {missing[0]}); fix the path or the brace range.")
+        raise FileNotFoundError(
+            f"{setting}: {len(missing)} of {len(urls)} shards do not exist in {source!r} "
+            f"(first: {missing[0]}); fix the path or the brace range."
+        )
     manifest = None
     if local:
         candidate = os.path.join(os.path.dirname(local[0]), SIZES_FILE_NAME)
@@ -132,8 +138,12 @@ def _expand_source(source: str, setting: str) -> tuple[list[str], str | None]:
     return urls, manifest
 
 
-def resolve_shards(spec: str | Sequence[str], weights=None, sizes_file: str | Sequence[str] | None = None,
-                   setting: str = "data.train_shards") -> ShardSet:
+def resolve_shards(
+    spec: str | Sequence[str],
+    weights=None,
+    sizes_file: str | Sequence[str] | None = None,
+    setting: str = "data.train_shards",
+) -> ShardSet:
     """Expand a spec into shards with sizes; raises before any data is read if the spec is wrong.
     ``setting`` is the config key the spec came from, for the error messages."""
     sources = split_sources(spec, setting)
@@ -146,8 +156,10 @@ def resolve_shards(spec: str | Sequence[str], weights=None, sizes_file: str | Se
         if len(listed) == 1:
             listed = listed * len(sources)
         if len(listed) != len(sources):
-            raise ValueError(f"data.sizes_file lists {len(listed)} manifests for {len(sources)} sources; "
-                             "give one, or one per '::' source.")
+            raise ValueError(
+                f"data.sizes_file lists {len(listed)} manifests for {len(sources)} sources; "
+                "give one, or one per '::' source."
+            )
         manifests = list(listed)
     shards: list[Shard] = []
     for index, source in enumerate(sources):
@@ -158,8 +170,12 @@ def resolve_shards(spec: str | Sequence[str], weights=None, sizes_file: str | Se
     return ShardSet(shards=tuple(shards), weights=weight_values)
 
 
-def resolve_shards_once(spec: str | Sequence[str], weights=None, sizes_file: str | Sequence[str] | None = None,
-                        setting: str = "data.train_shards") -> ShardSet:
+def resolve_shards_once(
+    spec: str | Sequence[str],
+    weights=None,
+    sizes_file: str | Sequence[str] | None = None,
+    setting: str = "data.train_shards",
+) -> ShardSet:
     """:func:`resolve_shards` on rank 0 only, its result (or its error) broadcast to every rank.
 
     Listing and stat-ing the shards on every rank costs ranks × shards file-system calls at start

@@ -23,17 +23,18 @@ import contextlib
 import logging
 import random
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from multiprocessing.sharedctypes import RawArray
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from clip_pl.data import device_decode, device_resize
 from clip_pl.data.batch_rows import StackedRows
 from clip_pl.data.batch_transform import BatchedImageTransform, crop_randomness
-from clip_pl.data import device_decode, device_resize
 from clip_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS, BadSample, decode_caption, decode_pixels
 from clip_pl.data.reader import Missing, read_shard
 from clip_pl.data.shardspec import Shard, ShardSet
@@ -130,8 +131,10 @@ class WebDatasetStream(IterableDataset):
     ) -> None:
         super().__init__()
         if not resampled and not shards.sizes_known:
-            raise ValueError("exact epochs need every shard's size (sizes.json); missing for "
-                             f"{shards.missing_sizes()[:3]} … Set data.sizes_file, or use data.resampled=true.")
+            raise ValueError(
+                "exact epochs need every shard's size (sizes.json); missing for "
+                f"{shards.missing_sizes()[:3]} … Set data.sizes_file, or use data.resampled=true."
+            )
         self.shards = shards
         self.batch_size = batch_size
         self.batches_per_rank = batches_per_rank
@@ -148,13 +151,17 @@ class WebDatasetStream(IterableDataset):
         # "device": ship JPEG bytes + crop boxes, decoded after the transfer (clip_pl/data/device_decode.py).
         self.on_device = decode_on == "device"
         if self.on_device and self.transform.random_crop is None:
-            raise ValueError("data.decode_on=device runs training's RandomResizedCrop on the device; this "
-                             "loader's transform is something else (validation decodes on the CPU).")
+            raise ValueError(
+                "data.decode_on=device runs training's RandomResizedCrop on the device; this "
+                "loader's transform is something else (validation decodes on the CPU)."
+            )
         # "device" with the CPU decode: ship the crops, resized on the device (clip_pl/data/device_resize.py).
         self.resize_on_device = resize_on == "device" and not self.on_device
         if self.resize_on_device and self.transform.random_crop is None:
-            raise ValueError("data.resize_on=device resizes training's RandomResizedCrop crops on the device; this "
-                             "loader's transform is something else (validation resizes in the workers).")
+            raise ValueError(
+                "data.resize_on=device resizes training's RandomResizedCrop crops on the device; this "
+                "loader's transform is something else (validation resizes in the workers)."
+            )
 
     def __len__(self) -> int:
         return self.batches_per_rank
@@ -175,7 +182,7 @@ class WebDatasetStream(IterableDataset):
         else:
             yield from self._exact(ctx, to_make, to_skip)
 
-    def _exact(self, ctx: "_Context", to_make: int, to_skip: int) -> Iterator[dict[str, Any]]:
+    def _exact(self, ctx: _Context, to_make: int, to_skip: int) -> Iterator[dict[str, Any]]:
         if to_skip >= to_make:
             return  # resumed after this worker's last batch of the epoch: nothing to read
         order = self.epoch_order(ctx.epoch)
@@ -195,8 +202,10 @@ class WebDatasetStream(IterableDataset):
         for index in range(to_skip, to_make):
             chunk = list(islice(raw, b))
             if len(chunk) != b:  # cannot happen with a consistent manifest; fail loudly, never hang
-                raise RuntimeError(f"rank {self.rank} worker {ctx.worker}: slice ended after {len(chunk)} "
-                                   f"of {b} samples; sizes.json disagrees with the shards.")
+                raise RuntimeError(
+                    f"rank {self.rank} worker {ctx.worker}: slice ended after {len(chunk)} "
+                    f"of {b} samples; sizes.json disagrees with the shards."
+                )
             rows.start()
             with ctx.augmentation_rng(self.seed, self.rank, index):  # never across the yield
                 good = [rows.add(d) for d in (self._decode(item, counts) for item in chunk) if d is not None]
@@ -209,7 +218,7 @@ class WebDatasetStream(IterableDataset):
             reservoir = originals
             yield self._collate(good, counts, ctx.epoch, spares, rows.result(), originals=len(originals))
 
-    def _resampled(self, ctx: "_Context", to_make: int) -> Iterator[dict[str, Any]]:
+    def _resampled(self, ctx: _Context, to_make: int) -> Iterator[dict[str, Any]]:
         counts: Counter = Counter()
         rng = random.Random(derive_seed(self.seed, ctx.epoch, self.rank, ctx.worker, ctx.consumed, 2))
         raw = iter(shuffle_buffer(self._draw_shards(rng, counts), self.shuffle_buffer_size, rng))
@@ -225,8 +234,10 @@ class WebDatasetStream(IterableDataset):
                     if decoded is None:
                         bad_in_a_row += 1
                         if bad_in_a_row > MAX_CONSECUTIVE_BAD:
-                            raise RuntimeError(f"{bad_in_a_row} unusable samples in a row ({dict(counts)}); "
-                                               "check the shards and data.train_shards.")
+                            raise RuntimeError(
+                                f"{bad_in_a_row} unusable samples in a row ({dict(counts)}); "
+                                "check the shards and data.train_shards."
+                            )
                         continue
                     bad_in_a_row = 0
                     batch.append(rows.add(decoded))
@@ -249,8 +260,10 @@ class WebDatasetStream(IterableDataset):
                 yield item
             empty_in_a_row = 0 if produced else empty_in_a_row + 1
             if empty_in_a_row > max(20, 2 * len(shards)):
-                raise RuntimeError(f"{empty_in_a_row} shards in a row gave no sample (last: {shard.url}); "
-                                   "check data.train_shards, the pipe: command and its credentials.")
+                raise RuntimeError(
+                    f"{empty_in_a_row} shards in a row gave no sample (last: {shard.url}); "
+                    "check data.train_shards, the pipe: command and its credentials."
+                )
 
     # ---- helpers ---------------------------------------------------------------------------
     def _spares(self, previous: list[tuple], more: Callable[[], tuple]) -> list[tuple]:
@@ -305,8 +318,15 @@ class WebDatasetStream(IterableDataset):
             return None
         return tensor, caption, item.get("__key__", "")
 
-    def _collate(self, items: list[tuple], counts: Counter, epoch: int | None, spares: list[tuple] | None,
-                 images: dict[str, Any] | None, originals: int | None = None) -> dict[str, Any]:
+    def _collate(
+        self,
+        items: list[tuple],
+        counts: Counter,
+        epoch: int | None,
+        spares: list[tuple] | None,
+        images: dict[str, Any] | None,
+        originals: int | None = None,
+    ) -> dict[str, Any]:
         """The batch of ``items`` (image, caption, key). ``images``: their image fields, built as they were
         decoded (:class:`_Rows`); None on the device path, whose image fields are made here."""
         batch: dict[str, Any] = {
@@ -408,5 +428,7 @@ class _Fillers:
         try:
             return next(self._iter)
         except StopIteration:
-            raise RuntimeError("no decodable sample anywhere in the dataset to complete a batch; "
-                               "check the shards (every sample was skipped, see the bad_samples counts).") from None
+            raise RuntimeError(
+                "no decodable sample anywhere in the dataset to complete a batch; "
+                "check the shards (every sample was skipped, see the bad_samples counts)."
+            ) from None

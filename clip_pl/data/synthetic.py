@@ -22,8 +22,16 @@ _VOCAB_WORDS = 49405  # ordinary BPE ids live below the special tokens
 
 
 class SyntheticPairs(IterableDataset):
-    def __init__(self, num_samples: int, image_size: int, context_length: int, seed: int = 0,
-                 batch_size: int = 1, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        num_samples: int,
+        image_size: int,
+        context_length: int,
+        seed: int = 0,
+        batch_size: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.image_size = image_size
         self.context_length = context_length
         self.seed = seed
@@ -55,8 +63,15 @@ class SyntheticPairs(IterableDataset):
 class SyntheticDataModule(L.LightningDataModule):
     """Random pairs, split across ranks by rows of each global batch."""
 
-    def __init__(self, batch_size: int = 32, num_samples: int = 100_000, image_size: int = 224,
-                 context_length: int = 77, num_workers: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        batch_size: int = 32,
+        num_samples: int = 100_000,
+        image_size: int = 224,
+        context_length: int = 77,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"data.batch_size={batch_size} must be positive.")
@@ -70,10 +85,22 @@ class SyntheticDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer  # None when used without a Trainer (benchmarks, tests)
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        dataset = SyntheticPairs(self.num_samples, self.image_size, self.context_length, self.seed,
-                                 batch_size=self.batch_size, rank=rank, world_size=world_size)
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, **worker_options(self.num_workers, rank))
+        dataset = SyntheticPairs(
+            self.num_samples,
+            self.image_size,
+            self.context_length,
+            self.seed,
+            batch_size=self.batch_size,
+            rank=rank,
+            world_size=world_size,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            **worker_options(self.num_workers, rank),
+        )
 
     def batches_per_epoch(self, world_size: int = 1) -> int:
         return self.num_samples // (self.batch_size * world_size)

@@ -10,7 +10,8 @@ valid tar raises :class:`TarError` with what was wrong, so the caller can count 
 from __future__ import annotations
 
 import zlib
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
@@ -87,7 +88,7 @@ def _pax_records(data: bytes) -> dict[str, str]:
         length = int(data[pos:space])
         if length <= 0:
             raise TarError("bad pax record length")
-        key, _, value = data[space + 1: pos + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records

@@ -55,6 +55,7 @@ class WorkerInit:
         ignore_stop_signals()
         if int(os.environ.get("PL_SEED_WORKERS", 0)):
             from lightning.fabric.utilities.seed import pl_worker_init_function
+
             pl_worker_init_function(worker_id, rank=self.rank)
 
 
@@ -62,8 +63,10 @@ def check_start_method(method: str | None) -> None:
     """Refuse an unknown ``data.multiprocessing_context`` at construction, before any work."""
     available = [m for m in _START_METHODS if m in multiprocessing.get_all_start_methods()]
     if method is not None and method not in available:
-        raise ValueError(f"data.multiprocessing_context={method!r}: one of {available} "
-                         "(forkserver unless you know why; see clip_pl/data/workers.py).")
+        raise ValueError(
+            f"data.multiprocessing_context={method!r}: one of {available} "
+            "(forkserver unless you know why; see clip_pl/data/workers.py)."
+        )
 
 
 def worker_context(method: str | None = START_METHOD):

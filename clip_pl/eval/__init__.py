@@ -12,8 +12,14 @@ from __future__ import annotations
 
 from clip_pl._lazy import lazy_exports
 
-__getattr__, __all__ = lazy_exports(__name__, {
-    "zeroshot": ["zero_shot_evaluate", "build_classifier"], "retrieval": ["retrieval_evaluate", "retrieval_recall"],
-    "labels": ["load_classnames", "load_templates"], "tasks": ["load_task_list", "TaskListError"],
-    "suite": ["evaluate_tasks", "suite_average"], "linear_probe": ["linear_probe_evaluate"],
-})
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "zeroshot": ["zero_shot_evaluate", "build_classifier"],
+        "retrieval": ["retrieval_evaluate", "retrieval_recall"],
+        "labels": ["load_classnames", "load_templates"],
+        "tasks": ["load_task_list", "TaskListError"],
+        "suite": ["evaluate_tasks", "suite_average"],
+        "linear_probe": ["linear_probe_evaluate"],
+    },
+)

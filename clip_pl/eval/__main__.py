@@ -64,19 +64,28 @@ def run(cfg: DictConfig, eval_choice: str = "eval") -> dict[str, Any]:
     """Evaluate every task of cfg.eval.callbacks; return the JSON payload (rank 0 writes it)."""
     tasks = cfg.eval.get("callbacks") or {}
     if not tasks:
-        raise ValueError(f"eval={eval_choice} defines no evaluation (eval.callbacks is empty); choose e.g. "
-                         f"eval=demo_digits, eval=imagenet_zeroshot or eval=retrieval.")
+        raise ValueError(
+            f"eval={eval_choice} defines no evaluation (eval.callbacks is empty); choose e.g. "
+            f"eval=demo_digits, eval=imagenet_zeroshot or eval=retrieval."
+        )
     overrides = {k: cfg[k] for k in ("batch_size", "num_workers") if cfg.get(k) is not None}
     # Build every task first: bad class lists or missing data fail before the model is loaded.
     callbacks = {name: instantiate(spec, **overrides) for name, spec in tasks.items()}
     device = _device(cfg.device)
     _init_distributed(device)
-    loaded = read_model_checkpoint(cfg.checkpoint, OmegaConf.to_container(cfg.arch) if OmegaConf.is_config(cfg.arch) else cfg.arch)
+    loaded = read_model_checkpoint(
+        cfg.checkpoint, OmegaConf.to_container(cfg.arch) if OmegaConf.is_config(cfg.arch) else cfg.arch
+    )
     model = build_from_checkpoint(loaded).to(device)
     autocast = _autocast(cfg.precision, device)
     results = {name: cb.evaluate(model, loaded.model_config, autocast=autocast) for name, cb in callbacks.items()}
-    payload = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "arch": loaded.arch, "eval": eval_choice,
-               "world_size": rank_and_world_size()[1], "results": results}
+    payload = {
+        "checkpoint": str(Path(cfg.checkpoint).resolve()),
+        "arch": loaded.arch,
+        "eval": eval_choice,
+        "world_size": rank_and_world_size()[1],
+        "results": results,
+    }
     if rank_and_world_size()[0] == 0:
         print("\n\n".join(callbacks[name].table(metrics) for name, metrics in results.items()))
         checkpoint = Path(cfg.checkpoint)

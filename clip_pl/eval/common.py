@@ -4,14 +4,14 @@ the bad-sample counts."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from clip_pl.data.accounting import sum_over_ranks
 
-AutocastFactory = Callable[[], ContextManager]
+AutocastFactory = Callable[[], contextlib.AbstractContextManager]
 
 
 @contextlib.contextmanager
@@ -32,7 +32,7 @@ def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-def no_autocast() -> ContextManager:
+def no_autocast() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 

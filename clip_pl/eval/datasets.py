@@ -21,9 +21,10 @@ from __future__ import annotations
 import os
 import zlib
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate, get_worker_info
@@ -52,8 +53,10 @@ def is_imagefolder(data: str | Sequence[str]) -> bool:
     path = Path(data)
     if not path.is_dir():
         if not any(mark in str(data) for mark in _SPEC_CHARS) and not str(data).endswith(".tar"):
-            raise FileNotFoundError(f"evaluation data {str(data)!r} is neither a directory nor a .tar shard "
-                                    f"pattern (check the path; ImageFolder: root/<class>/<image>).")
+            raise FileNotFoundError(
+                f"evaluation data {str(data)!r} is neither a directory nor a .tar shard "
+                f"pattern (check the path; ImageFolder: root/<class>/<image>)."
+            )
         return False
     return not any(path.glob("*.tar"))
 
@@ -67,7 +70,7 @@ class ClassIndexImageFolder(ImageFolder):
     truncated, a decompression bomb, unreadable) is a :class:`Skipped` item, counted like a bad shard
     sample, instead of an exception that ends the evaluation."""
 
-    def __getitem__(self, index: int) -> "tuple[Any, int] | Skipped":
+    def __getitem__(self, index: int) -> tuple[Any, int] | Skipped:
         path, target = self.samples[index]
         try:
             try:
@@ -90,17 +93,20 @@ class ClassIndexImageFolder(ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
 
-def imagefolder_for_rank(root: str | Path, transform: Callable, num_classes: int | None, rank: int,
-                         world_size: int) -> Dataset:
+def imagefolder_for_rank(
+    root: str | Path, transform: Callable, num_classes: int | None, rank: int, world_size: int
+) -> Dataset:
     dataset = ClassIndexImageFolder(str(root), transform=transform, allow_empty=True)
     numeric = all(name.isdigit() for name in dataset.classes)
     highest = max(dataset.class_to_idx.values())
-    if num_classes is not None and ((numeric and highest >= num_classes) or
-                                    (not numeric and len(dataset.classes) != num_classes)):
+    if num_classes is not None and (
+        (numeric and highest >= num_classes) or (not numeric and len(dataset.classes) != num_classes)
+    ):
         raise ValueError(
             f"ImageFolder {str(root)!r} has class folders {dataset.classes[:5]}… "
             f"({len(dataset.classes)} of them, largest index {highest}) but {num_classes} class names were "
-            f"given; the class-name list must have one line per class folder (line k = class k).")
+            f"given; the class-name list must have one line per class folder (line k = class k)."
+        )
     if len(dataset) == 0:
         raise FileNotFoundError(f"ImageFolder {str(root)!r} contains no images.")
     return Subset(dataset, range(rank, len(dataset), world_size))
@@ -134,8 +140,14 @@ class ShardSamples(IterableDataset):
     on one rank only when every rank reads it.
     """
 
-    def __init__(self, urls: Sequence[str], sample_fn: Callable[[dict, Counter], Any], rank: int, world_size: int,
-                 with_position: bool = False):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        sample_fn: Callable[[dict, Counter], Any],
+        rank: int,
+        world_size: int,
+        with_position: bool = False,
+    ):
         self.urls, self.sample_fn = list(urls), sample_fn
         self.keep: _KeepSamplesOfRank | None = None
         self.owned = list(range(len(self.urls)))  # shards whose read errors this rank counts
@@ -166,7 +178,11 @@ class ShardSamples(IterableDataset):
                     item = None
                 yield from (Skipped(reason, n) for reason, n in counts.items())
                 if item is not None:
-                    yield (*item, self.shard_number[index] * POSITIONS_PER_SHARD + position) if self.with_position else item
+                    yield (
+                        (*item, self.shard_number[index] * POSITIONS_PER_SHARD + position)
+                        if self.with_position
+                        else item
+                    )
             if index in self.owned:
                 yield from (Skipped(reason, n) for reason, n in events.items())
 
@@ -185,8 +201,10 @@ class _LabelledSample:
 
     def __call__(self, sample: dict, counts: Counter) -> tuple[torch.Tensor, int]:
         if self.label_key not in sample:
-            raise ValueError(f"sample {sample['__key__']!r} in {sample.get('__url__')!r} has no "
-                             f"{self.label_key!r} label; set label_key to the extension holding the class index.")
+            raise ValueError(
+                f"sample {sample['__key__']!r} in {sample.get('__url__')!r} has no "
+                f"{self.label_key!r} label; set label_key to the extension holding the class index."
+            )
         try:
             label = int(decode_text(sample, self.label_key))
         except ValueError:
@@ -201,18 +219,23 @@ class _CaptionedSample:
 
     def __call__(self, sample: dict, counts: Counter) -> tuple[torch.Tensor, torch.Tensor]:
         if self.text_key not in sample:
-            raise ValueError(f"sample {sample['__key__']!r} in {sample.get('__url__')!r} has no "
-                             f"{self.text_key!r} caption; set text_key.")
+            raise ValueError(
+                f"sample {sample['__key__']!r} in {sample.get('__url__')!r} has no "
+                f"{self.text_key!r} caption; set text_key."
+            )
         text = decode_text(sample, self.text_key)  # empty: the image is a gallery item only
         captions = text.split(self.separator) if self.separator else [text]
         captions = [c.strip() for c in captions if c.strip()]
         image = _image(sample, self.transform, counts)
-        tokens = self.tokenizer(captions) if captions else torch.zeros((0, self.tokenizer.context_length), dtype=torch.long)
+        tokens = (
+            self.tokenizer(captions) if captions else torch.zeros((0, self.tokenizer.context_length), dtype=torch.long)
+        )
         return image, tokens
 
 
-def labelled_webdataset(shards: list[str], transform: Callable, label_key: str, rank: int,
-                        world_size: int, with_position: bool = False) -> IterableDataset:
+def labelled_webdataset(
+    shards: list[str], transform: Callable, label_key: str, rank: int, world_size: int, with_position: bool = False
+) -> IterableDataset:
     return ShardSamples(shards, _LabelledSample(transform, label_key), rank, world_size, with_position)
 
 
@@ -230,8 +253,15 @@ class _WithPosition(Dataset):
         return item if isinstance(item, Skipped) else (*item, self.subset.indices[i])
 
 
-def labelled_for_rank(data: str | Sequence[str], transform: Callable, num_classes: int | None, label_key: str,
-                      rank: int, world_size: int, with_position: bool = False) -> Dataset | IterableDataset:
+def labelled_for_rank(
+    data: str | Sequence[str],
+    transform: Callable,
+    num_classes: int | None,
+    label_key: str,
+    rank: int,
+    world_size: int,
+    with_position: bool = False,
+) -> Dataset | IterableDataset:
     """This rank's (image, label[, position]) items of an ImageFolder or labelled shards. ``num_classes``
     None: the folders need no class names (a linear probe learns from the labels alone)."""
     if is_imagefolder(data):
@@ -240,12 +270,21 @@ def labelled_for_rank(data: str | Sequence[str], transform: Callable, num_classe
     return labelled_webdataset(expand_shards(data), transform, label_key, rank, world_size, with_position)
 
 
-def captioned_webdataset(shards: list[str], transform: Callable, tokenizer: Callable, text_key: str,
-                         separator: str | None, rank: int, world_size: int) -> IterableDataset:
+def captioned_webdataset(
+    shards: list[str],
+    transform: Callable,
+    tokenizer: Callable,
+    text_key: str,
+    separator: str | None,
+    rank: int,
+    world_size: int,
+) -> IterableDataset:
     return ShardSamples(shards, _CaptionedSample(transform, tokenizer, text_key, separator), rank, world_size)
 
 
-def collate_captioned(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate_captioned(
+    batch: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images, all captions' tokens, index of each caption's image within the batch)."""
     images = torch.stack([image for image, _ in batch])
     tokens = torch.cat([t for _, t in batch])
@@ -277,6 +316,12 @@ def loader(dataset: Any, batch_size: int, num_workers: int, collate_fn: Callable
     # Workers start from a forkserver and ignore SIGUSR1/SIGTERM: evaluation runs inside training (clip_pl/data/workers.py).
     from clip_pl.data.workers import worker_options
 
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                      collate_fn=_CountingCollate(collate_fn or default_collate), drop_last=False,
-                      **worker_options(num_workers))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        shuffle=False,
+        collate_fn=_CountingCollate(collate_fn or default_collate),
+        drop_last=False,
+        **worker_options(num_workers),
+    )

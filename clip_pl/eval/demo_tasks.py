@@ -100,19 +100,34 @@ def write_demo_tasks(out: str | Path, digits: str | Path | None = None, per_clas
     write_shapes_folder(out / "shapes" / "test", per_class, seed=1)
     write_shapes_folder(out / "shapes" / "train", 2 * per_class, seed=2)
     write_caption_shards(out / "shape_captions", max(1, per_class // 3), seed=3)
-    lines = ["# The demo's evaluation suite (written by python -m clip_pl.eval.demo_tasks). Paths are relative to this file.",
-             "tasks:"]
+    lines = [
+        "# The demo's evaluation suite (written by python -m clip_pl.eval.demo_tasks). Paths are relative to this file.",
+        "tasks:",
+    ]
     if digits is not None:
         digits = Path(digits)
-        lines += ["  digits:", "    type: zeroshot_classification", f"    data: {_relative(digits, out)}",
-                  f"    classnames: {_relative(digits / 'classnames.txt', out)}",
-                  f"    templates: {_relative(digits / 'templates.txt', out)}"]
-    lines += ["  shapes:", "    type: zeroshot_classification", "    data: shapes/test",
-              f"    templates: {list(SHAPE_TEMPLATES)}",
-              "  shape_captions:", "    type: retrieval",
-              "    data: {format: wds, path: shape_captions, text_key: txt}", "    recall_k: [1, 5, 10]",
-              "  shapes_probe:", "    type: linear_probe", "    train: shapes/train", "    test: shapes/test",
-              "    val_fraction: 0.2"]
+        lines += [
+            "  digits:",
+            "    type: zeroshot_classification",
+            f"    data: {_relative(digits, out)}",
+            f"    classnames: {_relative(digits / 'classnames.txt', out)}",
+            f"    templates: {_relative(digits / 'templates.txt', out)}",
+        ]
+    lines += [
+        "  shapes:",
+        "    type: zeroshot_classification",
+        "    data: shapes/test",
+        f"    templates: {list(SHAPE_TEMPLATES)}",
+        "  shape_captions:",
+        "    type: retrieval",
+        "    data: {format: wds, path: shape_captions, text_key: txt}",
+        "    recall_k: [1, 5, 10]",
+        "  shapes_probe:",
+        "    type: linear_probe",
+        "    train: shapes/train",
+        "    test: shapes/test",
+        "    val_fraction: 0.2",
+    ]
     path = out / "tasks.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path

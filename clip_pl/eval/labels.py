@@ -9,8 +9,8 @@ a template contains ``{}`` where the class name goes. User-given lists must not 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from open_clip import zero_shot_metadata
 
@@ -29,8 +29,10 @@ def check_unique(names: Sequence[str], what: str) -> list[str]:
     duplicates = {name: count for name, count in Counter(names).items() if count > 1}
     if duplicates:
         where = {name: [i for i, n in enumerate(names) if n == name] for name in duplicates}
-        raise ValueError(f"{what}: duplicated entries (name: positions) {where}; each class needs a distinct "
-                         f"name or its prompts are indistinguishable — rename or remove them.")
+        raise ValueError(
+            f"{what}: duplicated entries (name: positions) {where}; each class needs a distinct "
+            f"name or its prompts are indistinguishable — rename or remove them."
+        )
     return names
 
 
@@ -38,8 +40,10 @@ def check_templates(templates: Sequence[str], what: str = "templates") -> list[s
     templates = check_unique(templates, what)
     for i, template in enumerate(templates):
         if template.count("{}") != 1:
-            raise ValueError(f"{what}: entry {i} {template!r} must contain exactly one '{{}}' where the class "
-                             f"name goes, e.g. 'a photo of a {{}}.'")
+            raise ValueError(
+                f"{what}: entry {i} {template!r} must contain exactly one '{{}}' where the class "
+                f"name goes, e.g. 'a photo of a {{}}.'"
+            )
     return templates
 
 
@@ -52,8 +56,10 @@ def _read_lines(path: str | Path, what: str) -> list[str]:
         lines.pop()
     blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
     if blank:
-        raise ValueError(f"{what} file {str(path)!r}: blank line(s) {blank} would shift the class indices; "
-                         f"remove them (line k names class k).")
+        raise ValueError(
+            f"{what} file {str(path)!r}: blank line(s) {blank} would shift the class indices; "
+            f"remove them (line k names class k)."
+        )
     return [line.strip() for line in lines]
 
 

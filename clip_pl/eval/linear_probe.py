@@ -24,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import Counter
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,13 +46,21 @@ COARSE_WEIGHT_DECAYS = np.logspace(-6, 2, num=7).tolist()
 SMALL_PROBE_ELEMENTS = 1 << 22  # training features (rows × dims) up to which one CPU thread is faster
 
 
-def encode_labelled(model: nn.Module, model_config: Mapping[str, Any], data: DataSpec, batch_size: int,
-                    num_workers: int, autocast: AutocastFactory, bad: Counter) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_labelled(
+    model: nn.Module,
+    model_config: Mapping[str, Any],
+    data: DataSpec,
+    batch_size: int,
+    num_workers: int,
+    autocast: AutocastFactory,
+    bad: Counter,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(unit image features, labels) of the whole set on every rank, in the data's order. Collective."""
     rank, world_size = rank_and_world_size()
     transform = image_transforms(image_size_of(model_config))[1]
-    dataset = datasets.labelled_for_rank(data.path, transform, None, data.label_key, rank, world_size,
-                                         with_position=True)
+    dataset = datasets.labelled_for_rank(
+        data.path, transform, None, data.label_key, rank, world_size, with_position=True
+    )
     device, dtype = placement(model)
     features, labels, positions = [], [], []
     with evaluation_mode(model):
@@ -65,9 +74,11 @@ def encode_labelled(model: nn.Module, model_config: Mapping[str, Any], data: Dat
             labels.append(torch.as_tensor(batch_labels, device=device))
             positions.append(torch.as_tensor(batch_positions, device=device))
     dim = int(model_config["embed_dim"])
-    local = (torch.cat(features) if features else torch.zeros((0, dim), device=device),
-             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device),
-             torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long, device=device))
+    local = (
+        torch.cat(features) if features else torch.zeros((0, dim), device=device),
+        torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device),
+        torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long, device=device),
+    )
     all_features, all_labels, all_positions = (gather_rows(t) for t in local)
     if all_features.shape[0] == 0:
         raise ValueError(f"linear-probe data {data.path!r} yielded no samples.")
@@ -86,13 +97,23 @@ def few_shot(labels: torch.Tensor, k: int) -> torch.Tensor:
             keep.append(index)
     short = {label: n for label, n in taken.items() if k > 0 and n < k}
     if short:
-        raise ValueError(f"fewshot_k={k}: class(es) {sorted(short)} have only {sorted(short.values())} training "
-                         f"images; lower fewshot_k or add images.")
+        raise ValueError(
+            f"fewshot_k={k}: class(es) {sorted(short)} have only {sorted(short.values())} training "
+            f"images; lower fewshot_k or add images."
+        )
     return torch.tensor(keep, dtype=torch.long)
 
 
-def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float,
-                     seed: int, lr: float = LR, epochs: int = EPOCHS, batch_size: int = BATCH_SIZE) -> nn.Linear:
+def train_classifier(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    weight_decay: float,
+    seed: int,
+    lr: float = LR,
+    epochs: int = EPOCHS,
+    batch_size: int = BATCH_SIZE,
+) -> nn.Linear:
     """Logistic regression by AdamW, cosine-decayed lr, shuffled batches; seeded (global RNG) for repeatability."""
     torch.manual_seed(seed)
     linear = nn.Linear(features.shape[1], num_classes).to(features.device)
@@ -116,9 +137,11 @@ def top1(linear: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> flo
     return float((linear(features).argmax(dim=1) == labels).float().mean())
 
 
-def best_weight_decay(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-                      num_classes: int, seed: int) -> float:
+def best_weight_decay(
+    train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_classes: int, seed: int
+) -> float:
     """Coarse-to-fine search over WEIGHT_DECAYS by validation top-1 (ties keep the earlier candidate)."""
+
     def peak(candidates: list[int]) -> int:
         best, best_accuracy = 0, 0.0  # as clip_benchmark: index 0 unless some candidate scores above 0
         for index in candidates:
@@ -149,9 +172,14 @@ def _threads_for(features: torch.Tensor) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def fit_and_score(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-                  test: tuple[torch.Tensor, torch.Tensor], fewshot_k: int, seed: int,
-                  num_classes: int | None = None) -> dict[str, float]:
+def fit_and_score(
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    fewshot_k: int,
+    seed: int,
+    num_classes: int | None = None,
+) -> dict[str, float]:
     """Steps 2–5 on features already computed; leaves the global RNG as it found it. ``num_classes``:
     the largest training label + 1 unless given (the whole training set's, before a validation split)."""
     num_classes = num_classes or int(train[1].max()) + 1
@@ -176,8 +204,9 @@ def fit_and_score(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Ten
     return result
 
 
-def split_off_validation(features: torch.Tensor, labels: torch.Tensor, fraction: float,
-                         seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def split_off_validation(
+    features: torch.Tensor, labels: torch.Tensor, fraction: float, seed: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=generator).to(labels.device)
     held = max(1, round(fraction * len(labels)))
@@ -187,8 +216,14 @@ def split_off_validation(features: torch.Tensor, labels: torch.Tensor, fraction:
     return (features[train], labels[train]), (features[val], labels[val])
 
 
-def linear_probe_evaluate(model: nn.Module, model_config: Mapping[str, Any], task: Task, batch_size: int = 64,
-                          num_workers: int = 0, autocast: AutocastFactory = no_autocast) -> dict[str, Any]:
+def linear_probe_evaluate(
+    model: nn.Module,
+    model_config: Mapping[str, Any],
+    task: Task,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    autocast: AutocastFactory = no_autocast,
+) -> dict[str, Any]:
     """The probe's metrics (every rank of the default group must call it: the encoding is collective)."""
     bad: Counter = Counter()
     train = encode_labelled(model, model_config, task.train, batch_size, num_workers, autocast, bad)

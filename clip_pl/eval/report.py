@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 
 def _shown(metric: str, value: Any) -> str:
@@ -44,12 +45,14 @@ def format_suite_table(metrics: Mapping[str, Any], tasks: Sequence[tuple[str, st
     rows = [("task", "type", "metric", "value")]
     for name, task_type, main in tasks:
         prefix = f"{name}/"
-        own = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+        own = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
         for metric in [main] + [m for m in own if m != main]:
             rows.append((name, task_type, metric + (" *" if metric == main else ""), _shown(metric, own[metric])))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d:>{widths[3]}}" for a, b, c, d in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.append("-" * len(lines[0]))
-    lines.append(f"average of the {len(tasks)} main metrics (*), DataComp-style: {100 * float(metrics['average']):.2f} %")
+    lines.append(
+        f"average of the {len(tasks)} main metrics (*), DataComp-style: {100 * float(metrics['average']):.2f} %"
+    )
     return "\n".join(lines)

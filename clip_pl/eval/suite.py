@@ -10,7 +10,8 @@ Every task is collective: all ranks call :func:`evaluate_tasks`, each evaluates 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -27,21 +28,50 @@ def _counts(result: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if isinstance(v, int) or k.startswith("bad_samples/")}
 
 
-def _zeroshot(model: nn.Module, config: Mapping[str, Any], task: Task, batch_size: int, num_workers: int,
-              autocast: AutocastFactory) -> dict[str, Any]:
-    raw = zero_shot_evaluate(model, config, task.data.path, task.classnames, task.templates, batch_size=batch_size,
-                             num_workers=num_workers, label_key=task.data.label_key, autocast=autocast)
+def _zeroshot(
+    model: nn.Module,
+    config: Mapping[str, Any],
+    task: Task,
+    batch_size: int,
+    num_workers: int,
+    autocast: AutocastFactory,
+) -> dict[str, Any]:
+    raw = zero_shot_evaluate(
+        model,
+        config,
+        task.data.path,
+        task.classnames,
+        task.templates,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        label_key=task.data.label_key,
+        autocast=autocast,
+    )
     named = {"acc1": raw["top1"], "mean_per_class_recall": raw["mean_per_class_recall"]}
     if len(task.classnames) >= 5:
         named["acc5"] = raw["top5"]
     return {**{m: named[m] for m in task.metrics if m in named}, **_counts(raw)}
 
 
-def _retrieval(model: nn.Module, config: Mapping[str, Any], task: Task, batch_size: int, num_workers: int,
-               autocast: AutocastFactory) -> dict[str, Any]:
-    raw = retrieval_evaluate(model, config, task.data.path, batch_size=batch_size, num_workers=num_workers,
-                             text_key=task.data.text_key, caption_separator=task.data.caption_separator,
-                             ks=task.recall_k, autocast=autocast)
+def _retrieval(
+    model: nn.Module,
+    config: Mapping[str, Any],
+    task: Task,
+    batch_size: int,
+    num_workers: int,
+    autocast: AutocastFactory,
+) -> dict[str, Any]:
+    raw = retrieval_evaluate(
+        model,
+        config,
+        task.data.path,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        text_key=task.data.text_key,
+        caption_separator=task.data.caption_separator,
+        ks=task.recall_k,
+        autocast=autocast,
+    )
     named = {}
     for k in task.recall_k:
         named[f"image_retrieval_recall@{k}"] = raw[f"text_to_image_R@{k}"]
@@ -50,24 +80,45 @@ def _retrieval(model: nn.Module, config: Mapping[str, Any], task: Task, batch_si
     return {**{m: named[m] for m in task.metrics}, **_counts(raw)}
 
 
-def _linear_probe(model: nn.Module, config: Mapping[str, Any], task: Task, batch_size: int, num_workers: int,
-                  autocast: AutocastFactory) -> dict[str, Any]:
+def _linear_probe(
+    model: nn.Module,
+    config: Mapping[str, Any],
+    task: Task,
+    batch_size: int,
+    num_workers: int,
+    autocast: AutocastFactory,
+) -> dict[str, Any]:
     from clip_pl.eval.linear_probe import linear_probe_evaluate
 
     raw = linear_probe_evaluate(model, config, task, batch_size=batch_size, num_workers=num_workers, autocast=autocast)
-    return {**{m: raw[m] for m in task.metrics if m in raw}, **{k: v for k, v in raw.items() if not k.startswith("lp_")}}
+    return {
+        **{m: raw[m] for m in task.metrics if m in raw},
+        **{k: v for k, v in raw.items() if not k.startswith("lp_")},
+    }
 
 
 _RUNNERS = {ZEROSHOT: _zeroshot, RETRIEVAL: _retrieval, LINEAR_PROBE: _linear_probe}
 
 
-def evaluate_task(model: nn.Module, model_config: Mapping[str, Any], task: Task, batch_size: int = 64,
-                  num_workers: int = 0, autocast: AutocastFactory = no_autocast) -> dict[str, Any]:
+def evaluate_task(
+    model: nn.Module,
+    model_config: Mapping[str, Any],
+    task: Task,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    autocast: AutocastFactory = no_autocast,
+) -> dict[str, Any]:
     return _RUNNERS[task.type](model, model_config, task, task.batch_size or batch_size, num_workers, autocast)
 
 
-def evaluate_tasks(model: nn.Module, model_config: Mapping[str, Any], tasks: Sequence[Task], batch_size: int = 64,
-                   num_workers: int = 0, autocast: AutocastFactory = no_autocast) -> dict[str, dict[str, Any]]:
+def evaluate_tasks(
+    model: nn.Module,
+    model_config: Mapping[str, Any],
+    tasks: Sequence[Task],
+    batch_size: int = 64,
+    num_workers: int = 0,
+    autocast: AutocastFactory = no_autocast,
+) -> dict[str, dict[str, Any]]:
     """{task name: its metrics} in the list's order."""
     return {task.name: evaluate_task(model, model_config, task, batch_size, num_workers, autocast) for task in tasks}
 

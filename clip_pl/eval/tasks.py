@@ -30,15 +30,22 @@ Relative paths are relative to the task list's folder. Every problem is reported
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
 from clip_pl.eval import datasets
-from clip_pl.eval.labels import (BUILTIN_CLASSNAMES, BUILTIN_TEMPLATES, check_templates, check_unique, load_classnames,
-                                 load_templates)
+from clip_pl.eval.labels import (
+    BUILTIN_CLASSNAMES,
+    BUILTIN_TEMPLATES,
+    check_templates,
+    check_unique,
+    load_classnames,
+    load_templates,
+)
 
 ZEROSHOT, RETRIEVAL, LINEAR_PROBE = "zeroshot_classification", "retrieval", "linear_probe"
 TASK_TYPES = (ZEROSHOT, RETRIEVAL, LINEAR_PROBE)
@@ -137,12 +144,19 @@ def parse_data(spec: Any, base: Path, where: str, split: str = "test") -> DataSp
             try:
                 fmt = "imagefolder" if datasets.is_imagefolder(paths) else "wds"
             except FileNotFoundError as e:
-                raise _fail(where, f"data {raw!r} not found ({e})", "fix the path (relative paths start at the task list's folder)") from None
+                raise _fail(
+                    where,
+                    f"data {raw!r} not found ({e})",
+                    "fix the path (relative paths start at the task list's folder)",
+                ) from None
     options = {k: spec[k] for k in ("label_key", "text_key", "caption_separator") if k in spec}
     if fmt == "clip_benchmark":
         if single is None or not _is_clip_benchmark_root(single, split):
-            raise _fail(where, f"{raw!r} is not a clip_benchmark folder with split {split!r}",
-                        f"it needs {CLIP_BENCHMARK_CLASSNAMES} and a {split}/ folder of .tar shards")
+            raise _fail(
+                where,
+                f"{raw!r} is not a clip_benchmark folder with split {split!r}",
+                f"it needs {CLIP_BENCHMARK_CLASSNAMES} and a {split}/ folder of .tar shards",
+            )
         shards = str(single / split)
         _check_shards(shards, where)
         return DataSpec("clip_benchmark", shards, root=single, **options)
@@ -162,7 +176,10 @@ def _check_shards(spec: str | list[str], where: str) -> None:
 
 
 def class_folders(root: str) -> list[str]:
-    return sorted((p.name for p in Path(root).iterdir() if p.is_dir()), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+    return sorted(
+        (p.name for p in Path(root).iterdir() if p.is_dir()),
+        key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n),
+    )
 
 
 def _relative_file(spec: Any, builtins: Mapping, base: Path) -> Any:
@@ -181,8 +198,11 @@ def _classnames(entry: Mapping, data: DataSpec, where: str, base: Path) -> list[
         elif data.format == "imagefolder":
             names = class_folders(str(data.path))
             if all(n.isdigit() for n in names):
-                raise _fail(where, "class folders are numbers and no classnames are given",
-                            "set classnames: to a file or list (line k names class k)")
+                raise _fail(
+                    where,
+                    "class folders are numbers and no classnames are given",
+                    "set classnames: to a file or list (line k names class k)",
+                )
             names = check_unique(names, "class folders")
         else:
             raise _fail(where, "no classnames for WebDataset shards", "set classnames: to a built-in, a file or a list")
@@ -201,15 +221,24 @@ def _check_folders_match(names: Sequence[str], root: str, where: str) -> None:
         raise _fail(where, f"ImageFolder {root!r} has no class folders", "lay it out as root/<class>/<image>")
     if all(f.isdigit() for f in folders):
         if int(folders[-1]) >= len(names):
-            raise _fail(where, f"class folder {folders[-1]!r} but only {len(names)} class names",
-                        "give one class name per class index (line k names folder k)")
+            raise _fail(
+                where,
+                f"class folder {folders[-1]!r} but only {len(names)} class names",
+                "give one class name per class index (line k names folder k)",
+            )
         return
     if len(folders) != len(names):
-        raise _fail(where, f"{len(folders)} class folders ({folders[:4]}…) but {len(names)} class names",
-                    "give one class name per folder, in the folders' sorted order")
+        raise _fail(
+            where,
+            f"{len(folders)} class folders ({folders[:4]}…) but {len(names)} class names",
+            "give one class name per folder, in the folders' sorted order",
+        )
     if set(folders) == set(names) and list(folders) != list(names):
-        raise _fail(where, "the class names are the folder names in another order, so classes would be swapped",
-                    f"list them in sorted folder order ({folders[:4]}…) or leave classnames out")
+        raise _fail(
+            where,
+            "the class names are the folder names in another order, so classes would be swapped",
+            f"list them in sorted folder order ({folders[:4]}…) or leave classnames out",
+        )
 
 
 def _templates(entry: Mapping, data: DataSpec, where: str, base: Path) -> list[str]:
@@ -217,8 +246,12 @@ def _templates(entry: Mapping, data: DataSpec, where: str, base: Path) -> list[s
     if spec is None and data.root is not None:
         spec = str(data.root / CLIP_BENCHMARK_TEMPLATES)
     if spec is None:
-        raise _fail(where, "no templates", "set templates: to openai_imagenet, simple_imagenet, a file or a list "
-                                           "of prompts with {} where the class name goes")
+        raise _fail(
+            where,
+            "no templates",
+            "set templates: to openai_imagenet, simple_imagenet, a file or a list "
+            "of prompts with {} where the class name goes",
+        )
     try:
         if isinstance(spec, str) and Path(spec).is_file():
             # clip_benchmark's files write {c}; ours {}.
@@ -236,8 +269,11 @@ def _metrics(entry: Mapping, task_type: str, allowed: Sequence[str], where: str)
         raise _fail(where, f"unknown metric(s) {unknown} for {task_type}", f"choose from {list(allowed)}")
     main = entry.get("main_metric") or DEFAULT_MAIN_METRIC[task_type]
     if main not in metrics:
-        raise _fail(where, f"main_metric {main!r} is not among the task's metrics {list(metrics)}",
-                    "add it to metrics or pick one of them")
+        raise _fail(
+            where,
+            f"main_metric {main!r} is not among the task's metrics {list(metrics)}",
+            "add it to metrics or pick one of them",
+        )
     return metrics, main
 
 
@@ -263,15 +299,29 @@ def parse_task(name: str, entry: Any, base: Path, source: str) -> Task:
         templates = _templates(entry, data, where, base)
         metrics, main = _metrics(entry, task_type, CLASSIFICATION_METRICS, where)
         if main == "acc5" and len(classnames) < 5:
-            raise _fail(where, f"main_metric acc5 with {len(classnames)} classes (top-5 needs at least 5)",
-                        "use acc1 or mean_per_class_recall")
-        return Task(name, task_type, metrics, main, data=data, classnames=tuple(classnames),
-                    templates=tuple(templates), batch_size=batch_size)
+            raise _fail(
+                where,
+                f"main_metric acc5 with {len(classnames)} classes (top-5 needs at least 5)",
+                "use acc1 or mean_per_class_recall",
+            )
+        return Task(
+            name,
+            task_type,
+            metrics,
+            main,
+            data=data,
+            classnames=tuple(classnames),
+            templates=tuple(templates),
+            batch_size=batch_size,
+        )
     if task_type == RETRIEVAL:
         data = parse_data(entry.get("data"), base, where)
         if data.format == "imagefolder":
-            raise _fail(where, "retrieval needs image-caption shards, not an ImageFolder",
-                        "point data: at WebDataset shards whose .txt holds the captions, one per line")
+            raise _fail(
+                where,
+                "retrieval needs image-caption shards, not an ImageFolder",
+                "point data: at WebDataset shards whose .txt holds the captions, one per line",
+            )
         ks = tuple(int(k) for k in entry.get("recall_k") or DEFAULT_RECALL_K)
         if not ks or min(ks) <= 0:
             raise _fail(where, f"recall_k {list(ks)} must be positive integers", "e.g. recall_k: [1, 5, 10]")
@@ -289,22 +339,38 @@ def parse_task(name: str, entry: Any, base: Path, source: str) -> Task:
     if not 0 < fraction < 1:
         raise _fail(where, f"val_fraction={fraction} must lie strictly between 0 and 1", "e.g. val_fraction: 0.2")
     metrics, main = _metrics(entry, task_type, LINEAR_PROBE_METRICS, where)
-    return Task(name, task_type, metrics, main, train=train, val=val, test=test, classnames=tuple(classnames),
-                fewshot_k=fewshot_k, val_fraction=fraction, seed=int(entry.get("seed", 0)), batch_size=batch_size)
+    return Task(
+        name,
+        task_type,
+        metrics,
+        main,
+        train=train,
+        val=val,
+        test=test,
+        classnames=tuple(classnames),
+        fewshot_k=fewshot_k,
+        val_fraction=fraction,
+        seed=int(entry.get("seed", 0)),
+        batch_size=batch_size,
+    )
 
 
 def load_task_list(path: str | Path) -> list[Task]:
     """Every task of the YAML file at ``path``, checked (data present, class names and templates usable)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise TaskListError(f"task list {str(path)!r} does not exist — pass eval.task_list=PATH to a YAML file "
-                            f"(see clip_pl/eval/tasks.py for the format)")
+        raise TaskListError(
+            f"task list {str(path)!r} does not exist — pass eval.task_list=PATH to a YAML file "
+            f"(see clip_pl/eval/tasks.py for the format)"
+        )
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise TaskListError(f"task list {str(path)!r} is not valid YAML ({e}) — fix the syntax") from None
     tasks = document.get("tasks") if isinstance(document, Mapping) else None
     if not isinstance(tasks, Mapping) or not tasks:
-        raise TaskListError(f"task list {str(path)!r} has no tasks — write `tasks:` followed by one mapping per "
-                            f"task (name: {{type: …, data: …}})")
+        raise TaskListError(
+            f"task list {str(path)!r} has no tasks — write `tasks:` followed by one mapping per "
+            f"task (name: {{type: …, data: …}})"
+        )
     return [parse_task(str(name), entry, path.parent.resolve(), str(path)) for name, entry in tasks.items()]

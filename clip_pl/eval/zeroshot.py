@@ -9,7 +9,8 @@ the hit counts are summed, so the result equals the single-process one for any s
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
@@ -24,17 +25,24 @@ from clip_pl.model import context_length_of, get_tokenizer, image_size_of, image
 TOP_K = (1, 5)
 
 
-def build_classifier(model: nn.Module, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str],
-                     embed_dim: int, classes_per_batch: int = 10,
-                     autocast: AutocastFactory = no_autocast) -> torch.Tensor:
+def build_classifier(
+    model: nn.Module,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    embed_dim: int,
+    classes_per_batch: int = 10,
+    autocast: AutocastFactory = no_autocast,
+) -> torch.Tensor:
     """(D, C) unit class embeddings; each rank encodes a block of classes, all ranks get all."""
     rank, world_size = rank_and_world_size()
     device, _ = placement(model)
     mine = list(classnames[contiguous_slice(len(classnames), rank, world_size)])
     if mine:
         with autocast():
-            block = build_zero_shot_classifier(model, tokenizer, mine, list(templates),
-                                               num_classes_per_batch=classes_per_batch, device=device)
+            block = build_zero_shot_classifier(
+                model, tokenizer, mine, list(templates), num_classes_per_batch=classes_per_batch, device=device
+            )
         block = block.T.float()
     else:
         block = torch.zeros((0, embed_dim), device=device)
@@ -52,8 +60,9 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = TO
 def class_counts(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(2, C): images of each class, and those among them whose top-1 prediction is right."""
     right = logits.argmax(dim=1) == labels
-    return torch.stack([torch.bincount(labels, minlength=num_classes),
-                        torch.bincount(labels[right], minlength=num_classes)])
+    return torch.stack(
+        [torch.bincount(labels, minlength=num_classes), torch.bincount(labels[right], minlength=num_classes)]
+    )
 
 
 def mean_per_class_recall(counts: torch.Tensor) -> float:
@@ -62,10 +71,17 @@ def mean_per_class_recall(counts: torch.Tensor) -> float:
     return float((counts[1][present].double() / counts[0][present].double()).mean())
 
 
-def zero_shot_evaluate(model: nn.Module, model_config: Mapping[str, Any], data: str | Sequence[str],
-                       classnames: Sequence[str], templates: Sequence[str], batch_size: int = 64,
-                       num_workers: int = 0, label_key: str = "cls",
-                       autocast: AutocastFactory = no_autocast) -> dict[str, float]:
+def zero_shot_evaluate(
+    model: nn.Module,
+    model_config: Mapping[str, Any],
+    data: str | Sequence[str],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    batch_size: int = 64,
+    num_workers: int = 0,
+    label_key: str = "cls",
+    autocast: AutocastFactory = no_autocast,
+) -> dict[str, float]:
     """Top-1/top-5 accuracy of ``model`` on an ImageFolder directory or labelled WebDataset shards.
 
     Every rank of the default process group must call it (it is collective); each evaluates its slice.
@@ -84,8 +100,9 @@ def zero_shot_evaluate(model: nn.Module, model_config: Mapping[str, Any], data: 
     per_class = torch.zeros((2, len(classnames)), dtype=torch.long, device=device)
     bad: Counter = Counter()
     with evaluation_mode(model):
-        classifier = build_classifier(model, tokenizer, classnames, templates, int(model_config["embed_dim"]),
-                                      autocast=autocast)
+        classifier = build_classifier(
+            model, tokenizer, classnames, templates, int(model_config["embed_dim"]), autocast=autocast
+        )
         for batch, skipped in datasets.loader(dataset, batch_size, num_workers):
             bad.update(skipped)
             if batch is None:
@@ -93,8 +110,10 @@ def zero_shot_evaluate(model: nn.Module, model_config: Mapping[str, Any], data: 
             images, labels = batch
             labels = torch.as_tensor(labels, device=device)
             if labels.numel() and (labels.min() < 0 or labels.max() >= len(classnames)):
-                raise ValueError(f"label {int(labels.max())} is outside the {len(classnames)} class names; "
-                                 f"the class-name list and the dataset's labels disagree.")
+                raise ValueError(
+                    f"label {int(labels.max())} is outside the {len(classnames)} class names; "
+                    f"the class-name list and the dataset's labels disagree."
+                )
             with autocast():
                 features = model.encode_image(images.to(device, dtype), normalize=True)
             logits = features.float() @ classifier
@@ -106,7 +125,7 @@ def zero_shot_evaluate(model: nn.Module, model_config: Mapping[str, Any], data: 
     if total == 0:
         raise ValueError(f"zero-shot data {data!r} yielded no samples.")
     result = {f"top{k}": float(totals[i]) / total for i, k in enumerate(TOP_K)}
-    result["mean_per_class_recall"] = mean_per_class_recall(totals[len(TOP_K) + 1:].reshape(2, -1))
+    result["mean_per_class_recall"] = mean_per_class_recall(totals[len(TOP_K) + 1 :].reshape(2, -1))
     result["samples"] = total
     result.update(bad_sample_metrics(bad))
     return result

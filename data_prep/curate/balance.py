@@ -71,8 +71,12 @@ def read_entries(path: str | Path, ignore_case: bool = False) -> tuple[list[str]
                 entries.append(entry)
     if not entries:
         raise InputTableError(f"{path}: the metadata file holds no entries; write one entry per line")
-    return entries, {"path": str(path), "entries": len(entries), "blank_lines_skipped": blank,
-                     "duplicates_skipped": duplicate}
+    return entries, {
+        "path": str(path),
+        "entries": len(entries),
+        "blank_lines_skipped": blank,
+        "duplicates_skipped": duplicate,
+    }
 
 
 def build_matcher(entries: list[str]) -> ahocorasick.Automaton:
@@ -83,8 +87,9 @@ def build_matcher(entries: list[str]) -> ahocorasick.Automaton:
     return automaton
 
 
-def match_chunk(matcher: ahocorasick.Automaton, captions: pd.Series, ignore_case: bool
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def match_chunk(
+    matcher: ahocorasick.Automaton, captions: pd.Series, ignore_case: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, entry) index pairs, one per distinct entry a caption contains, and a mask of missing captions."""
     missing = captions.isna().to_numpy()
     rows, found = [], []
@@ -120,13 +125,15 @@ def uniform_draws(seed: int, rows: np.ndarray, entries: np.ndarray) -> np.ndarra
         key = _mix(np.asarray([seed], dtype=np.uint64) * _GOLDEN + _GOLDEN)
         x = _mix(rows.astype(np.uint64) * _GOLDEN + key)
         x = _mix(x ^ ((entries.astype(np.uint64) + np.uint64(1)) * np.uint64(0xD1B54A32D192ED03)))
-    return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
     clashes = [name for name in OUTPUT_FILES if (output / name).exists()]
     if clashes and not overwrite:
-        raise FileExistsError(f"{output} already holds {clashes}; pass --overwrite to replace them or pick another folder")
+        raise FileExistsError(
+            f"{output} already holds {clashes}; pass --overwrite to replace them or pick another folder"
+        )
 
 
 def balance(input_path: str | Path, metadata_path: str | Path, output_dir: str | Path, **options) -> dict:
@@ -147,11 +154,14 @@ def balance(input_path: str | Path, metadata_path: str | Path, output_dir: str |
     for file in input_files(input_path):
         columns, has_rows = peek(file)
         if opts.caption_col not in columns:
-            raise InputTableError(f"{file}: missing column {opts.caption_col!r}; it has {columns}. "
-                                  f"Rename it or pass --caption-col")
+            raise InputTableError(
+                f"{file}: missing column {opts.caption_col!r}; it has {columns}. Rename it or pass --caption-col"
+            )
         if "reason" in columns:
-            raise InputTableError(f"{file}: has a column named 'reason', which removed.parquet uses for the removal "
-                                  f"reason; rename it first")
+            raise InputTableError(
+                f"{file}: has a column named 'reason', which removed.parquet uses for the removal "
+                f"reason; rename it first"
+            )
         any_rows |= has_rows
     if not any_rows:
         raise InputTableError(f"{input_path}: the table has a header but no rows; nothing to balance")
@@ -194,35 +204,76 @@ def balance(input_path: str | Path, metadata_path: str | Path, output_dir: str |
     seconds = time.perf_counter() - started
 
     pd.DataFrame({"entry": entries, "count_before": before, "count_after": after}).to_parquet(
-        output / "entry_counts.parquet", index=False)
-    stats = _stats(input_path, metadata, opts, entries, before, after, rows_in, matched_pairs,
-                   kept_writer.rows, removed_writer.rows, removed_by_reason, seconds)
+        output / "entry_counts.parquet", index=False
+    )
+    stats = _stats(
+        input_path,
+        metadata,
+        opts,
+        entries,
+        before,
+        after,
+        rows_in,
+        matched_pairs,
+        kept_writer.rows,
+        removed_writer.rows,
+        removed_by_reason,
+        seconds,
+    )
     (output / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
 
-def _stats(input_path, metadata, opts, entries, before, after, rows_in, matched_pairs, kept, removed,
-           removed_by_reason, seconds) -> dict:
+def _stats(
+    input_path,
+    metadata,
+    opts,
+    entries,
+    before,
+    after,
+    rows_in,
+    matched_pairs,
+    kept,
+    removed,
+    removed_by_reason,
+    seconds,
+) -> dict:
     head = before > opts.threshold
     tail = (before > 0) & ~head
     top = np.argsort(-before, kind="stable")[:20]
     stats = {
         "input": {"path": str(input_path), "rows": rows_in},
         "metadata": metadata,
-        "pairs": {"matched": matched_pairs, "no_entry_match": rows_in - matched_pairs - removed_by_reason["missing_caption"],
-                  "missing_caption": removed_by_reason["missing_caption"], "kept": kept, "removed": removed},
+        "pairs": {
+            "matched": matched_pairs,
+            "no_entry_match": rows_in - matched_pairs - removed_by_reason["missing_caption"],
+            "missing_caption": removed_by_reason["missing_caption"],
+            "kept": kept,
+            "removed": removed,
+        },
         "removed_by_reason": removed_by_reason,
         "entries_matched": int((before > 0).sum()),
         # matches = (pair, entry) incidences; a pair matching two entries counts under both
-        "head": {"entries": int(head.sum()), "matches_before": int(before[head].sum()),
-                 "matches_after": int(after[head].sum()),
-                 "matches_after_expected_single_match": int(np.minimum(before[head], opts.threshold).sum())},
-        "tail": {"entries": int(tail.sum()), "matches_before": int(before[tail].sum()),
-                 "matches_after": int(after[tail].sum())},
-        "top_entries": [{"entry": entries[i], "before": int(before[i]), "after": int(after[i])}
-                        for i in top if before[i] > 0],
-        "this_run": {"seconds": round(seconds, 3), "rows_per_second": round(rows_in / seconds, 1) if seconds else None,
-                     "passes_over_the_table": 2, "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()},
+        "head": {
+            "entries": int(head.sum()),
+            "matches_before": int(before[head].sum()),
+            "matches_after": int(after[head].sum()),
+            "matches_after_expected_single_match": int(np.minimum(before[head], opts.threshold).sum()),
+        },
+        "tail": {
+            "entries": int(tail.sum()),
+            "matches_before": int(before[tail].sum()),
+            "matches_after": int(after[tail].sum()),
+        },
+        "top_entries": [
+            {"entry": entries[i], "before": int(before[i]), "after": int(after[i])} for i in top if before[i] > 0
+        ],
+        "this_run": {
+            "seconds": round(seconds, 3),
+            "rows_per_second": round(rows_in / seconds, 1) if seconds else None,
+            "passes_over_the_table": 2,
+            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        },
         "settings": asdict(opts),
         "outputs": list(OUTPUT_FILES),
     }

@@ -42,8 +42,9 @@ def _text_chunks(path: Path, fmt: str, rows: int) -> Iterator[pd.DataFrame]:
             yield from reader
         return
     # keep_default_na=False: an empty caption stays "" (a caption, if a useless one), never NaN
-    with pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", chunksize=rows, dtype=str,
-                     keep_default_na=False) as reader:
+    with pd.read_csv(
+        path, sep="\t" if fmt == "tsv" else ",", chunksize=rows, dtype=str, keep_default_na=False
+    ) as reader:
         yield from reader
 
 
@@ -81,8 +82,9 @@ class ChunkWriter:
         if self._writer is None:
             table = pa.Table.from_pandas(frame, preserve_index=False)
             # A column that is all null in the first chunk would fix the type "null"; strings are the safe guess
-            table = table.cast(pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f
-                                          for f in table.schema]))
+            table = table.cast(
+                pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema])
+            )
             self._writer = pq.ParquetWriter(self.path, table.schema)
         else:
             table = pa.Table.from_pandas(frame, schema=self._writer.schema, preserve_index=False)

@@ -38,8 +38,14 @@ def _quantiles(values: pd.Series) -> dict:
     return {f"p{q}": round(float(np.quantile(values, q / 100)), 4) for q in (5, 25, 50, 75, 95)}
 
 
-def filter_shards(shards_dir: str | Path, output_dir: str | Path, keep_fraction: float | None = None,
-                  min_score: float | None = None, scores_dir: str | Path | None = None, overwrite: bool = False) -> dict:
+def filter_shards(
+    shards_dir: str | Path,
+    output_dir: str | Path,
+    keep_fraction: float | None = None,
+    min_score: float | None = None,
+    scores_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict:
     if (keep_fraction is None) == (min_score is None):
         raise ValueError("give exactly one of keep_fraction (--keep-fraction) and min_score (--min-score)")
     if keep_fraction is not None and not 0 < keep_fraction <= 1:
@@ -53,7 +59,9 @@ def filter_shards(shards_dir: str | Path, output_dir: str | Path, keep_fraction:
     if keep_fraction is not None:
         # the top ceil(f·n) scored pairs; ties broken by (shard, key) order, so the cut is reproducible
         n_keep = math.ceil(keep_fraction * int(scored.sum()))
-        ranked = scores[scored].sort_values(["clip_score", "shard", "key"], ascending=[False, True, True], kind="stable")
+        ranked = scores[scored].sort_values(
+            ["clip_score", "shard", "key"], ascending=[False, True, True], kind="stable"
+        )
         kept = scores.index.isin(ranked.index[:n_keep])
         threshold = float(ranked["clip_score"].iloc[n_keep - 1]) if n_keep else math.inf
     else:

@@ -47,19 +47,24 @@ def eval_image_files(path: Path) -> list[tuple[str, bytes]]:
         if suffix in IMAGE_EXTENSIONS:
             found.append((str(file.relative_to(path)), file.read_bytes()))
         elif suffix == "tar":
-            found += [(f"{file.relative_to(path)}:{key}", image) for key, files in iter_samples(file)
-                      if (image := image_of(files)) is not None]
+            found += [
+                (f"{file.relative_to(path)}:{key}", image)
+                for key, files in iter_samples(file)
+                if (image := image_of(files)) is not None
+            ]
     if not found:
         raise FileNotFoundError(f"{path}: no images (jpg, png, webp, or inside .tar shards) to compare against")
     return found
 
 
 @torch.no_grad()
-def embed_images(images: list[bytes], model: str, pretrained: str | None, device: str | None, batch_size: int = 256) -> np.ndarray:
+def embed_images(
+    images: list[bytes], model: str, pretrained: str | None, device: str | None, batch_size: int = 256
+) -> np.ndarray:
     clip, preprocess, _, device_used = load_model(model, pretrained, device)
     out = []
     for start in range(0, len(images), batch_size):
-        batch = [preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[start:start + batch_size]]
+        batch = [preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[start : start + batch_size]]
         features = clip.encode_image(torch.stack(batch).to(device_used)).float()
         out.append(torch.nn.functional.normalize(features, dim=-1).cpu().numpy())
     return np.concatenate(out).astype(np.float32)
@@ -73,10 +78,12 @@ def first_of_each_group(embeddings: np.ndarray, threshold: float) -> tuple[np.nd
     similarity = np.full(len(embeddings), np.nan, dtype=np.float32)
     for start in range(0, len(embeddings), QUERY_ROWS):
         # range_search keeps inner products > radius; nudge it below, so "at least threshold" holds
-        lims, scores, ids = index.range_search(embeddings[start:start + QUERY_ROWS], np.nextafter(np.float32(threshold), -1))
+        lims, scores, ids = index.range_search(
+            embeddings[start : start + QUERY_ROWS], np.nextafter(np.float32(threshold), -1)
+        )
         for offset in range(len(lims) - 1):
             row = start + offset
-            hits, sims = ids[lims[offset]:lims[offset + 1]], scores[lims[offset]:lims[offset + 1]]
+            hits, sims = ids[lims[offset] : lims[offset + 1]], scores[lims[offset] : lims[offset + 1]]
             earlier = (hits < row) & (duplicate_of[np.minimum(hits, row)] == -1)  # earlier rows are decided
             if earlier.any():
                 best = np.argmax(np.where(earlier, sims, -np.inf))
@@ -84,9 +91,15 @@ def first_of_each_group(embeddings: np.ndarray, threshold: float) -> tuple[np.nd
     return duplicate_of, similarity
 
 
-def dedup_shards(shards_dir: str | Path, output_dir: str | Path, threshold: float = 0.95,
-                 eval_images: str | Path | None = None, scores_dir: str | Path | None = None,
-                 device: str | None = None, overwrite: bool = False) -> dict:
+def dedup_shards(
+    shards_dir: str | Path,
+    output_dir: str | Path,
+    threshold: float = 0.95,
+    eval_images: str | Path | None = None,
+    scores_dir: str | Path | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+) -> dict:
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold is a cosine similarity in (0, 1], got {threshold}")
     shards_dir, output = Path(shards_dir), Path(output_dir)
@@ -125,11 +138,16 @@ def dedup_shards(shards_dir: str | Path, output_dir: str | Path, threshold: floa
     output.mkdir(parents=True, exist_ok=True)
     sizes = write_selection(shards_dir, output, names, scores[kept])
     removed = scores.loc[~kept, ["shard", "key", "caption"]].assign(
-        reason=reason[~kept], duplicate_of=duplicate_of[~kept], similarity=similarity[~kept])
+        reason=reason[~kept], duplicate_of=duplicate_of[~kept], similarity=similarity[~kept]
+    )
     removed.to_parquet(output / "removed.parquet", index=False)
     stats = {
-        "input": {"shards": str(shards_dir), "samples": len(scores), "embedded": int(embedded.sum()),
-                  "eval_images": len(eval_files)},
+        "input": {
+            "shards": str(shards_dir),
+            "samples": len(scores),
+            "embedded": int(embedded.sum()),
+            "eval_images": len(eval_files),
+        },
         "threshold": threshold,
         "kept": int(kept.sum()),
         "kept_without_embedding": int((kept & ~embedded).sum()),
@@ -137,8 +155,11 @@ def dedup_shards(shards_dir: str | Path, output_dir: str | Path, threshold: floa
         "removed_by_reason": {r: int((removed["reason"] == r).sum()) for r in ("eval_duplicate", "near_duplicate")},
         "samples_in_shards": sum(sizes.values()),
     }
-    if stats["kept"] + stats["removed"] != len(scores) or sum(stats["removed_by_reason"].values()) != stats["removed"] \
-            or stats["samples_in_shards"] != stats["kept"]:
+    if (
+        stats["kept"] + stats["removed"] != len(scores)
+        or sum(stats["removed_by_reason"].values()) != stats["removed"]
+        or stats["samples_in_shards"] != stats["kept"]
+    ):
         raise AssertionError(f"dedup counts do not add up: {stats}")
     write_json_atomic(output / "stats.json", stats)
     return stats

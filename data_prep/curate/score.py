@@ -41,9 +41,11 @@ def load_model(model: str, pretrained: str | None = None, device: str | None = N
     device = device or default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; pass --device cpu")
-    if model.startswith("local-dir:") and not (Path(model[len("local-dir:"):]) / "open_clip_config.json").is_file():
-        raise FileNotFoundError(f"{model}: no open_clip_config.json there; export a clip_pl checkpoint with "
-                                f"`python -m clip_pl.interchange export CKPT FOLDER` and pass local-dir:FOLDER")
+    if model.startswith("local-dir:") and not (Path(model[len("local-dir:") :]) / "open_clip_config.json").is_file():
+        raise FileNotFoundError(
+            f"{model}: no open_clip_config.json there; export a clip_pl checkpoint with "
+            f"`python -m clip_pl.interchange export CKPT FOLDER` and pass local-dir:FOLDER"
+        )
     if pretrained is not None and not Path(pretrained).is_file():
         raise FileNotFoundError(f"{pretrained}: no such weights file (nothing is downloaded here)")
     if not model.startswith("local-dir:") and pretrained is None:
@@ -65,7 +67,9 @@ def _decode(image_bytes: bytes | None, preprocess) -> tuple[torch.Tensor | None,
 
 @torch.no_grad()
 def _score_batch(clip, tokenizer, device, images: list[torch.Tensor], captions: list[str]):
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     with autocast:
         image_features = clip.encode_image(torch.stack(images).to(device))
         text_features = clip.encode_text(tokenizer(captions).to(device))
@@ -88,8 +92,16 @@ def score_shard(tar_path: Path, clip, preprocess, tokenizer, device, batch_size:
         tensor, status = _decode(image_of(files), preprocess)
         if status == "scored" and not (caption or "").strip():
             tensor, status = None, "missing_caption"
-        rows.append({"shard": tar_path.stem, "key": key, "caption": caption, "clip_score": float("nan"),
-                     "status": status, "image_embedding": None})
+        rows.append(
+            {
+                "shard": tar_path.stem,
+                "key": key,
+                "caption": caption,
+                "clip_score": float("nan"),
+                "status": status,
+                "image_embedding": None,
+            }
+        )
         if tensor is not None:
             pending.append((len(rows) - 1, tensor, caption))
             if len(pending) == batch_size:
@@ -99,8 +111,14 @@ def score_shard(tar_path: Path, clip, preprocess, tokenizer, device, batch_size:
     return pd.DataFrame(rows, columns=["shard", "key", "caption", "clip_score", "status", "image_embedding"])
 
 
-def score_shards(shards_dir: str | Path, model: str, pretrained: str | None = None, scores_dir: str | Path | None = None,
-                 batch_size: int = 256, device: str | None = None) -> dict:
+def score_shards(
+    shards_dir: str | Path,
+    model: str,
+    pretrained: str | None = None,
+    scores_dir: str | Path | None = None,
+    batch_size: int = 256,
+    device: str | None = None,
+) -> dict:
     """Score every shard that has no scores file yet; returns the run's summary (also in info.json)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -111,8 +129,10 @@ def score_shards(shards_dir: str | Path, model: str, pretrained: str | None = No
     if info_path.exists():
         earlier = json.loads(info_path.read_text())
         if {k: earlier.get(k) for k in identity} != identity:
-            raise FileExistsError(f"{scores_dir} holds scores by {earlier.get('model')} ({earlier.get('pretrained')}); "
-                                  f"give another --scores folder for {model}")
+            raise FileExistsError(
+                f"{scores_dir} holds scores by {earlier.get('model')} ({earlier.get('pretrained')}); "
+                f"give another --scores folder for {model}"
+            )
     clip, preprocess, tokenizer, device_used = load_model(model, pretrained, device)
     scores_dir.mkdir(parents=True, exist_ok=True)
     todo = [name for name in names if not (scores_dir / f"{name}.parquet").exists()]
@@ -125,10 +145,19 @@ def score_shards(shards_dir: str | Path, model: str, pretrained: str | None = No
         scored += int((frame["status"] == "scored").sum())
         samples += len(frame)
     seconds = time.perf_counter() - started
-    info = {**identity, "device": str(device_used), "batch_size": batch_size, "shards": len(names),
-            "shards_scored_this_run": len(todo),
-            "this_run": {"samples": samples, "scored": scored, "seconds": round(seconds, 3),
-                         "images_per_second": round(scored / seconds, 1) if seconds and scored else None}}
+    info = {
+        **identity,
+        "device": str(device_used),
+        "batch_size": batch_size,
+        "shards": len(names),
+        "shards_scored_this_run": len(todo),
+        "this_run": {
+            "samples": samples,
+            "scored": scored,
+            "seconds": round(seconds, 3),
+            "images_per_second": round(scored / seconds, 1) if seconds and scored else None,
+        },
+    }
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -137,16 +166,20 @@ def read_scores(scores_dir: Path, names: list[str], shards_dir: Path) -> pd.Data
     """The scores of the samples that are in the shards now (a cut's output keeps the original scores)."""
     missing = [name for name in names if not (scores_dir / f"{name}.parquet").exists()]
     if missing:
-        raise FileNotFoundError(f"{scores_dir}: no scores for shard(s) {missing[:5]}{' …' if len(missing) > 5 else ''}; "
-                                f"run `python -m data_prep.curate score` first")
+        raise FileNotFoundError(
+            f"{scores_dir}: no scores for shard(s) {missing[:5]}{' …' if len(missing) > 5 else ''}; "
+            f"run `python -m data_prep.curate score` first"
+        )
     frames = []
     for name in names:
         frame = pd.read_parquet(scores_dir / f"{name}.parquet")
         present = keys_in_tar(Path(shards_dir) / f"{name}.tar")
         unscored = present - set(frame["key"])
         if unscored:
-            raise ValueError(f"{scores_dir / name}.parquet has no score for {len(unscored)} sample(s) of {name}.tar "
-                             f"(e.g. {sorted(unscored)[:3]}); these scores belong to other shards: rescore them")
+            raise ValueError(
+                f"{scores_dir / name}.parquet has no score for {len(unscored)} sample(s) of {name}.tar "
+                f"(e.g. {sorted(unscored)[:3]}); these scores belong to other shards: rescore them"
+            )
         frames.append(frame[frame["key"].isin(present)])
     return pd.concat(frames, ignore_index=True)
 

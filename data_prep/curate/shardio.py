@@ -18,7 +18,9 @@ def shard_names(shards_dir: str | Path) -> list[str]:
     """Stems of the top-level `*.tar` files ('00000', …), sorted; refuses a folder with none."""
     shards_dir = Path(shards_dir)
     if not shards_dir.is_dir():
-        raise FileNotFoundError(f"{shards_dir}: no such folder; give the folder of .tar shards (data_prep.download's output)")
+        raise FileNotFoundError(
+            f"{shards_dir}: no such folder; give the folder of .tar shards (data_prep.download's output)"
+        )
     names = sorted(p.stem for p in shards_dir.glob("*.tar"))
     if not names:
         raise FileNotFoundError(f"{shards_dir}: no .tar shards in this folder")
@@ -29,7 +31,9 @@ def check_output_folder(shards_dir: Path, output: Path, overwrite: bool, earlier
     """Refuse, before any work, an output folder that is the input (its shards are read, not rewritten)
     or that holds an ``earlier`` run's ``stats.json`` without ``overwrite``."""
     if output.resolve() == shards_dir.resolve():
-        raise ValueError("the output folder must differ from the shards folder: the input shards are read, not rewritten")
+        raise ValueError(
+            "the output folder must differ from the shards folder: the input shards are read, not rewritten"
+        )
     if (output / "stats.json").exists() and not overwrite:
         raise FileExistsError(f"{output} holds {earlier} (stats.json); pass --overwrite or pick another folder")
 

@@ -1,6 +1,6 @@
 """Build the demo corpus (see data_prep/demo/build.py for the layout).
 
-    python -m data_prep.demo --out demo_data [--image-size 64 --copies 2 --fault-share 0.1 --seed 0]
+python -m data_prep.demo --out demo_data [--image-size 64 --copies 2 --fault-share 0.1 --seed 0]
 """
 
 import argparse
@@ -20,8 +20,13 @@ def main(argv=None) -> int:
     p.add_argument("--num-shards", type=int, default=8, help="training shards (before hygiene drops)")
     args = p.parse_args(argv)
     manifest = build_demo_corpus(
-        args.out, image_size=args.image_size, copies=args.copies, fault_share=args.fault_share,
-        seed=args.seed, processes=args.processes, num_shards=args.num_shards,
+        args.out,
+        image_size=args.image_size,
+        copies=args.copies,
+        fault_share=args.fault_share,
+        seed=args.seed,
+        processes=args.processes,
+        num_shards=args.num_shards,
     )
     faults_ok = all(row["counted"] == row["injected"] for row in manifest["faults"].values())
     return 0 if faults_ok and manifest["stats"]["complete"] else 1

@@ -77,11 +77,12 @@ def _url_table(train_ids, labels, copies, fault_share, caption_noise, seed):
     rows = [rows[i] for i in order]
     faults = assign_faults(len(rows), fault_share, np_rng)
     captions = []
-    for (path, label), fault in zip(rows, faults):
+    for (_path, label), _fault in zip(rows, faults):
         caption = digits.caption_for(label, rng)
         captions.append(digits.add_noise(caption, rng) if rng.random() < caption_noise else caption)
-    table = pd.DataFrame({"path": [p for p, _ in rows], "caption": captions,
-                          "label": [lab for _, lab in rows], "fault": faults})
+    table = pd.DataFrame(
+        {"path": [p for p, _ in rows], "caption": captions, "label": [lab for _, lab in rows], "fault": faults}
+    )
     # A handful of rows with blank alt-text: hygiene must drop and count them, never request them.
     n_empty = max(1, len(table) // 500) if fault_share > 0 else 0
     blank = table.index[table["fault"] == server.HEALTHY][:n_empty]
@@ -102,14 +103,24 @@ def faults_injected_vs_counted(table: pd.DataFrame, shards_dir: Path, stats: dic
         if fault == EMPTY_CAPTION:
             dropped = pd.read_parquet(shards_dir / downloader.PREP_DIR / "dropped.parquet")
             hits = dropped[dropped["url"].isin(urls)]["drop_reason"]
-            report[fault] = {"injected": len(urls), "expected": "empty_caption",
-                             "counted": int((hits == "empty_caption").sum()), "seen": dict(Counter(hits))}
+            report[fault] = {
+                "injected": len(urls),
+                "expected": "empty_caption",
+                "counted": int((hits == "empty_caption").sum()),
+                "seen": dict(Counter(hits)),
+            }
             continue
         rows = seen.loc[seen.index.intersection(urls)]
-        outcome = [("success" if s == "success" else reason_of(m)) for s, m in zip(rows["status"], rows["error_message"])]
+        outcome = [
+            ("success" if s == "success" else reason_of(m)) for s, m in zip(rows["status"], rows["error_message"])
+        ]
         expected = "success" if fault == server.HEALTHY else EXPECTED_REASON[fault]
-        report[fault] = {"injected": len(urls), "expected": expected,
-                         "counted": sum(o == expected for o in outcome), "seen": dict(Counter(outcome))}
+        report[fault] = {
+            "injected": len(urls),
+            "expected": expected,
+            "counted": sum(o == expected for o in outcome),
+            "seen": dict(Counter(outcome)),
+        }
     return report
 
 
@@ -162,10 +173,17 @@ def build_demo_corpus(
         table[["url", "caption", "label"]].to_parquet(out / "urls.parquet", index=False)
         table[["url", "fault"]].to_parquet(out / "injected_faults.parquet", index=False)
         stats = downloader.download(
-            out / "urls.parquet", out / "shards",
-            image_size=image_size, resize_mode="border", encode_format="jpg",
-            processes=processes, threads=threads, shard_size=math.ceil(len(table) / num_shards),
-            timeout=timeout, retries=0, verbose=verbose,
+            out / "urls.parquet",
+            out / "shards",
+            image_size=image_size,
+            resize_mode="border",
+            encode_format="jpg",
+            processes=processes,
+            threads=threads,
+            shard_size=math.ceil(len(table) / num_shards),
+            timeout=timeout,
+            retries=0,
+            verbose=verbose,
         )
         requests = web.requests_total
 
@@ -192,8 +210,16 @@ def build_demo_corpus(
             "http_requests": int(requests),
         },
         "faults": faults,
-        "settings": {"image_size": image_size, "served_size": served_size, "copies": copies,
-                     "fault_share": fault_share, "seed": seed, "num_shards": num_shards, "timeout": timeout, "slow_seconds": slow_seconds},
+        "settings": {
+            "image_size": image_size,
+            "served_size": served_size,
+            "copies": copies,
+            "fault_share": fault_share,
+            "seed": seed,
+            "num_shards": num_shards,
+            "timeout": timeout,
+            "slow_seconds": slow_seconds,
+        },
         "seconds": round(time.perf_counter() - started, 2),
         "stats": stats,
     }

@@ -41,7 +41,7 @@ class Route:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
 
     def log_message(self, format, *args):  # noqa: A002 - silences the per-request access log
         pass
@@ -111,7 +111,7 @@ class FaultyImageServer:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "FaultyImageServer":
+    def start(self) -> FaultyImageServer:
         self._server = _Server(self._routes, self._slow_seconds)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="faulty-image-server"
@@ -129,7 +129,7 @@ class FaultyImageServer:
         if self._thread.is_alive():
             raise RuntimeError("the demo image server did not stop within 10 s")
 
-    def __enter__(self) -> "FaultyImageServer":
+    def __enter__(self) -> FaultyImageServer:
         return self.start()
 
     def __exit__(self, *exc):

@@ -47,7 +47,11 @@ class SeesWeights(_PeriodicEvaluation):
 
 def test_ema_follows_the_hand_computed_recursion_and_the_eval_callbacks_score_it():
     decay, start, steps = 0.9, 2, 6
-    ema, record, sees = EMA(enabled=True, decay=decay, start_step=start, evaluate_with_ema=True), Record(), SeesWeights(3)
+    ema, record, sees = (
+        EMA(enabled=True, decay=decay, start_step=start, evaluate_with_ema=True),
+        Record(),
+        SeesWeights(3),
+    )
     module = make_module()
     fit(module, steps=steps, callbacks=[record, ema, sees])
     expected = {n: w.double() for n, w in record.weights[1].items()}
@@ -81,8 +85,9 @@ def test_a_resumed_run_gives_bitwise_the_ema_of_an_uninterrupted_one(tmp_path):
     assert checkpoint["callbacks"]["EMA"]["step"] == 5
     resumed, second = EMA(**settings), make_module()
     torch.manual_seed(1)  # a fresh process would not share the first run's RNG either
-    fit(second, steps=10, callbacks=[resumed], ckpt_path=str(tmp_path / "mid.ckpt"), root=str(tmp_path / "b"),
-        samples=8)
+    fit(
+        second, steps=10, callbacks=[resumed], ckpt_path=str(tmp_path / "mid.ckpt"), root=str(tmp_path / "b"), samples=8
+    )
     assert resumed.step == whole.step == 10
     assert all(torch.equal(resumed.ema[n], whole.ema[n]) for n in whole.ema)  # bitwise
     assert all(torch.equal(p, dict(reference.model.named_parameters())[n]) for n, p in second.model.named_parameters())
@@ -111,8 +116,10 @@ def test_export_with_ema_writes_the_ema_weights(tmp_path):
 def _fit_ranks(rank: int, world_size: int, root: str) -> dict:
     torch.set_num_threads(1)
     ema = EMA(enabled=True, decay=0.7, start_step=1)
-    module = make_module(lock=dict(lock_image=True, lock_image_unlocked_groups=1),
-                         tower_lr=dict(text_layer_decay=0.5, image_lr_scale=2.0))
+    module = make_module(
+        lock=dict(lock_image=True, lock_image_unlocked_groups=1),
+        tower_lr=dict(text_layer_decay=0.5, image_lr_scale=2.0),
+    )
     fit(module, steps=4, callbacks=[ema], rank=rank, world_size=world_size, root=root)
     return {"weights": snapshot(module), "ema": {n: t.cpu() for n, t in ema.ema.items()}}
 
@@ -129,7 +136,7 @@ def test_one_and_two_ddp_ranks_give_the_same_weights_and_ema(tmp_path):
                     # The key bias's true gradient is 0 (softmax ignores a shift per query), so its gradient
                     # is float noise that Adam scales up to ±lr steps on either side: compare q and v only.
                     keep = torch.ones_like(value, dtype=torch.bool)
-                    keep[value.numel() // 3: 2 * value.numel() // 3] = False
+                    keep[value.numel() // 3 : 2 * value.numel() // 3] = False
                     got, value = got[keep], value[keep]
                 # averaged gradients summed in another order: float32 rounding, no more
                 torch.testing.assert_close(got, value, rtol=1e-4, atol=1e-6, msg=f"{kind} {name}")
@@ -139,11 +146,14 @@ def test_one_and_two_ddp_ranks_give_the_same_weights_and_ema(tmp_path):
         assert torch.equal(two[0]["ema"][name], two[1]["ema"][name])  # the ranks agree exactly
 
 
-@pytest.mark.parametrize("override, message", [
-    ("callbacks.ema.enabled=true callbacks.ema.decay=1.0", "callbacks.ema.decay=1.0 must be in (0, 1)"),
-    ("callbacks.ema.enabled=true callbacks.ema.start_step=-3", "start_step=-3 must be an integer >= 0"),
-    ("callbacks.ema.enabled=true strategy=fsdp trainer.devices=2", "shards the parameters"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("callbacks.ema.enabled=true callbacks.ema.decay=1.0", "callbacks.ema.decay=1.0 must be in (0, 1)"),
+        ("callbacks.ema.enabled=true callbacks.ema.start_step=-3", "start_step=-3 must be an integer >= 0"),
+        ("callbacks.ema.enabled=true strategy=fsdp trainer.devices=2", "shards the parameters"),
+    ],
+)
 def test_bad_ema_options_are_refused_before_anything_is_built(override, message, tmp_path):
     from clip_pl.config_checks import ConfigError, prepare_config
 

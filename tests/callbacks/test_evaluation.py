@@ -20,9 +20,16 @@ from clip_pl.callbacks.evaluation import RetrievalCallback, ZeroShotCallback
 from clip_pl.eval.zeroshot import zero_shot_evaluate
 from clip_pl.model import build_clip, resolve_model_config
 from tests.support.distributed import run_distributed
-from tests.support.eval import captions_for
-from tests.support.eval import (CLASSNAMES, TEMPLATES, TINY_VIT, caption_samples, random_images,
-                                     write_imagefolder, write_shards)
+from tests.support.eval import (
+    CLASSNAMES,
+    TEMPLATES,
+    TINY_VIT,
+    caption_samples,
+    captions_for,
+    random_images,
+    write_imagefolder,
+    write_shards,
+)
 
 
 class RandomPairs(Dataset):
@@ -67,14 +74,31 @@ def _make_data(root):
 
 
 def _fit(root, folder, shards, **trainer_kwargs):
-    zeroshot = ZeroShotCallback(data=folder, classnames=CLASSNAMES, templates=TEMPLATES, name="digits",
-                                every_n_steps=2, batch_size=4, num_workers=0)
-    retrieval = RetrievalCallback(data=shards, name="coco", every_n_steps=4, at_train_end=False,
-                                  batch_size=4, num_workers=0, ks=(1, 5))
+    zeroshot = ZeroShotCallback(
+        data=folder,
+        classnames=CLASSNAMES,
+        templates=TEMPLATES,
+        name="digits",
+        every_n_steps=2,
+        batch_size=4,
+        num_workers=0,
+    )
+    retrieval = RetrievalCallback(
+        data=shards, name="coco", every_n_steps=4, at_train_end=False, batch_size=4, num_workers=0, ks=(1, 5)
+    )
     module = TinyCLIPModule()
-    trainer = pl.Trainer(max_steps=5, accumulate_grad_batches=2, accelerator="cpu", logger=CSVLogger(root),
-                         callbacks=[zeroshot, retrieval], enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, log_every_n_steps=50, **trainer_kwargs)
+    trainer = pl.Trainer(
+        max_steps=5,
+        accumulate_grad_batches=2,
+        accelerator="cpu",
+        logger=CSVLogger(root),
+        callbacks=[zeroshot, retrieval],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=50,
+        **trainer_kwargs,
+    )
     trainer.fit(module)
     return trainer, module, zeroshot, retrieval
 
@@ -100,23 +124,31 @@ def test_callbacks_run_every_n_steps_and_at_the_end(tmp_path):
 def _ddp_fit(rank: int, world_size: int, root: str, folder: str, shards: list) -> dict:
     from pathlib import Path
 
-    trainer, module, zeroshot, retrieval = _fit(Path(root) / f"rank{rank}", folder, shards, devices=world_size,
-                                                strategy="ddp")
-    return {"zeroshot": zeroshot.history, "retrieval": retrieval.history,
-            "weights": {k: v.clone() for k, v in module.model.state_dict().items()}}
+    trainer, module, zeroshot, retrieval = _fit(
+        Path(root) / f"rank{rank}", folder, shards, devices=world_size, strategy="ddp"
+    )
+    return {
+        "zeroshot": zeroshot.history,
+        "retrieval": retrieval.history,
+        "weights": {k: v.clone() for k, v in module.model.state_dict().items()},
+    }
 
 
 def test_callbacks_under_ddp_shard_and_agree(tmp_path):
     folder, shards = _make_data(tmp_path)
     ranks = run_distributed(_ddp_fit, world_size=2, args=(str(tmp_path), folder, shards))
-    strip = lambda history: [(step, {k: v for k, v in m.items() if k != "seconds"}) for step, m in history]
+
+    def strip(history):
+        return [(step, {k: v for k, v in m.items() if k != "seconds"}) for step, m in history]
+
     assert strip(ranks[0]["zeroshot"]) == strip(ranks[1]["zeroshot"])
     assert strip(ranks[0]["retrieval"]) == strip(ranks[1]["retrieval"])
     assert [step for step, _ in ranks[0]["zeroshot"]] == [2, 4, 5]
     model = build_clip(resolve_model_config(arch_config=TINY_VIT))
     model.load_state_dict(ranks[0]["weights"])
-    final = zero_shot_evaluate(model, resolve_model_config(arch_config=TINY_VIT), folder, CLASSNAMES, TEMPLATES,
-                               batch_size=4)
+    final = zero_shot_evaluate(
+        model, resolve_model_config(arch_config=TINY_VIT), folder, CLASSNAMES, TEMPLATES, batch_size=4
+    )
     assert {k: ranks[0]["zeroshot"][-1][1][k] for k in final} == final
 
 

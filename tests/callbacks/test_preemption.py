@@ -59,18 +59,38 @@ class SignalDuringSave(BoringModel):
 def _fit(rank: int, world_size: int, root: str, plan: dict, save_signal: tuple | None) -> dict:
     torch.manual_seed(0)
     requeue_log = Path(root) / "requeued.txt"
-    preemption = PreemptionCheckpoint(dirpath=root, requeue_command=[
-        "sh", "-c", f"echo {rank} >> {requeue_log}"])
-    callbacks = [preemption, SignalAt(plan),
-                 StepCheckpoint(dirpath=os.path.join(root, "checkpoints"), every_n_train_steps=2, save_top_k=-1,
-                                save_last=True, filename="step={step}", auto_insert_metric_name=False)]
+    preemption = PreemptionCheckpoint(dirpath=root, requeue_command=["sh", "-c", f"echo {rank} >> {requeue_log}"])
+    callbacks = [
+        preemption,
+        SignalAt(plan),
+        StepCheckpoint(
+            dirpath=os.path.join(root, "checkpoints"),
+            every_n_train_steps=2,
+            save_top_k=-1,
+            save_last=True,
+            filename="step={step}",
+            auto_insert_metric_name=False,
+        ),
+    ]
     model = SignalDuringSave(*save_signal) if save_signal else BoringModel()
-    trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy="ddp", max_steps=MAX_STEPS,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=root, callbacks=callbacks)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp",
+        max_steps=MAX_STEPS,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=callbacks,
+    )
     trainer.fit(model)
-    return {"global_step": trainer.global_step, "stopped_at": preemption.stopped_at_step,
-            "saved": preemption.saved_path, "handler_after": signal.getsignal(signal.SIGUSR1) == preemption._on_signal}
+    return {
+        "global_step": trainer.global_step,
+        "stopped_at": preemption.stopped_at_step,
+        "saved": preemption.saved_path,
+        "handler_after": signal.getsignal(signal.SIGUSR1) == preemption._on_signal,
+    }
 
 
 def _run(tmp_path, plan, save_signal=None):
@@ -138,6 +158,7 @@ def test_signal_only_sets_a_flag():
 
 # ---- DataLoader workers -----------------------------------------------------------------------
 
+
 class _SignalSelf(IterableDataset):
     """In the worker: send itself the given signals, then report its pid."""
 
@@ -167,6 +188,7 @@ def _marker_handler(path: Path):
     def handler(signum, frame):
         with open(path, "a") as f:
             f.write(f"{os.getpid()} {signum}\n")
+
     return handler
 
 
@@ -174,8 +196,9 @@ def _load_with_marker_handlers(tmp_path, dataset, worker_init):
     marker = tmp_path / "handled.txt"
     old = {s: signal.signal(s, _marker_handler(marker)) for s in (signal.SIGUSR1, signal.SIGTERM)}
     try:
-        loader = DataLoader(dataset, batch_size=None, num_workers=1, multiprocessing_context="fork",
-                            worker_init_fn=worker_init)
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=1, multiprocessing_context="fork", worker_init_fn=worker_init
+        )
         pids = list(loader)
     finally:
         for s, h in old.items():
@@ -260,8 +283,13 @@ def test_workers_start_from_a_forkserver_and_the_helpers_outlive_slurms_signals(
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _RANK_WITH_WORKERS, str(tmp_path / "shards")], cwd=REPO,
-                         capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [sys.executable, "-c", _RANK_WITH_WORKERS, str(tmp_path / "shards")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["parents"] == [report["server"]] * 2 and report["server"] != report["me"]
@@ -296,8 +324,14 @@ def test_a_script_leaving_a_loader_alive_still_exits(tmp_path):
     script.write_text(_SCRIPT_LEAVING_A_LOADER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     try:
-        done = subprocess.run([sys.executable, str(script), str(tmp_path / "shards")], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "shards")],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"the script did not exit: {e.stderr}") from None
     assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr[-2000:]

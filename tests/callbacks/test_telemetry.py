@@ -31,9 +31,13 @@ def transformer_block_flops(tokens: int, width: int, mlp_ratio: float) -> int:
 
 def test_flops_per_sample_match_a_hand_count():
     image, patch, width, embed = 32, 8, 32, 16
-    cfg = resolve_model_config(arch_config=dict(
-        embed_dim=embed, vision_cfg=dict(image_size=image, patch_size=patch, width=width, layers=2, head_width=16),
-        text_cfg=dict(context_length=8, vocab_size=100, width=24, heads=2, layers=3)))
+    cfg = resolve_model_config(
+        arch_config=dict(
+            embed_dim=embed,
+            vision_cfg=dict(image_size=image, patch_size=patch, width=width, layers=2, head_width=16),
+            text_cfg=dict(context_length=8, vocab_size=100, width=24, heads=2, layers=3),
+        )
+    )
     patches = (image // patch) ** 2
     patch_embedding = 2 * patches * (3 * patch * patch) * width
     vision = patch_embedding + 2 * transformer_block_flops(patches + 1, width, 4.0) + 2 * width * embed
@@ -103,11 +107,21 @@ def test_a_run_logs_throughput_and_mfu_against_a_hand_count_and_pauses_for_evalu
     from clip_pl.train import train
 
     pause = 1.0
-    cfg = make_cfg([*CPU_TINY, "trainer.max_steps=6", "scheduler.warmup_steps=1", "trainer.log_every_n_steps=3",
-                    "callbacks.telemetry.peak_flops_per_device=2e12", "callbacks.checkpoint.every_n_train_steps=0",
-                    f"+callbacks.slow_eval._target_={__name__}.SlowEvaluation", "+callbacks.slow_eval.every_n_steps=4",
-                    f"+callbacks.slow_eval.seconds={pause}", f"+callbacks.clock._target_={__name__}.BatchEndClock"],
-                   tmp_path)
+    cfg = make_cfg(
+        [
+            *CPU_TINY,
+            "trainer.max_steps=6",
+            "scheduler.warmup_steps=1",
+            "trainer.log_every_n_steps=3",
+            "callbacks.telemetry.peak_flops_per_device=2e12",
+            "callbacks.checkpoint.every_n_train_steps=0",
+            f"+callbacks.slow_eval._target_={__name__}.SlowEvaluation",
+            "+callbacks.slow_eval.every_n_steps=4",
+            f"+callbacks.slow_eval.seconds={pause}",
+            f"+callbacks.clock._target_={__name__}.BatchEndClock",
+        ],
+        tmp_path,
+    )
     trainer = train(cfg)
     clock = next(c for c in trainer.callbacks if isinstance(c, BatchEndClock))
     with open(tmp_path / "runs" / "test" / "csv" / "metrics.csv") as handle:
@@ -162,8 +176,18 @@ def data_wait_seconds(tmp_path, overrides: list[str]) -> list[tuple[float, int]]
     """(seconds of data wait, steps) of each whole logged window: the share times the window's time."""
     from clip_pl.train import train
 
-    cfg = make_cfg([*CPU_TINY, "trainer.max_steps=7", "scheduler.warmup_steps=1", "trainer.log_every_n_steps=3",
-                    "callbacks.checkpoint.every_n_train_steps=0", "callbacks.progress_bar=null", *overrides], tmp_path)
+    cfg = make_cfg(
+        [
+            *CPU_TINY,
+            "trainer.max_steps=7",
+            "scheduler.warmup_steps=1",
+            "trainer.log_every_n_steps=3",
+            "callbacks.checkpoint.every_n_train_steps=0",
+            "callbacks.progress_bar=null",
+            *overrides,
+        ],
+        tmp_path,
+    )
     train(cfg)
     with open(tmp_path / "runs" / "test" / "csv" / "metrics.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("perf/data_wait_share")]

@@ -19,14 +19,21 @@ class _Logger:
 
 def test_bad_sample_totals_come_from_the_batches():
     logger = _Logger()
-    trainer = SimpleNamespace(global_step=0, world_size=1, global_rank=0, loggers=[logger],
-                              strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    trainer = SimpleNamespace(
+        global_step=0,
+        world_size=1,
+        global_rank=0,
+        loggers=[logger],
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+    )
     module = object()  # no bad_sample_counts or anything else: the batches are the source
     telemetry = Telemetry(log_every_n_steps=2)
-    batches = [{"image": torch.zeros(4, 3, 2, 2), "bad_samples": {"skipped/corrupt_image": 1}},
-               {"image": torch.zeros(4, 3, 2, 2), "bad_samples": {}},
-               {"image": torch.zeros(4, 3, 2, 2), "bad_samples": {"skipped/corrupt_image": 2, "refilled": 3}},
-               {"image": torch.zeros(4, 3, 2, 2)}]  # a loader without accounting (synthetic data)
+    batches = [
+        {"image": torch.zeros(4, 3, 2, 2), "bad_samples": {"skipped/corrupt_image": 1}},
+        {"image": torch.zeros(4, 3, 2, 2), "bad_samples": {}},
+        {"image": torch.zeros(4, 3, 2, 2), "bad_samples": {"skipped/corrupt_image": 2, "refilled": 3}},
+        {"image": torch.zeros(4, 3, 2, 2)},
+    ]  # a loader without accounting (synthetic data)
     for index, batch in enumerate(batches):
         telemetry.on_train_batch_start(trainer, module, batch, index)
         trainer.global_step = index + 1

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-
-from clip_pl.data.audit import audit, main
 from clip_pl.callbacks.keys import KeyRecorder
+from clip_pl.data.audit import audit, main
 from clip_pl.data.keys import read_lines
 
 N = 10
@@ -29,8 +28,10 @@ def _write(run_dir, lines_by_rank):
 
 def _clean_epoch(epoch, first_step, keys):
     """Rank 0 gets keys[0:2], keys[4:6]; rank 1 keys[2:4], keys[6:8] (any split works)."""
-    return {0: [(first_step, epoch, keys[0:2]), (first_step + 1, epoch, keys[4:6])],
-            1: [(first_step, epoch, keys[2:4]), (first_step + 1, epoch, keys[6:8])]}
+    return {
+        0: [(first_step, epoch, keys[0:2]), (first_step + 1, epoch, keys[4:6])],
+        1: [(first_step, epoch, keys[2:4]), (first_step + 1, epoch, keys[6:8])],
+    }
 
 
 KEYS = [f"{i:04d}" for i in range(N)]
@@ -46,8 +47,14 @@ def _merge(*runs):
 
 def test_every_sample_once_with_the_remainder_left_out_passes(tmp_path):
     # epoch 0 leaves out 8, 9; epoch 1 (another order) leaves out 0, 1; epoch 2 is partial (run ended)
-    _write(tmp_path, _merge(_clean_epoch(0, 1, KEYS), _clean_epoch(1, 3, KEYS[2:] + KEYS[:2]),
-                            {0: [(5, 2, KEYS[0:2])], 1: [(5, 2, KEYS[2:4])]}))
+    _write(
+        tmp_path,
+        _merge(
+            _clean_epoch(0, 1, KEYS),
+            _clean_epoch(1, 3, KEYS[2:] + KEYS[:2]),
+            {0: [(5, 2, KEYS[0:2])], 1: [(5, 2, KEYS[2:4])]},
+        ),
+    )
     report = audit(tmp_path, N)
     assert report["ok"], report
     assert [e["missing"] for e in report["epochs"]] == [2, 2, None]
@@ -115,8 +122,11 @@ def test_sizes_json_gives_the_epoch_size(tmp_path):
 
 def test_the_recorder_drops_steps_a_restart_rolled_back(tmp_path):
     recorder = KeyRecorder(str(tmp_path / "keys"))
-    trainer = SimpleNamespace(global_rank=1, global_step=0,
-                              fit_loop=SimpleNamespace(epoch_progress=SimpleNamespace(current=SimpleNamespace(processed=0))))
+    trainer = SimpleNamespace(
+        global_rank=1,
+        global_step=0,
+        fit_loop=SimpleNamespace(epoch_progress=SimpleNamespace(current=SimpleNamespace(processed=0))),
+    )
     recorder.on_train_start(trainer, None)
     for step in range(1, 6):
         trainer.global_step = step

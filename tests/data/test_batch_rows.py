@@ -1,6 +1,6 @@
 """Batches built row by row (clip_pl/data/batch_rows.py, device_resize.CropCanvas) and the loader's crop RNG.
 
-    python -m pytest tests/data/test_batch_rows.py -q
+python -m pytest tests/data/test_batch_rows.py -q
 """
 
 from __future__ import annotations
@@ -105,9 +105,11 @@ def test_the_loader_in_the_training_process_leaves_torchs_rng_alone(tmp_path):
         return resize_batch(batch)["image"] if "crop" in batch else batch["image"]
 
     write_shards(str(tmp_path), [6, 6], image_px=(24, 40))
+
     def loader(resize_on):
-        dm = WebDatasetDataModule(str(tmp_path), batch_size=4, num_workers=0, image_size=16, context_length=8,
-                                  resize_on=resize_on)
+        dm = WebDatasetDataModule(
+            str(tmp_path), batch_size=4, num_workers=0, image_size=16, context_length=8, resize_on=resize_on
+        )
         dm.setup("fit")
         return dm.train_dataloader()
 

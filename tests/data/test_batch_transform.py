@@ -29,13 +29,18 @@ MAX_LEVELS, MEAN_LEVELS, FRACTION_ABOVE_ONE = 4.0, 0.1, 1e-3
 
 def _images(sizes):
     # Through JPEG and back, as the loader sees them (decode.decode_image returns RGB PIL images).
-    return [Image.open(io.BytesIO(jpeg_bytes(synthetic_image(i, w, h)))).convert("RGB") for i, (w, h) in enumerate(sizes)]
+    return [
+        Image.open(io.BytesIO(jpeg_bytes(synthetic_image(i, w, h)))).convert("RGB") for i, (w, h) in enumerate(sizes)
+    ]
 
 
-@pytest.mark.parametrize("image_size,sizes", [
-    (224, [(256, 256), (300, 240), (240, 330), (520, 610), (800, 512), (230, 226)]),  # LAION-like and large
-    (32, [(64, 96), (90, 70), (33, 40), (48, 48)]),                                   # the tests' small images
-])
+@pytest.mark.parametrize(
+    "image_size,sizes",
+    [
+        (224, [(256, 256), (300, 240), (240, 330), (520, 610), (800, 512), (230, 226)]),  # LAION-like and large
+        (32, [(64, 96), (90, 70), (33, 40), (48, 48)]),  # the tests' small images
+    ],
+)
 @pytest.mark.parametrize("which", ["train", "eval"])
 def test_uint8_path_equals_open_clip_compose_within_tolerance(which, image_size, sizes, monkeypatch):
     compose = image_transforms(image_size)[which == "eval"]
@@ -60,10 +65,16 @@ def test_random_boxes_follow_random_resized_crops_distribution():
     """The same law as torchvision's get_params: compare the box statistics of 3000 draws each."""
     for height, width in [(256, 256), (240, 330), (100, 400)]:  # the last never fits: central-crop fallback
         torch.manual_seed(0)
-        ours = torch.tensor([random_resized_box(height, width, (0.9, 1.0), (3 / 4, 4 / 3)) for _ in range(3000)],
-                            dtype=torch.float64)
-        theirs = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, height, width), [0.9, 1.0], [3 / 4, 4 / 3])
-                               for _ in range(3000)], dtype=torch.float64)
+        ours = torch.tensor(
+            [random_resized_box(height, width, (0.9, 1.0), (3 / 4, 4 / 3)) for _ in range(3000)], dtype=torch.float64
+        )
+        theirs = torch.tensor(
+            [
+                T.RandomResizedCrop.get_params(torch.empty(3, height, width), [0.9, 1.0], [3 / 4, 4 / 3])
+                for _ in range(3000)
+            ],
+            dtype=torch.float64,
+        )
         for name, column in (("top", 0), ("left", 1), ("height", 2), ("width", 3)):
             a, b = ours[:, column], theirs[:, column]
             assert abs(a.mean() - b.mean()) <= 0.5 + 0.1 * b.std(), (height, width, name, a.mean(), b.mean())
@@ -91,8 +102,11 @@ def test_refuses_a_transform_it_cannot_run():
 
 # ---- the module normalises what the loader ships --------------------------------------------------
 
-TINY = dict(embed_dim=16, vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
-            text_cfg=dict(context_length=8, vocab_size=49408, width=32, heads=2, layers=1))
+TINY = dict(
+    embed_dim=16,
+    vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
+    text_cfg=dict(context_length=8, vocab_size=49408, width=32, heads=2, layers=1),
+)
 
 
 def _module():
@@ -118,16 +132,29 @@ def test_training_step_sees_normalised_floats_of_the_uint8_batch(tmp_path, preci
     from clip_pl.data import WebDatasetDataModule
 
     write_shards(str(tmp_path), [6, 6], image_px=(20, 40))
-    make = lambda: WebDatasetDataModule(str(tmp_path), batch_size=4, num_workers=0, image_size=16, context_length=8,
-                                        seed=5, shuffle_buffer=4)
+
+    def make():
+        return WebDatasetDataModule(
+            str(tmp_path), batch_size=4, num_workers=0, image_size=16, context_length=8, seed=5, shuffle_buffer=4
+        )
+
     fresh = make()
     fresh.setup("fit")
     shipped = next(iter(fresh.train_dataloader()))["image"]  # batch 0 of epoch 0: what step 1 trains on
     assert shipped.dtype == torch.uint8 and shipped.shape == (4, 3, 16, 16)
     module = _module()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, precision=precision, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        precision=precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=make())
     seen = module.seen[0]
     assert seen.dtype == dtype

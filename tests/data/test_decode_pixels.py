@@ -86,7 +86,7 @@ def test_refusals_are_pils(decoders_used):
     good = jpeg_bytes(synthetic_image(0, 200, 180))
     bomb = bytearray(good)
     sof = bomb.index(b"\xff\xc0")
-    bomb[sof + 5: sof + 9] = (30000).to_bytes(2, "big") + (30000).to_bytes(2, "big")  # 900 Mpx in the header
+    bomb[sof + 5 : sof + 9] = (30000).to_bytes(2, "big") + (30000).to_bytes(2, "big")  # 900 Mpx in the header
     cases = {
         "truncated": (good[: len(good) // 2], "corrupt_image"),
         "bomb": (bytes(bomb), "decompression_bomb"),
@@ -147,13 +147,16 @@ def test_the_kernel_called_straight_is_torchvisions_decode_jpeg():
     data = torch.frombuffer(bytearray(jpeg_bytes(synthetic_image(0, 64, 48), quality=90)), dtype=torch.uint8)
     reference = decode_jpeg(data, mode=ImageReadMode.RGB)
     straight = decode_module._cpu_jpeg_decoder(torch.ops.image.decode_jpeg)
-    assert straight is not None and straight.__name__ == "kernel_rgb", f"torchvision {torchvision.__version__}'s kernel not taken"
+    assert straight is not None and straight.__name__ == "kernel_rgb", (
+        f"torchvision {torchvision.__version__}'s kernel not taken"
+    )
     assert torch.equal(straight(data), reference)
 
     class OtherKernel:  # a future torchvision whose kernel takes other arguments
         class default:
             class _schema:
                 arguments = [type("A", (), {"name": n}) for n in ("data", "mode", "device")]
+
     fallback = decode_module._cpu_jpeg_decoder(OtherKernel())
     assert fallback.__name__ == "wrapper_rgb" and torch.equal(fallback(data), reference)
 

@@ -30,15 +30,23 @@ def device_only_failure(index: int) -> dict[str, bytes]:
     """A JPEG whose header PIL parses (so the worker ships it) but whose Huffman table no decoder accepts."""
     data = bytearray(jpeg_bytes(synthetic_image(index, 44, 40)))
     at = data.index(b"\xff\xc4")  # DHT marker: the 16 code counts after its length become impossible
-    data[at + 5: at + 21] = b"\xff" * 16
+    data[at + 5 : at + 21] = b"\xff" * 16
     return {"__key__": f"devbad{index}", "jpg": bytes(data), "txt": b"a picture the device cannot decode"}
 
 
 def _batches(shards, decode_on, image_size=32, resume=None, **kw):
     """One epoch of 2-worker batches, each put through the device's share as CLIPModule.on_after_batch_transfer
     does (here on the CPU): decode_on=device's decode or resize_on=device's resize."""
-    args = dict(batch_size=4, num_workers=2, image_size=image_size, context_length=CONTEXT, seed=7,
-                return_keys=True, shuffle_buffer=8, decode_on=decode_on)
+    args = dict(
+        batch_size=4,
+        num_workers=2,
+        image_size=image_size,
+        context_length=CONTEXT,
+        seed=7,
+        return_keys=True,
+        shuffle_buffer=8,
+        decode_on=decode_on,
+    )
     args.update(kw)
     dm = WebDatasetDataModule(str(shards), **args)
     dm.setup("fit")
@@ -81,8 +89,10 @@ def _total(batches) -> Counter:
 
 def test_bad_samples_counted_alike_and_device_failures_refilled(tmp_path):
     _write_broken_corpus(tmp_path)  # every kind of bad sample the CPU path counts, broken tars included
-    write_shard(str(tmp_path / "00005.tar"), [device_only_failure(i) for i in range(2)]
-                + [make_sample(f"ok{i}", 300 + i) for i in range(6)])
+    write_shard(
+        str(tmp_path / "00005.tar"),
+        [device_only_failure(i) for i in range(2)] + [make_sample(f"ok{i}", 300 + i) for i in range(6)],
+    )
     sizes = json.loads((tmp_path / "sizes.json").read_text())
     (tmp_path / "sizes.json").write_text(json.dumps({**sizes, "00005.tar": 8}))
     cpu = _batches(tmp_path, "cpu", max_image_pixels=4_000_000)
@@ -103,14 +113,21 @@ def test_more_device_failures_than_spares_keep_the_batch_full():
     bad = device_only_failure(0)["jpg"]
     rows = [bad] * (SPARES + 2) + [good]
     n = len(rows)
-    batch = {"image": torch.zeros(0, 3, 16, 16, dtype=torch.uint8), "image_rows": torch.zeros(0, dtype=torch.long),
-             "jpeg": rows,
-             "jpeg_box": torch.tensor([[0, 0, 40, 40]] * n), "text": torch.arange(n).unsqueeze(1),
-             "key": [f"k{i}" for i in range(n)], "bad_samples": {"converted/grayscale": 1},
-             "spare_jpeg": [bad, good], "spare_box": torch.tensor([[0, 0, 40, 40]] * 2),
-             "spare_image": torch.zeros(0, 3, 16, 16, dtype=torch.uint8), "spare_image_rows": torch.zeros(0, dtype=torch.long),
-             "spare_text": torch.tensor([[100], [101]]),
-             "spare_key": ["s0", "s1"]}
+    batch = {
+        "image": torch.zeros(0, 3, 16, 16, dtype=torch.uint8),
+        "image_rows": torch.zeros(0, dtype=torch.long),
+        "jpeg": rows,
+        "jpeg_box": torch.tensor([[0, 0, 40, 40]] * n),
+        "text": torch.arange(n).unsqueeze(1),
+        "key": [f"k{i}" for i in range(n)],
+        "bad_samples": {"converted/grayscale": 1},
+        "spare_jpeg": [bad, good],
+        "spare_box": torch.tensor([[0, 0, 40, 40]] * 2),
+        "spare_image": torch.zeros(0, 3, 16, 16, dtype=torch.uint8),
+        "spare_image_rows": torch.zeros(0, dtype=torch.long),
+        "spare_text": torch.tensor([[100], [101]]),
+        "spare_key": ["s0", "s1"],
+    }
     out = decode_batch(batch)
     assert out["bad_samples"] == {"converted/grayscale": 1, "skipped/corrupt_image": n - 1, "refilled": n - 1}
     assert out["key"][0] == "s1" and out["text"][0].item() == 101, "the first bad row takes the first good spare"
@@ -122,8 +139,10 @@ def test_more_device_failures_than_spares_keep_the_batch_full():
 
 def test_resume_mid_epoch_on_the_device_path(tmp_path):
     write_shards(str(tmp_path), [10, 9, 13], image_px=(24, 60))
-    write_shard(str(tmp_path / "00003.tar"), [device_only_failure(i) for i in range(2)]
-                + [make_sample(f"late{i}", 500 + i) for i in range(2)])
+    write_shard(
+        str(tmp_path / "00003.tar"),
+        [device_only_failure(i) for i in range(2)] + [make_sample(f"late{i}", 500 + i) for i in range(2)],
+    )
     sizes = json.loads((tmp_path / "sizes.json").read_text())
     (tmp_path / "sizes.json").write_text(json.dumps({**sizes, "00003.tar": 4}))
     assert_resume_replays(tmp_path, batches=9, at=3, decode_on="device")
@@ -146,16 +165,24 @@ def test_unsupported_settings_are_refused_before_start(tmp_path):
         WebDatasetDataModule(str(tmp_path), resize_on="gpu")
     with pytest.raises(ValueError, match="resize_on"):
         WebDatasetDataModule(str(tmp_path), decode_on="device", resize_on="worker")
-    from clip_pl.data.stream import WebDatasetStream
     from clip_pl.data.shardspec import resolve_shards
+    from clip_pl.data.stream import WebDatasetStream
     from clip_pl.model import get_tokenizer, image_transforms
 
     write_shards(str(tmp_path), [4])
     for setting in ({"decode_on": "device"}, {"resize_on": "device"}):
         with pytest.raises(ValueError, match="RandomResizedCrop"):
-            WebDatasetStream(resolve_shards(str(tmp_path), None, None), batch_size=2, batches_per_rank=1, rank=0,
-                             world_size=1, transform=image_transforms(32)[1], tokenizer=get_tokenizer(CONTEXT),
-                             image_size=32, **setting)
+            WebDatasetStream(
+                resolve_shards(str(tmp_path), None, None),
+                batch_size=2,
+                batches_per_rank=1,
+                rank=0,
+                world_size=1,
+                transform=image_transforms(32)[1],
+                tokenizer=get_tokenizer(CONTEXT),
+                image_size=32,
+                **setting,
+            )
 
 
 def test_clip_module_trains_on_the_device_path(tmp_path):
@@ -165,7 +192,9 @@ def test_clip_module_trains_on_the_device_path(tmp_path):
     from tests.data.test_batch_transform import _module
 
     write_shards(str(tmp_path), [6], image_px=(20, 40))
-    write_shard(str(tmp_path / "00001.tar"), [device_only_failure(0)] + [make_sample(f"x{i}", 900 + i) for i in range(5)])
+    write_shard(
+        str(tmp_path / "00001.tar"), [device_only_failure(0)] + [make_sample(f"x{i}", 900 + i) for i in range(5)]
+    )
     (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 6, "00001.tar": 6}))
     module = _module()
     seen_bad: Counter = Counter()
@@ -183,11 +212,28 @@ def fit_one_epoch(shards, module, callback, **data_settings) -> WebDatasetDataMo
     """One epoch of a real Lightning fit on the CPU, 16-px images, batch 4, ``data_settings`` for the loader."""
     import lightning as L
 
-    dm = WebDatasetDataModule(str(shards), batch_size=4, num_workers=0, image_size=16, context_length=8, seed=5,
-                              shuffle_buffer=4, **data_settings)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=shards,
-                        num_sanity_val_steps=0, callbacks=[callback])
+    dm = WebDatasetDataModule(
+        str(shards),
+        batch_size=4,
+        num_workers=0,
+        image_size=16,
+        context_length=8,
+        seed=5,
+        shuffle_buffer=4,
+        **data_settings,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=shards,
+        num_sanity_val_steps=0,
+        callbacks=[callback],
+    )
     trainer.fit(module, datamodule=dm)
     return dm
 
@@ -226,8 +272,10 @@ def test_quick_jpeg_header_walk_agrees_with_pil():
 def test_resampled_shards_on_the_device_path(tmp_path):
     """Resampled epochs take the device path too; the first batch's spares are extra draws from the stream."""
     write_shards(str(tmp_path), [6, 6], image_px=(24, 60))
-    write_shard(str(tmp_path / "00002.tar"), [device_only_failure(i) for i in range(2)]
-                + [make_sample(f"r{i}", 700 + i) for i in range(4)])
+    write_shard(
+        str(tmp_path / "00002.tar"),
+        [device_only_failure(i) for i in range(2)] + [make_sample(f"r{i}", 700 + i) for i in range(4)],
+    )
     (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 6, "00001.tar": 6, "00002.tar": 6}))
     batches = _batches(tmp_path, "device", resampled=True, num_samples=40, num_workers=1)
     assert len(batches) == 10 and all(b["image"].shape == (4, 3, 32, 32) for b in batches)

@@ -47,8 +47,9 @@ def test_batched_resize_equals_torchvisions_per_image_resize_within_tolerance(si
     torch.manual_seed(0)
     crops = [crop(x, step) for x in images]
     torch.manual_seed(0)
-    reference = torch.stack([resized_crop(x, random_resized_box(x.shape[1], x.shape[2], step.scale, step.ratio), step)
-                             for x in images])
+    reference = torch.stack(
+        [resized_crop(x, random_resized_box(x.shape[1], x.shape[2], step.scale, step.ratio), step) for x in images]
+    )
     batch = collate_crops(crops, size)
     assert batch["crop"].dtype == torch.uint8 and batch["crop_size"].tolist() == [list(c.shape[:2]) for c in crops]
     out = resize_batch({**batch, "text": torch.zeros(len(crops), 3)})

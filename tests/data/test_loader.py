@@ -1,6 +1,6 @@
 """The WebDataset loader on real tar shards: exact epochs across real gloo ranks, bad data, resume.
 
-    python -m pytest tests/data/test_loader.py -q
+python -m pytest tests/data/test_loader.py -q
 """
 
 from __future__ import annotations
@@ -17,15 +17,22 @@ import torch
 from PIL import Image
 
 from clip_pl.data import WebDatasetDataModule
-from tests.support.fake_shards import jpeg_bytes, make_sample, synthetic_image, write_shard, write_shards
 from tests.support.distributed import run_distributed
+from tests.support.fake_shards import jpeg_bytes, make_sample, synthetic_image, write_shard, write_shards
 
 IMAGE_SIZE, CONTEXT = 32, 16
 
 
 def _datamodule(shards, **kw) -> WebDatasetDataModule:
-    args = dict(batch_size=4, num_workers=2, image_size=IMAGE_SIZE, context_length=CONTEXT, seed=7,
-                return_keys=True, shuffle_buffer=16)
+    args = dict(
+        batch_size=4,
+        num_workers=2,
+        image_size=IMAGE_SIZE,
+        context_length=CONTEXT,
+        seed=7,
+        return_keys=True,
+        shuffle_buffer=16,
+    )
     args.update(kw)
     return WebDatasetDataModule(shards, **args)
 
@@ -47,6 +54,7 @@ def _run_epochs(dm: WebDatasetDataModule, epochs: int):
 
 
 # ---- exact epochs on 2 gloo ranks × 2 workers ---------------------------------------------------
+
 
 def _allow_dataloader_workers() -> None:
     """tests/support/distributed.py starts ranks as daemon processes, which multiprocessing forbids to have
@@ -117,6 +125,7 @@ def test_setup_errors_are_clear(tmp_path):
 
 # ---- bad data ----------------------------------------------------------------------------------
 
+
 def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -146,10 +155,21 @@ def _broken_samples() -> tuple[list[dict], Counter]:
         {"png": _png(rgba), "txt": caption},
         {"png": _png(sixteen), "txt": caption},
     ]
-    expected = Counter({"skipped/corrupt_image": 2, "skipped/missing_image": 1, "skipped/missing_caption": 1,
-                        "skipped/empty_caption": 1, "skipped/non_utf8_caption": 1,
-                        "skipped/decompression_bomb": 1, "converted/grayscale": 1, "converted/cmyk": 1,
-                        "converted/palette": 1, "converted/alpha": 1, "converted/16bit": 1})
+    expected = Counter(
+        {
+            "skipped/corrupt_image": 2,
+            "skipped/missing_image": 1,
+            "skipped/missing_caption": 1,
+            "skipped/empty_caption": 1,
+            "skipped/non_utf8_caption": 1,
+            "skipped/decompression_bomb": 1,
+            "converted/grayscale": 1,
+            "converted/cmyk": 1,
+            "converted/palette": 1,
+            "converted/alpha": 1,
+            "converted/16bit": 1,
+        }
+    )
     for i, s in enumerate(samples):
         s["__key__"] = f"bad{i:03d}"
     return samples, expected
@@ -211,6 +231,7 @@ def test_large_jpeg_is_decoded_in_draft_mode():
 
 # ---- resume ------------------------------------------------------------------------------------
 
+
 class _KeyRecorder:  # a LightningModule built lazily so importing this file stays cheap
     @staticmethod
     def make():
@@ -238,9 +259,17 @@ class _KeyRecorder:  # a LightningModule built lazily so importing this file sta
 def _trainer(tmp_path, callbacks=(), **kw):
     import lightning as L
 
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=bool(callbacks),
-                     callbacks=list(callbacks), enable_progress_bar=False, enable_model_summary=False,
-                     default_root_dir=str(tmp_path), **kw)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        **kw,
+    )
 
 
 def test_resume_mid_epoch_through_lightning_checkpoint(tmp_path):
@@ -307,8 +336,12 @@ def test_mid_epoch_resume_refuses_every_changed_setting(tmp_path, case):
 
     change, key = CHANGED_SETTINGS[case]
     change = dict(change)
-    spec = {"other": str(other), "resized": str(resized), None: str(saved),
-            "reordered": f"{saved}/00001.tar::{saved}/00000.tar"}[change.pop("shards", None)]
+    spec = {
+        "other": str(other),
+        "resized": str(resized),
+        None: str(saved),
+        "reordered": f"{saved}/00001.tar::{saved}/00000.tar",
+    }[change.pop("shards", None)]
     changed = _datamodule(spec, **change)
     with pytest.raises(ValueError, match=f"stopped mid-epoch with other loader settings.*'{key}'"):
         changed.load_state_dict(dict(state))
@@ -319,13 +352,17 @@ def test_mid_epoch_resume_refuses_every_changed_setting(tmp_path, case):
     changed.setup("fit")
     loader = changed.train_dataloader()
     assert [len(list(loader)) for _ in range(2)] == [0, changed.batches_per_epoch()], (
-        "resumed after an epoch's last batch: nothing left of it, then the next epoch in full")
+        "resumed after an epoch's last batch: nothing left of it, then the next epoch in full"
+    )
 
 
 def test_resampled_resume_is_never_refused(tmp_path):
     saved, other, _ = _shard_dirs(tmp_path)
-    state = {"epoch": 0, "batches_consumed": 2,
-             **_datamodule(str(saved), resampled=True, num_samples=40)._fingerprint()}
+    state = {
+        "epoch": 0,
+        "batches_consumed": 2,
+        **_datamodule(str(saved), resampled=True, num_samples=40)._fingerprint(),
+    }
     resumed = _datamodule(str(other), resampled=True, num_samples=40, num_workers=3)
     resumed.load_state_dict(state)  # draws with replacement: there is no exact position to lose
     assert resumed._resume == {"epoch": 0, "batches_consumed": 2}
@@ -338,7 +375,7 @@ def _resampled_rank(rank, world, shard_dir):
         dm = _datamodule(shard_dir, resampled=True, num_samples=64, num_workers=0)
         if resume is not None:
             dm.resume_from(0, resume)
-        (keys, batches, bad, partial), = _run_epochs(dm, 1)
+        ((keys, batches, bad, partial),) = _run_epochs(dm, 1)
         assert not partial and bad == {}
         return keys, batches
 
@@ -363,21 +400,37 @@ def test_logged_bad_sample_totals_equal_what_the_shards_hold(tmp_path):
     import csv
 
     from clip_pl.train import train
-    from tests.support.config import make_cfg
-    from tests.support.config import SMALLER
+    from tests.support.config import SMALLER, make_cfg
 
     expected = _write_broken_corpus(tmp_path / "shards")  # 48 positions → 12 batches of 4
-    cfg = make_cfg(["model=tiny", *SMALLER, "trainer=cpu", "data=wds", f"data.train_shards={tmp_path / 'shards'}",
-                    "data.batch_size=4", "data.num_workers=2", "data.max_image_pixels=4000000", "logger=csv",
-                    "global_batch_size=null", "trainer.max_steps=12", "trainer.log_every_n_steps=4",
-                    "scheduler.warmup_steps=1", "callbacks.checkpoint.every_n_train_steps=0",
-                    "callbacks.progress_bar=null"], tmp_path)
+    cfg = make_cfg(
+        [
+            "model=tiny",
+            *SMALLER,
+            "trainer=cpu",
+            "data=wds",
+            f"data.train_shards={tmp_path / 'shards'}",
+            "data.batch_size=4",
+            "data.num_workers=2",
+            "data.max_image_pixels=4000000",
+            "logger=csv",
+            "global_batch_size=null",
+            "trainer.max_steps=12",
+            "trainer.log_every_n_steps=4",
+            "scheduler.warmup_steps=1",
+            "callbacks.checkpoint.every_n_train_steps=0",
+            "callbacks.progress_bar=null",
+        ],
+        tmp_path,
+    )
     train(cfg)
     with open(tmp_path / "runs" / "test" / "csv" / "metrics.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("perf/samples_per_s")]
     assert [int(float(r["step"])) for r in rows] == [1, 4, 8, 12]
-    logged = [{k[len("data/bad_samples/"):]: int(float(v)) for k, v in r.items()
-               if k.startswith("data/bad_samples/") and v} for r in rows]
+    logged = [
+        {k[len("data/bad_samples/") :]: int(float(v)) for k, v in r.items() if k.startswith("data/bad_samples/") and v}
+        for r in rows
+    ]
     final = Counter(logged[-1])
     truncated = final.pop("skipped/truncated_tar", 0)
     assert 1 <= truncated <= 6
@@ -390,12 +443,13 @@ def test_logged_bad_sample_totals_equal_what_the_shards_hold(tmp_path):
 
 # ---- manifests that disagree with the shards, and data that is broken as a whole -----------------
 
+
 def test_stale_manifest_shards_longer_or_shorter_than_sizes_json(tmp_path):
     # sizes.json says 8 and 4, the tars hold 10 and 2: exact epochs keep the manifest's positions.
     write_shards(str(tmp_path), [10, 2])
     (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 8, "00001.tar": 4}))
     dm = _datamodule(str(tmp_path))  # 2 workers: each refills from the other's slice
-    (keys, batches, bad, partial), = _run_epochs(dm, 1)
+    ((keys, batches, bad, partial),) = _run_epochs(dm, 1)
     assert batches == 3 and not partial
     assert bad == {"skipped/not_in_manifest": 2, "skipped/shorter_than_manifest": 2, "refilled": 2}
     assert set(keys) <= {f"00000{i:04d}" for i in range(8)} | {"000010000", "000010001"}

@@ -1,6 +1,6 @@
 """The shard reader's grouping of tar members into samples is webdataset's.
 
-    python -m pytest tests/data/test_reader.py -q
+python -m pytest tests/data/test_reader.py -q
 """
 
 from __future__ import annotations
@@ -11,9 +11,23 @@ from webdataset.tariterators import group_by_keys
 from clip_pl.data.reader import _META, _group
 
 URL = "shards/00000.tar"
-NAMES = ["000001.jpg", "000001.TXT", "000001.json", "__index__", "__meta__/info.json", "noextension",
-         ".hidden.jpg", "dir.x/file", "a/b.c/000002.tar.gz", "a/b.c/000002.txt", "000003.jpg", "000003.cls",
-         "sub/000004.JPG", "sub/000004.txt", "000001.jpg"]  # the key seen again later: a new sample
+NAMES = [
+    "000001.jpg",
+    "000001.TXT",
+    "000001.json",
+    "__index__",
+    "__meta__/info.json",
+    "noextension",
+    ".hidden.jpg",
+    "dir.x/file",
+    "a/b.c/000002.tar.gz",
+    "a/b.c/000002.txt",
+    "000003.jpg",
+    "000003.cls",
+    "sub/000004.JPG",
+    "sub/000004.txt",
+    "000001.jpg",
+]  # the key seen again later: a new sample
 
 
 def _webdatasets(names: list[str]) -> list[dict]:

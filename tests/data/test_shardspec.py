@@ -1,6 +1,6 @@
 """Shard specs: folders, brace patterns, globs, '::' sources with weights, pipe: commands; the val loader.
 
-    python -m pytest tests/data/test_shardspec.py -q
+python -m pytest tests/data/test_shardspec.py -q
 """
 
 from __future__ import annotations
@@ -41,8 +41,15 @@ def test_pipe_shards_with_sizes_file_read_exactly_once(two_sources):
     a, _ = two_sources
     spec = f"pipe:cat {a}/{{00000..00002}}.tar"
     assert resolve_shards(spec).sizes_known is False, "a pipe: command has no manifest beside it"
-    dm = WebDatasetDataModule(spec, sizes_file=str(a / "sizes.json"), batch_size=5, num_workers=0,
-                              image_size=32, context_length=16, return_keys=True)
+    dm = WebDatasetDataModule(
+        spec,
+        sizes_file=str(a / "sizes.json"),
+        batch_size=5,
+        num_workers=0,
+        image_size=32,
+        context_length=16,
+        return_keys=True,
+    )
     dm.setup("fit")
     keys = [k for batch in dm.train_dataloader() for k in batch["key"]]
     assert sorted(keys) == sorted(f"{s:05d}{i:04d}" for s, n in enumerate([6, 4, 5]) for i in range(n))
@@ -55,8 +62,18 @@ def test_resampled_follows_source_weights_per_source_not_per_shard(tmp_path, wei
     a, b = tmp_path / "a", tmp_path / "b"
     write_shards(str(a), [5] * 6)
     write_shards(str(b), [5], sample_fn=lambda key, index: make_sample("b" + key, index))
-    dm = WebDatasetDataModule(f"{a}::{b}", train_weights=weights, resampled=True, num_samples=600, batch_size=50,
-                              num_workers=0, image_size=16, context_length=8, return_keys=True, shuffle_buffer=20)
+    dm = WebDatasetDataModule(
+        f"{a}::{b}",
+        train_weights=weights,
+        resampled=True,
+        num_samples=600,
+        batch_size=50,
+        num_workers=0,
+        image_size=16,
+        context_length=8,
+        return_keys=True,
+        shuffle_buffer=20,
+    )
     dm.setup("fit")
     keys = [k for batch in dm.train_dataloader() for k in batch["key"]]
     assert len(keys) == 600
@@ -69,8 +86,12 @@ def test_resampled_follows_source_weights_per_source_not_per_shard(tmp_path, wei
 
 def _val_rank(rank, world, shards):
     torch.set_num_threads(1)
-    make = lambda: WebDatasetDataModule(shards, val_shards=shards, batch_size=3, num_workers=0, image_size=32,
-                                        context_length=16, return_keys=True)
+
+    def make():
+        return WebDatasetDataModule(
+            shards, val_shards=shards, batch_size=3, num_workers=0, image_size=32, context_length=16, return_keys=True
+        )
+
     dm = make()
     dm.setup("validate")
     batches = list(dm.val_dataloader())

@@ -1,6 +1,6 @@
 """The sequential tar reader agrees with Python's tarfile on every format it may meet, and fails loudly.
 
-    python -m pytest tests/data/test_tarstream.py -q
+python -m pytest tests/data/test_tarstream.py -q
 """
 
 from __future__ import annotations
@@ -19,9 +19,13 @@ def _archive(fmt: int) -> bytes:
         dir_info = tarfile.TarInfo("somedir")
         dir_info.type = tarfile.DIRTYPE
         tar.addfile(dir_info)
-        files = [("000001.jpg", b"\xff\xd8" + bytes(range(256)) * 3), ("000001.txt", "café ☕".encode()),
-                 ("000002.txt", b""), ("sub/" + "d" * 120 + "/000003.json", b"{}" * 700),
-                 ("ünïcode_" + "n" * 110 + ".txt", b"x" * 512)]
+        files = [
+            ("000001.jpg", b"\xff\xd8" + bytes(range(256)) * 3),
+            ("000001.txt", "café ☕".encode()),
+            ("000002.txt", b""),
+            ("sub/" + "d" * 120 + "/000003.json", b"{}" * 700),
+            ("ünïcode_" + "n" * 110 + ".txt", b"x" * 512),
+        ]
         for name, data in files:
             info = tarfile.TarInfo(name)
             info.size = len(data)

@@ -33,8 +33,9 @@ def zipf_table(rows: int, seed: int, unmatched: int = 0) -> pd.DataFrame:
     ids = np.minimum(rng.zipf(1.4, rows), 50) - 1
     captions = [f"a photo of {ENTRIES[i]} on a table" for i in ids]
     captions[:unmatched] = ["a caption that names no entry"] * unmatched
-    return pd.DataFrame({"url": [f"http://example.com/{i}.jpg" for i in range(rows)], "caption": captions,
-                         "extra": np.arange(rows)})
+    return pd.DataFrame(
+        {"url": [f"http://example.com/{i}.jpg" for i in range(rows)], "caption": captions, "extra": np.arange(rows)}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,9 @@ def test_a_pair_is_kept_if_any_of_its_entries_draws_yes(tmp_path, metadata):
     # 4000 pairs name both ent001x and ent002x: p = 1000/4000 each, so P(kept) = 1 - 0.75² = 0.4375
     # (one draw would keep 0.25, "all draws" 0.0625).
     rows = 4000
-    pd.DataFrame({"url": [f"u{i}" for i in range(rows)], "caption": [f"{ENTRIES[1]} and {ENTRIES[2]}"] * rows}
-                 ).to_parquet(tmp_path / "pairs.parquet")
+    pd.DataFrame(
+        {"url": [f"u{i}" for i in range(rows)], "caption": [f"{ENTRIES[1]} and {ENTRIES[2]}"] * rows}
+    ).to_parquet(tmp_path / "pairs.parquet")
     stats = bal.balance(tmp_path / "pairs.parquet", metadata, tmp_path / "out", threshold=1000, seed=3)
     share = stats["pairs"]["kept"] / rows
     assert abs(share - 0.4375) < 0.035, share
@@ -96,7 +98,12 @@ def test_every_row_is_kept_or_removed_with_its_reason_and_the_report_adds_up(tmp
     assert removed["reason"].value_counts().to_dict() == {k: v for k, v in stats["removed_by_reason"].items() if v}
     assert stats["removed_by_reason"]["missing_caption"] == 5 and stats["removed_by_reason"]["no_entry_match"] == 35
     assert stats["pairs"]["matched"] + stats["pairs"]["no_entry_match"] + stats["pairs"]["missing_caption"] == 3000
-    assert stats["metadata"] == {"path": str(metadata), "entries": 60, "blank_lines_skipped": 1, "duplicates_skipped": 1}
+    assert stats["metadata"] == {
+        "path": str(metadata),
+        "entries": 60,
+        "blank_lines_skipped": 1,
+        "duplicates_skipped": 1,
+    }
 
     # entry_counts and head/tail agree with a recount from the tables themselves
     counts = pd.read_parquet(tmp_path / "out" / "entry_counts.parquet").set_index("entry")
@@ -105,7 +112,9 @@ def test_every_row_is_kept_or_removed_with_its_reason_and_the_report_adds_up(tmp
     kept_named = kept["caption"].str.extract(r"(ent\d{3}x)")[0].value_counts()
     assert counts["count_after"][counts["count_after"] > 0].to_dict() == kept_named.to_dict()
     head = counts["count_before"] > 60
-    assert stats["head"]["entries"] == head.sum() and stats["head"]["matches_after"] == counts["count_after"][head].sum()
+    assert (
+        stats["head"]["entries"] == head.sum() and stats["head"]["matches_after"] == counts["count_after"][head].sum()
+    )
     assert stats["tail"]["matches_before"] == stats["tail"]["matches_after"] == counts["count_before"][~head].sum()
     assert stats["entries_matched"] == (counts["count_before"] > 0).sum()
 
@@ -119,8 +128,23 @@ def test_csv_input_keep_unmatched_and_ignore_case_through_the_command_line(tmp_p
     table["caption"] = table["caption"].str.upper()
     table.to_csv(tmp_path / "t.csv.gz", index=False)
     out = tmp_path / "out"
-    args = ["balance", "--input", str(tmp_path / "t.csv.gz"), "--metadata", str(metadata), "--output", str(out),
-            "--threshold", "30", "--seed", "5", "--chunk-rows", "64", "--keep-unmatched", "--ignore-case"]
+    args = [
+        "balance",
+        "--input",
+        str(tmp_path / "t.csv.gz"),
+        "--metadata",
+        str(metadata),
+        "--output",
+        str(out),
+        "--threshold",
+        "30",
+        "--seed",
+        "5",
+        "--chunk-rows",
+        "64",
+        "--keep-unmatched",
+        "--ignore-case",
+    ]
     assert curate_main(args) == 0
     assert "entries matched" in capsys.readouterr().out
     stats = json.loads((out / "stats.json").read_text())
@@ -150,12 +174,29 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, metadata, cap
         ({"treshold": 5}, ValueError, r"unknown option.*known options"),
     ]
     for change, error, pattern in cases:
-        call = {"input_path": tmp_path / "ok.parquet", "metadata_path": metadata, "output_dir": tmp_path / "out", **change}
+        call = {
+            "input_path": tmp_path / "ok.parquet",
+            "metadata_path": metadata,
+            "output_dir": tmp_path / "out",
+            **change,
+        }
         with pytest.raises(error, match=pattern):
             bal.balance(**call)
         assert not (tmp_path / "out").exists(), f"{change} wrote output before failing"
-    assert curate_main(["balance", "--input", str(tmp_path / "nocap.parquet"), "--metadata", str(metadata),
-                        "--output", str(tmp_path / "out")]) == 2
+    assert (
+        curate_main(
+            [
+                "balance",
+                "--input",
+                str(tmp_path / "nocap.parquet"),
+                "--metadata",
+                str(metadata),
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     assert "missing column" in capsys.readouterr().err
 
 
@@ -193,8 +234,13 @@ def _write_zipf_parquet(path: Path, rows: int) -> None:
 def _peak_growth_mib(tmp_path: Path, metadata: Path, rows: int) -> float:
     table = tmp_path / f"t{rows}.parquet"
     _write_zipf_parquet(table, rows)
-    done = subprocess.run([sys.executable, "-c", _MEASURE, str(table), str(metadata), str(tmp_path / f"o{rows}")],
-                          capture_output=True, text=True, cwd=REPO, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(table), str(metadata), str(tmp_path / f"o{rows}")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     return (measured["peak_kib"] - measured["start_kib"]) / 1024

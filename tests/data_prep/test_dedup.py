@@ -31,8 +31,22 @@ def test_planted_copies_and_eval_copies_are_found_and_distinct_images_kept(digit
     shards, eval_dir, out = tmp_path / "shards", tmp_path / "eval", tmp_path / "deduped"
     copies_of, eval_of = write_corpus_with_copies(shards, eval_dir)
     assert curate_main(["score", "--shards", str(shards), "--model", digits_clip]) == 0
-    assert curate_main(["dedup", "--shards", str(shards), "--output", str(out), "--threshold", str(THRESHOLD),
-                        "--eval-images", str(eval_dir)]) == 0
+    assert (
+        curate_main(
+            [
+                "dedup",
+                "--shards",
+                str(shards),
+                "--output",
+                str(out),
+                "--threshold",
+                str(THRESHOLD),
+                "--eval-images",
+                str(eval_dir),
+            ]
+        )
+        == 0
+    )
     stats = json.loads((out / "stats.json").read_text())
     removed = pd.read_parquet(out / "removed.parquet").set_index("key")
     kept = {k for tar in out.glob("*.tar") for k in samples_in_tar(tar)}
@@ -40,25 +54,37 @@ def test_planted_copies_and_eval_copies_are_found_and_distinct_images_kept(digit
     assert kept | set(removed.index) == all_keys and not kept & set(removed.index)
 
     # Evaluation images: the corpus's copy of each is removed, naming the evaluation file
-    eval_found = [k for k, name in eval_of.items() if k in removed.index and removed.loc[k, "reason"] == "eval_duplicate"
-                  and removed.loc[k, "duplicate_of"] == name]
+    eval_found = [
+        k
+        for k, name in eval_of.items()
+        if k in removed.index
+        and removed.loc[k, "reason"] == "eval_duplicate"
+        and removed.loc[k, "duplicate_of"] == name
+    ]
     # Planted copies (of images not in the evaluation set): one of the pair goes, pointing at the other
     pairs = {c: o for c, o in copies_of.items() if o not in eval_of}
-    found = [c for c, o in pairs.items()
-             if (c in removed.index) != (o in removed.index)
-             and (removed.loc[c, "duplicate_of"] == o if c in removed.index else removed.loc[o, "duplicate_of"] == c)]
+    found = [
+        c
+        for c, o in pairs.items()
+        if (c in removed.index) != (o in removed.index)
+        and (removed.loc[c, "duplicate_of"] == o if c in removed.index else removed.loc[o, "duplicate_of"] == c)
+    ]
     planted = set(eval_of) | set(pairs) | set(pairs.values()) | {c for c, o in copies_of.items() if o in eval_of}
     innocent = all_keys - planted
     false = set(removed.index) & innocent
-    print(f"eval copies found {len(eval_found)}/{len(eval_of)}, planted copies found {len(found)}/{len(pairs)}, "
-          f"false removals {len(false)}/{len(innocent)}")
+    print(
+        f"eval copies found {len(eval_found)}/{len(eval_of)}, planted copies found {len(found)}/{len(pairs)}, "
+        f"false removals {len(false)}/{len(innocent)}"
+    )
     assert len(eval_found) >= 0.95 * len(eval_of)
     assert len(found) >= 0.95 * len(pairs)
     assert len(false) <= 0.01 * len(innocent)
 
     assert stats["removed"] == len(removed) and stats["kept"] == len(kept) == stats["samples_in_shards"]
-    assert stats["removed_by_reason"] == removed["reason"].value_counts().reindex(
-        ["eval_duplicate", "near_duplicate"], fill_value=0).to_dict()
+    assert (
+        stats["removed_by_reason"]
+        == removed["reason"].value_counts().reindex(["eval_duplicate", "near_duplicate"], fill_value=0).to_dict()
+    )
     assert stats["input"]["eval_images"] == len(eval_of)
     assert (removed["similarity"] >= THRESHOLD).all()
 
@@ -89,9 +115,13 @@ def test_dedup_runs_on_a_cuts_output_with_the_original_scores(digits_clip, tmp_p
     shards = tmp_path / "shards"
     write_corpus_with_copies(shards, tmp_path / "eval", copies=20, eval_images=3, originals=300)
     assert curate_main(["score", "--shards", str(shards), "--model", digits_clip]) == 0
-    assert curate_main(["filter", "--shards", str(shards), "--output", str(tmp_path / "cut"), "--keep-fraction", "0.5"]) == 0
+    assert (
+        curate_main(["filter", "--shards", str(shards), "--output", str(tmp_path / "cut"), "--keep-fraction", "0.5"])
+        == 0
+    )
     cut_stats = json.loads((tmp_path / "cut" / "stats.json").read_text())
-    stats = dedup.dedup_shards(tmp_path / "cut", tmp_path / "deduped", threshold=THRESHOLD,
-                               scores_dir=shards / "_scores")
+    stats = dedup.dedup_shards(
+        tmp_path / "cut", tmp_path / "deduped", threshold=THRESHOLD, scores_dir=shards / "_scores"
+    )
     assert stats["input"]["samples"] == cut_stats["kept"]  # the cut's removals are not counted again
     assert stats["kept"] + stats["removed"] == cut_stats["kept"]

@@ -27,8 +27,18 @@ def demo(tmp_path_factory):
     threads_before = set(threading.enumerate())
     # No deadline race on a loaded machine: healthy requests get 10 s (they take milliseconds), and
     # the "slow" ones never answer before the server stops (which releases them), so they always time out.
-    manifest = build_demo_corpus(out, max_images=150, copies=2, fault_share=0.15, num_shards=3,
-                                 processes=1, threads=8, timeout=10.0, slow_seconds=3600.0, verbose=False)
+    manifest = build_demo_corpus(
+        out,
+        max_images=150,
+        copies=2,
+        fault_share=0.15,
+        num_shards=3,
+        processes=1,
+        threads=8,
+        timeout=10.0,
+        slow_seconds=3600.0,
+        verbose=False,
+    )
     return out, manifest, threads_before
 
 

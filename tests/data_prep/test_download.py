@@ -1,6 +1,6 @@
 """data_prep.download against a real local web server with injected faults and the real img2dataset.
 
-    pytest tests/data_prep/test_download.py
+pytest tests/data_prep/test_download.py
 """
 
 from __future__ import annotations
@@ -90,10 +90,22 @@ def first_run(faulty_web, tmp_path_factory):
     table = _table(web, kinds)
     table.to_parquet(tmp / "urls.parquet")
     before = web.requests_total
-    stats = download(tmp / "urls.parquet", tmp / "out", shard_size=20, dedup_url=True, dedup_image_hash=True,
-                     min_caption_chars=3, **FAST)
-    return {"stats": stats, "out": tmp / "out", "table": table, "input": tmp / "urls.parquet",
-            "requests": web.requests_total - before}
+    stats = download(
+        tmp / "urls.parquet",
+        tmp / "out",
+        shard_size=20,
+        dedup_url=True,
+        dedup_image_hash=True,
+        min_caption_chars=3,
+        **FAST,
+    )
+    return {
+        "stats": stats,
+        "out": tmp / "out",
+        "table": table,
+        "input": tmp / "urls.parquet",
+        "requests": web.requests_total - before,
+    }
 
 
 def test_successes_equal_healthy_urls(first_run, faulty_web):
@@ -118,8 +130,12 @@ def test_every_injected_fault_counted_under_its_reason(first_run):
 
 def test_hygiene_drops_counted_by_reason(first_run):
     hygiene = first_run["stats"]["hygiene"]
-    assert hygiene["dropped_by_reason"] == {"missing_url": 1, "empty_caption": 1, "short_caption": 1,
-                                            "duplicate_url": 1}
+    assert hygiene["dropped_by_reason"] == {
+        "missing_url": 1,
+        "empty_caption": 1,
+        "short_caption": 1,
+        "duplicate_url": 1,
+    }
     assert hygiene["rows_in"] == len(first_run["table"])
     assert hygiene["captions_whitespace_normalised"] >= len(first_run["table"]) - 4
 
@@ -162,8 +178,15 @@ def test_stats_json_written_and_consistent(first_run):
 def test_second_run_is_incremental(first_run, faulty_web):
     web, _ = faulty_web
     before = web.requests_total
-    again = download(first_run["input"], first_run["out"], shard_size=20, dedup_url=True,
-                     dedup_image_hash=True, min_caption_chars=3, **FAST)
+    again = download(
+        first_run["input"],
+        first_run["out"],
+        shard_size=20,
+        dedup_url=True,
+        dedup_image_hash=True,
+        min_caption_chars=3,
+        **FAST,
+    )
     assert web.requests_total == before, "a finished download must not fetch anything again"
     assert again["this_run"]["urls_downloaded"] == 0
     for part in ("download", "hygiene", "samples_in_shards", "image_hash_duplicates_dropped"):
@@ -199,18 +222,39 @@ def test_interrupted_run_resumes_only_unfinished_shards(tmp_path):
     for i in range(10, 20):
         routes[f"/{i}.png"] = Route(pngs[i], "image/png", SLOW)
     with FaultyImageServer(routes, slow_seconds=NEVER) as web:
-        pd.DataFrame({"url": [web.url_for(f"/{i}.png") for i in range(30)],
-                      "caption": [f"digit picture {i}" for i in range(30)]}).to_parquet(tmp_path / "urls.parquet")
+        pd.DataFrame(
+            {"url": [web.url_for(f"/{i}.png") for i in range(30)], "caption": [f"digit picture {i}" for i in range(30)]}
+        ).to_parquet(tmp_path / "urls.parquet")
         out = tmp_path / "out"
-        cli = [sys.executable, "-m", "data_prep.download", "--input", str(tmp_path / "urls.parquet"),
-               "--output", str(out), "--shard-size", "10", "--processes", "1", "--threads", "10",
-               "--timeout", "30", "--image-size", "32", "--user-agent-token", "ClipBot"]
-        proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        cli = [
+            sys.executable,
+            "-m",
+            "data_prep.download",
+            "--input",
+            str(tmp_path / "urls.parquet"),
+            "--output",
+            str(out),
+            "--shard-size",
+            "10",
+            "--processes",
+            "1",
+            "--threads",
+            "10",
+            "--timeout",
+            "30",
+            "--image-size",
+            "32",
+            "--user-agent-token",
+            "ClipBot",
+        ]
+        proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             _wait_for(lambda: (out / "00000_stats.json").exists(), 90, "shard 0 to finish")
-            _wait_for(lambda: sum(web.requests_by_path.get(f"/{i}.png", 0) for i in range(10, 20)) == 10,
-                      30, "shard 1 to be under way")
+            _wait_for(
+                lambda: sum(web.requests_by_path.get(f"/{i}.png", 0) for i in range(10, 20)) == 10,
+                30,
+                "shard 1 to be under way",
+            )
             os.killpg(proc.pid, signal.SIGINT)
             _, stderr = proc.communicate(timeout=60)
         finally:
@@ -234,10 +278,14 @@ def test_interrupted_run_resumes_only_unfinished_shards(tmp_path):
 
 def test_no_respect_optouts_downloads_opted_out_images(tmp_path):
     png = _distinct_pngs(1)[0]
-    routes = {"/plain-noai.png": Route(png, "image/png", OPTED_OUT, "noai"),
-              "/for-us.png": Route(png, "image/png", OPTED_OUT, "clipbot: noimageai")}
+    routes = {
+        "/plain-noai.png": Route(png, "image/png", OPTED_OUT, "noai"),
+        "/for-us.png": Route(png, "image/png", OPTED_OUT, "clipbot: noimageai"),
+    }
     with FaultyImageServer(routes) as web:
-        pd.DataFrame({"url": [web.url_for(p) for p in routes], "caption": list(routes)}).to_parquet(tmp_path / "u.parquet")
+        pd.DataFrame({"url": [web.url_for(p) for p in routes], "caption": list(routes)}).to_parquet(
+            tmp_path / "u.parquet"
+        )
         ignored = download(tmp_path / "u.parquet", tmp_path / "b", respect_optouts=False, **FAST)
     assert ignored["download"]["successes"] == 2
 

@@ -22,8 +22,10 @@ from data_prep.download import main as download_main
 pytestmark = [
     pytest.mark.timeout(400),
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("pyspark") is None or shutil.which("java") is None,
-                       reason="needs pyspark and a Java runtime (pip install pyspark; JRE 17)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("pyspark") is None or shutil.which("java") is None,
+        reason="needs pyspark and a Java runtime (pip install pyspark; JRE 17)",
+    ),
 ]
 # "slow" faults cost a full timeout each and test nothing distributor-specific
 SPARK_FAULTS = [f for f in FAULTS if f != SLOW]
@@ -40,7 +42,9 @@ def table_and_server(tmp_path_factory):
             routes[f"/{fault}/{j}.png"] = Route(pngs[40 + 2 * f + j], "image/png", fault)
     tmp = tmp_path_factory.mktemp("spark")
     with FaultyImageServer(routes) as web:
-        table = pd.DataFrame({"url": [web.url_for(p) for p in routes], "caption": [f"an image from {p}" for p in routes]})
+        table = pd.DataFrame(
+            {"url": [web.url_for(p) for p in routes], "caption": [f"an image from {p}" for p in routes]}
+        )
         table.to_parquet(tmp / "urls.parquet")
         yield tmp / "urls.parquet", tmp
 
@@ -49,8 +53,24 @@ def test_pyspark_distributor_matches_multiprocessing(table_and_server, capfd):
     table, tmp = table_and_server
     reference = download(table, tmp / "mp", distributor="multiprocessing", **OPTIONS)
     assert "pyspark" not in capfd.readouterr().out
-    argv = ["--input", str(table), "--output", str(tmp / "spark"), "--distributor", "pyspark", "--processes", "2",
-            "--threads", "4", "--timeout", "10", "--image-size", "32", "--shard-size", "15"]
+    argv = [
+        "--input",
+        str(table),
+        "--output",
+        str(tmp / "spark"),
+        "--distributor",
+        "pyspark",
+        "--processes",
+        "2",
+        "--threads",
+        "4",
+        "--timeout",
+        "10",
+        "--image-size",
+        "32",
+        "--shard-size",
+        "15",
+    ]
     assert download_main(argv) == 0
     assert "No pyspark session found, creating a new one!" in capfd.readouterr().out  # img2dataset's Spark path ran
     spark = json.loads((tmp / "spark" / "stats.json").read_text())

@@ -41,21 +41,29 @@ def _bad_tables(tmp: Path, url: str) -> dict[str, tuple[Path, str, dict]]:
     pd.DataFrame({"url": [url], "caption": ["ok caption"], "status": ["x"]}).to_parquet(tmp / "reserved.parquet")
     return {
         "missing url column": (tmp / "no_url.parquet", r"missing column\(s\) \['url'\].*--url-col", {}),
-        "missing url column (csv)": (_write(tmp / "no_url.csv", f"link,caption\n{url},hi there\n"),
-                                     r"missing column.*url", {}),
-        "missing caption column": (_write(tmp / "no_cap.tsv", f"url\ttext\n{url}\thi there\n"),
-                                   r"missing column\(s\) \['caption'\].*--caption-col", {}),
+        "missing url column (csv)": (
+            _write(tmp / "no_url.csv", f"link,caption\n{url},hi there\n"),
+            r"missing column.*url",
+            {},
+        ),
+        "missing caption column": (
+            _write(tmp / "no_cap.tsv", f"url\ttext\n{url}\thi there\n"),
+            r"missing column\(s\) \['caption'\].*--caption-col",
+            {},
+        ),
         "empty file": (_write(tmp / "empty.csv", ""), r"the file is empty", {}),
         "empty jsonl": (_write(tmp / "empty.jsonl", ""), r"the file is empty", {}),
         "header only": (_write(tmp / "header.csv", "url,caption\n"), r"no rows", {}),
-        "csv named parquet": (_write(tmp / "fake.parquet", f"url,caption\n{url},hi\n"),
-                              r"could not be read as parquet", {}),
+        "csv named parquet": (
+            _write(tmp / "fake.parquet", f"url,caption\n{url},hi\n"),
+            r"could not be read as parquet",
+            {},
+        ),
         "broken jsonl": (_write(tmp / "broken.jsonl", '{"url": "x", "caption": \n'), r"could not be read as jsonl", {}),
         "unknown format": (_write(tmp / "table.xlsx", "whatever"), r"unsupported table format 'xlsx'", {}),
         "no such file": (tmp / "missing.parquet", r"no such file", {}),
         "all rows dropped": (tmp / "blank.parquet", r"every row was dropped.*empty_caption", {}),
-        "reserved column kept": (tmp / "reserved.parquet", r"reserves these names",
-                                 {"keep_columns": ["status"]}),
+        "reserved column kept": (tmp / "reserved.parquet", r"reserves these names", {"keep_columns": ["status"]}),
         "bad resize mode": (tmp / "blank.parquet", r"resize_mode 'squash'", {"resize_mode": "squash"}),
         "unknown option": (tmp / "blank.parquet", r"known options", {"imagesize": 64}),
     }
@@ -74,7 +82,9 @@ def test_cli_reports_bad_input_with_exit_status_2(tmp_path):
     bad = _write(tmp_path / "no_url.csv", "link,caption\nhttp://127.0.0.1:9/x.png,hello\n")
     proc = subprocess.run(
         [sys.executable, "-m", "data_prep.download", "--input", str(bad), "--output", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "--url-col" in proc.stderr
@@ -93,7 +103,9 @@ def test_output_folder_not_ours_is_refused(web, tmp_path):
 def test_folder_of_tables_and_mixed_formats(tmp_path):
     (tmp_path / "parts").mkdir()
     for i in range(2):
-        pd.DataFrame({"url": [f"http://x/{i}"], "caption": [f"caption {i}"]}).to_parquet(tmp_path / "parts" / f"{i}.parquet")
+        pd.DataFrame({"url": [f"http://x/{i}"], "caption": [f"caption {i}"]}).to_parquet(
+            tmp_path / "parts" / f"{i}.parquet"
+        )
     assert len(tables.read_table(tmp_path / "parts")) == 2
     _write(tmp_path / "parts" / "2.csv", "url,caption\nhttp://x/2,c\n")
     with pytest.raises(tables.InputTableError, match="mixes table formats"):
@@ -111,15 +123,21 @@ def test_caption_hygiene_fixes_and_counts():
     assert captions.clean_caption("  caf\u00c3\u00a9 \t au  lait\n") == "caf\u00e9 au lait"
     assert captions.clean_caption("fish &amp; chips") == "fish & chips"
     assert captions.clean_caption(None) == ""
-    table = pd.DataFrame({
-        "url": ["a", "a", " ", None, "b", "c", "d", "a"],
-        "caption": ["caf\u00c3\u00a9  x", "ok ok", "x y z", "y y y", None, "z", "  hello\tthere ", "   "],
-    })
+    table = pd.DataFrame(
+        {
+            "url": ["a", "a", " ", None, "b", "c", "d", "a"],
+            "caption": ["caf\u00c3\u00a9  x", "ok ok", "x y z", "y y y", None, "z", "  hello\tthere ", "   "],
+        }
+    )
     kept, dropped, report = captions.apply_hygiene(table, min_chars=2, dedup_url=True)
     assert list(kept["url"]) == ["a", "d"]
     assert list(kept["caption"]) == ["caf\u00e9 x", "hello there"]
     assert report.as_dict()["dropped_by_reason"] == {
-        "missing_url": 2, "empty_caption": 2, "short_caption": 1, "duplicate_url": 1}
+        "missing_url": 2,
+        "empty_caption": 2,
+        "short_caption": 1,
+        "duplicate_url": 1,
+    }
     assert len(kept) + len(dropped) == len(table)
     assert report.captions_unicode_fixed == 1
     # without URL dedup the repeated URL stays; the empty-caption row with the same URL never competes
@@ -181,12 +199,35 @@ def test_text_formats_read_the_same_table(tmp_path):
 
 def test_cli_downloads_a_jsonl_table(web, tmp_path):
     pd.DataFrame({"url": [web.url_for("/a.png")], "caption": ["a handwritten zero"], "source": ["test"]}).to_json(
-        tmp_path / "t.jsonl", orient="records", lines=True)
+        tmp_path / "t.jsonl", orient="records", lines=True
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "data_prep.download", "--input", str(tmp_path / "t.jsonl"), "--output",
-         str(tmp_path / "o"), "--processes", "1", "--threads", "4", "--image-size", "32", "--resize-mode", "center_crop",
-         "--encode-format", "png", "--encode-quality", "3", "--timeout", "5"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "data_prep.download",
+            "--input",
+            str(tmp_path / "t.jsonl"),
+            "--output",
+            str(tmp_path / "o"),
+            "--processes",
+            "1",
+            "--threads",
+            "4",
+            "--image-size",
+            "32",
+            "--resize-mode",
+            "center_crop",
+            "--encode-format",
+            "png",
+            "--encode-quality",
+            "3",
+            "--timeout",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "successes               1  (100.0 %)" in proc.stdout

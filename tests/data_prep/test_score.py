@@ -35,7 +35,10 @@ def scored(tmp_path_factory, digits_clip):
 
 def test_a_fraction_cut_removes_mismatched_captions_and_keeps_true_pairs(scored, tmp_path):
     model, shards, truth = scored
-    assert curate_main(["filter", "--shards", str(shards), "--output", str(tmp_path / "cut"), "--keep-fraction", "0.7"]) == 0
+    assert (
+        curate_main(["filter", "--shards", str(shards), "--output", str(tmp_path / "cut"), "--keep-fraction", "0.7"])
+        == 0
+    )
     stats = json.loads((tmp_path / "cut" / "stats.json").read_text())
     kept = {key for tar in sorted((tmp_path / "cut").glob("*.tar")) for key in samples_in_tar(tar)}
     mismatched = {k for k, wrong in truth.items() if wrong}
@@ -43,7 +46,9 @@ def test_a_fraction_cut_removes_mismatched_captions_and_keeps_true_pairs(scored,
     assert 0.15 < len(mismatched) / len(truth) < 0.25
     removed_share = 1 - len(kept & mismatched) / len(mismatched)
     true_kept = len(kept & true_pairs) / len(true_pairs)
-    print(f"mismatched removed {removed_share:.3f}, true kept {true_kept:.3f}, kept pairs true {len(kept & true_pairs) / len(kept):.3f}")
+    print(
+        f"mismatched removed {removed_share:.3f}, true kept {true_kept:.3f}, kept pairs true {len(kept & true_pairs) / len(kept):.3f}"
+    )
     assert removed_share >= 0.90
     # Keeping 70 % of the pairs when 80 % are true must drop ≥ 12.5 % of the true ones (at best 0.875
     # are kept): the "keeps ≥ 95 % of the true pairs" is asked of that best, and of the kept set's purity.
@@ -54,9 +59,16 @@ def test_a_fraction_cut_removes_mismatched_captions_and_keeps_true_pairs(scored,
     assert stats["input"]["samples"] == len(truth) + 2 and stats["input"]["scored"] == len(truth)
     assert stats["kept"] == len(kept) == sum(json.loads((tmp_path / "cut" / "sizes.json").read_text()).values())
     assert set(removed["key"]) | kept == set(truth) | {"broken01", "blank001"} and not set(removed["key"]) & kept
-    assert removed.set_index("key").loc[["broken01", "blank001"], "reason"].tolist() == ["undecodable_image", "missing_caption"]
-    assert stats["removed_by_reason"] == {"low_clip_score": len(truth) - len(kept), "no_image": 0,
-                                          "undecodable_image": 1, "missing_caption": 1}
+    assert removed.set_index("key").loc[["broken01", "blank001"], "reason"].tolist() == [
+        "undecodable_image",
+        "missing_caption",
+    ]
+    assert stats["removed_by_reason"] == {
+        "low_clip_score": len(truth) - len(kept),
+        "no_image": 0,
+        "undecodable_image": 1,
+        "missing_caption": 1,
+    }
     # A kept sample is whole: image, caption and metadata all copied
     with tarfile.open(tmp_path / "cut" / "00000.tar") as tar:
         names = tar.getnames()
@@ -109,16 +121,34 @@ def test_bad_scoring_and_cut_requests_are_refused_before_work(scored, tmp_path, 
     with pytest.raises(FileNotFoundError, match="run `python -m data_prep.curate score` first"):
         cut.filter_shards(shards, tmp_path / "o", keep_fraction=0.5, scores_dir=tmp_path / "empty")
     assert not (tmp_path / "o").exists()
-    assert curate_main(["filter", "--shards", str(tmp_path / "empty"), "--output", str(tmp_path / "o"),
-                        "--min-score", "0.2"]) == 2
+    assert (
+        curate_main(
+            ["filter", "--shards", str(tmp_path / "empty"), "--output", str(tmp_path / "o"), "--min-score", "0.2"]
+        )
+        == 2
+    )
     assert "no .tar shards" in capsys.readouterr().err
 
 
 def test_the_curation_benchmark_runs_at_a_small_size(digits_clip, tmp_path):
     from benchmarks.curate_bench import main as bench  # noqa: PLC0415
 
-    result = bench(["--rows", "3000", "--entries", "500", "--reference-rows", "50", "--model", digits_clip,
-                    "--copies", "1", "--json", str(tmp_path / "bench.json")])
+    result = bench(
+        [
+            "--rows",
+            "3000",
+            "--entries",
+            "500",
+            "--reference-rows",
+            "50",
+            "--model",
+            digits_clip,
+            "--copies",
+            "1",
+            "--json",
+            str(tmp_path / "bench.json"),
+        ]
+    )
     assert result["balance"]["rows"] == 3000 and result["balance"]["ratio"] > 1
     assert result["score"]["images"] == 360 and result["score"]["images_per_second"] > 0
     assert json.loads((tmp_path / "bench.json").read_text()) == result

@@ -1,6 +1,6 @@
 """The standalone evaluator, run as a user runs it: ``python -m clip_pl.eval checkpoint=… eval=…``.
 
-    pytest tests/eval/test_cli.py
+pytest tests/eval/test_cli.py
 """
 
 from __future__ import annotations
@@ -18,16 +18,29 @@ from hydra.utils import instantiate
 
 from clip_pl.config_dir import config_dir
 from clip_pl.eval.__main__ import run
-from tests.support.eval import (CLASSNAMES, TEMPLATES, labels_with_known_accuracy, oracle_class_order,
-                                     random_images, tiny_checkpoint, write_imagefolder)
+from tests.support.eval import (
+    CLASSNAMES,
+    TEMPLATES,
+    labels_with_known_accuracy,
+    oracle_class_order,
+    random_images,
+    tiny_checkpoint,
+    write_imagefolder,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "clip_pl.eval", *overrides], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "clip_pl.eval", *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_demo_digits_evaluation_prints_a_table_and_writes_json(tmp_path):
@@ -38,8 +51,13 @@ def test_demo_digits_evaluation_prints_a_table_and_writes_json(tmp_path):
     (test_dir / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
     (test_dir / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
 
-    done = _run(f"checkpoint={checkpoint}", "eval=demo_digits", f"paths.demo_dir={tmp_path / 'demo'}",
-                "num_workers=0", cwd=tmp_path)
+    done = _run(
+        f"checkpoint={checkpoint}",
+        "eval=demo_digits",
+        f"paths.demo_dir={tmp_path / 'demo'}",
+        "num_workers=0",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "demo_digits" in done.stdout and "top1" in done.stdout and f"{100 * top1:.2f} %" in done.stdout
     written = json.loads((tmp_path / "run" / "last.eval-demo_digits.json").read_text())
@@ -72,7 +90,7 @@ def test_nothing_to_evaluate_and_missing_checkpoint_fail_clearly(tmp_path):
 def test_every_eval_choice_composes(choice, tmp_path):
     cfg = _compose("checkpoint=x.ckpt", f"eval={choice}")
     assert set(cfg.eval) == {"callbacks"}
-    for name, node in cfg.eval.callbacks.items():
+    for _name, node in cfg.eval.callbacks.items():
         assert node._target_.startswith("clip_pl.callbacks.")
         if choice in ("imagenet_zeroshot", "retrieval") and node.data is None:
             with pytest.raises(InstantiationException, match="no evaluation data given"):

@@ -11,13 +11,20 @@ import torch
 
 from clip_pl.eval.retrieval import retrieval_evaluate
 from clip_pl.eval.zeroshot import build_classifier, zero_shot_evaluate
-from clip_pl.interchange import read_model_checkpoint
-from clip_pl.interchange import build_from_checkpoint
+from clip_pl.interchange import build_from_checkpoint, read_model_checkpoint
 from clip_pl.model import get_tokenizer
 from tests.support.distributed import run_distributed
-from tests.support.eval import captions_for
-from tests.support.eval import (CLASSNAMES, TEMPLATES, caption_samples, labelled_samples, random_images,
-                                     tiny_checkpoint, write_imagefolder, write_shards)
+from tests.support.eval import (
+    CLASSNAMES,
+    TEMPLATES,
+    caption_samples,
+    captions_for,
+    labelled_samples,
+    random_images,
+    tiny_checkpoint,
+    write_imagefolder,
+    write_shards,
+)
 from tests.support.eval_tasks import write_task_list, zeroshot_task_yaml
 
 
@@ -65,8 +72,9 @@ def evaluate_suite(rank: int, world_size: int, checkpoint: str, task_list: str) 
     from clip_pl.eval.tasks import load_task_list
 
     loaded = read_model_checkpoint(checkpoint)
-    return evaluate_tasks(build_from_checkpoint(loaded).eval(), loaded.model_config, load_task_list(task_list),
-                          batch_size=4)
+    return evaluate_tasks(
+        build_from_checkpoint(loaded).eval(), loaded.model_config, load_task_list(task_list), batch_size=4
+    )
 
 
 def test_a_task_list_on_two_gloo_ranks_equals_one_process(tmp_path):
@@ -78,7 +86,11 @@ def test_a_task_list_on_two_gloo_ranks_equals_one_process(tmp_path):
     write_imagefolder(tmp_path / "train", images[13:28], [i % 3 for i in range(15)])
     write_imagefolder(tmp_path / "test", images[28:], [i % 3 for i in range(7)])
     write_shards(tmp_path / "captions", caption_samples(images[:9], captions_for([2, 1, 1, 3, 1, 1, 2, 1, 1])), 3)
-    task_list = write_task_list(tmp_path / "tasks.yaml", "tasks:\n" + zeroshot_task_yaml("zs") + """
+    task_list = write_task_list(
+        tmp_path / "tasks.yaml",
+        "tasks:\n"
+        + zeroshot_task_yaml("zs")
+        + """
   captions:
     type: retrieval
     data: captions
@@ -94,7 +106,8 @@ def test_a_task_list_on_two_gloo_ranks_equals_one_process(tmp_path):
     val: test
     test: test
     fewshot_k: 2
-""")
+""",
+    )
     single = evaluate_suite(0, 1, str(checkpoint), str(task_list))
     ranks = run_distributed(evaluate_suite, world_size=2, args=(str(checkpoint), str(task_list)))
     for rank, result in enumerate(ranks):

@@ -21,10 +21,10 @@ from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader
 
 from benchmarks.eval_suite import clip_benchmark_weight_decay
+from clip_pl.eval.common import no_autocast
 from clip_pl.eval.linear_probe import encode_labelled, fit_and_score
 from clip_pl.eval.suite import evaluate_tasks
 from clip_pl.eval.tasks import DataSpec, load_task_list
-from clip_pl.eval.common import no_autocast
 from tests.support.eval import labelled_samples, random_images, tiny_model, write_imagefolder, write_shards
 from tests.support.eval_tasks import write_task_list
 
@@ -44,9 +44,13 @@ def _split(root, n: int, seed: int, classes: int = 6):
 def probe_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     model, config = tiny_model(seed=5)
-    folders = {split: _split(root / split, n, seed) for split, n, seed in (("train", 64, 1), ("val", 24, 2), ("test", 40, 3))}
-    features = {split: encode_labelled(model, config, DataSpec("imagefolder", str(path)), 16, 0, no_autocast, Counter())
-                for split, path in folders.items()}
+    folders = {
+        split: _split(root / split, n, seed) for split, n, seed in (("train", 64, 1), ("val", 24, 2), ("test", 40, 3))
+    }
+    features = {
+        split: encode_labelled(model, config, DataSpec("imagefolder", str(path)), 16, 0, no_autocast, Counter())
+        for split, path in folders.items()
+    }
     return {"root": root, "model": model, "config": config, "features": features}
 
 
@@ -62,19 +66,30 @@ def clip_benchmark_probe(train, val, test, fewshot_k: int, seed: int, monkeypatc
     torch.manual_seed(seed)
     features, targets = train
     taken: Counter = Counter()
-    idxs = [p for p in torch.randperm(len(features)).tolist()
-            if (fewshot_k < 0 or taken[int(targets[p])] < fewshot_k) and not taken.update([int(targets[p])])]
+    idxs = [
+        p
+        for p in torch.randperm(len(features)).tolist()
+        if (fewshot_k < 0 or taken[int(targets[p])] < fewshot_k) and not taken.update([int(targets[p])])
+    ]
     train_loader = DataLoader(linear_probe.FeatureDataset(features[idxs], targets[idxs]), batch_size=64, shuffle=True)
     val_loader = DataLoader(linear_probe.FeatureDataset(*val), batch_size=64, shuffle=True)
-    both = linear_probe.FeatureDataset(np.concatenate((features[idxs], val[0])), np.concatenate((targets[idxs], val[1])))
+    both = linear_probe.FeatureDataset(
+        np.concatenate((features[idxs], val[0])), np.concatenate((targets[idxs], val[1]))
+    )
     classes = int(targets.max()) + 1
     weight_decay = clip_benchmark_weight_decay(train_loader, val_loader, features.shape[1], classes, seed)
     final_loader = train_loader if fewshot_k > 0 else DataLoader(both, batch_size=64, shuffle=True)
     model = linear_probe.train(final_loader, features.shape[1], classes, weight_decay, 0.1, 10, False, "cpu", seed)
-    logits, target = linear_probe.infer(model, DataLoader(linear_probe.FeatureDataset(*test), batch_size=64), False, "cpu")
+    logits, target = linear_probe.infer(
+        model, DataLoader(linear_probe.FeatureDataset(*test), batch_size=64), False, "cpu"
+    )
     acc1, acc5 = _accuracy(logits.float(), target, topk=(1, 5))
-    return {"weight_decay": weight_decay, "lp_acc1": acc1, "lp_acc5": acc5,
-            "lp_mean_per_class_recall": balanced_accuracy_score(target, logits.argmax(1))}
+    return {
+        "weight_decay": weight_decay,
+        "lp_acc1": acc1,
+        "lp_acc5": acc5,
+        "lp_mean_per_class_recall": balanced_accuracy_score(target, logits.argmax(1)),
+    }
 
 
 @pytest.mark.parametrize("fewshot_k", [-1, 4])
@@ -98,10 +113,13 @@ def test_a_probe_task_is_deterministic_and_leaves_the_callers_rng_alone(probe_da
     root = probe_data["root"]
     images = random_images(64, seed=1)
     write_shards(root / "train_shards", labelled_samples(images, [min(i % 8, 5) for i in range(64)]), 2)
-    path = write_task_list(root / "tasks.yaml", "tasks:\n  probe:\n    type: linear_probe\n    train: train\n"
-                                                "    test: test\n    val_fraction: 0.25\n  probe3:\n"
-                                                "    type: linear_probe\n    train: train\n    test: test\n    fewshot_k: 3\n"
-                                                "  shards:\n    type: linear_probe\n    train: train_shards\n    test: test\n")
+    path = write_task_list(
+        root / "tasks.yaml",
+        "tasks:\n  probe:\n    type: linear_probe\n    train: train\n"
+        "    test: test\n    val_fraction: 0.25\n  probe3:\n"
+        "    type: linear_probe\n    train: train\n    test: test\n    fewshot_k: 3\n"
+        "  shards:\n    type: linear_probe\n    train: train_shards\n    test: test\n",
+    )
     tasks = load_task_list(path)
     first = evaluate_tasks(probe_data["model"], probe_data["config"], tasks, batch_size=16)
     # Other batches and two loader workers, whose batches of the two shards interleave: the features come
@@ -112,7 +130,11 @@ def test_a_probe_task_is_deterministic_and_leaves_the_callers_rng_alone(probe_da
     assert labels.tolist() == [min(i % 8, 5) for i in range(64)] and torch.equal(labels2, labels)
     torch.testing.assert_close(features2, features)
     assert first["probe"]["train_samples"] == 64 and first["probe"]["val_samples"] == 16  # refit on train + val
-    assert first["probe"]["test_samples"] == 40 and set(first["probe"]) >= {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall"}
+    assert first["probe"]["test_samples"] == 40 and set(first["probe"]) >= {
+        "lp_acc1",
+        "lp_acc5",
+        "lp_mean_per_class_recall",
+    }
     assert first["probe3"]["train_samples"] == 6 * 3
     f = probe_data["features"]
     torch.manual_seed(0)

@@ -18,18 +18,27 @@ from tests.support.eval import tiny_model
 
 # Scores of 5 images (rows) against 5 captions (columns); caption j describes image OWNER[j].
 # Image 4 has no caption (a gallery item only); its scores are below everything.
-SCORES = torch.tensor([
-    [0.2, 0.9, 0.5, 0.1, 0.3],  # image 0, captions 0 and 1: best positive 0.9 -> rank 0
-    [0.8, 0.7, 0.6, 0.9, 0.1],  # image 1, caption 2 (0.6): 0.8, 0.7, 0.9 beat it -> rank 3
-    [0.1, 0.2, 0.3, 0.4, 0.5],  # image 2, caption 3 (0.4): 0.5 -> rank 1
-    [0.9, 0.8, 0.7, 0.6, 0.1],  # image 3, caption 4 (0.1): four beat it -> rank 4
-    [0.0, 0.0, 0.0, 0.0, 0.0],
-])
+SCORES = torch.tensor(
+    [
+        [0.2, 0.9, 0.5, 0.1, 0.3],  # image 0, captions 0 and 1: best positive 0.9 -> rank 0
+        [0.8, 0.7, 0.6, 0.9, 0.1],  # image 1, caption 2 (0.6): 0.8, 0.7, 0.9 beat it -> rank 3
+        [0.1, 0.2, 0.3, 0.4, 0.5],  # image 2, caption 3 (0.4): 0.5 -> rank 1
+        [0.9, 0.8, 0.7, 0.6, 0.1],  # image 3, caption 4 (0.1): four beat it -> rank 4
+        [0.0, 0.0, 0.0, 0.0, 0.0],
+    ]
+)
 OWNER = torch.tensor([0, 0, 1, 2, 3])
 # caption ranks (columns vs their image): 0:(0.2 < 0.8, 0.9) 2 · 1: 0 · 2:(0.6 < 0.7) 1 · 3:(0.4 < 0.9, 0.6) 2 · 4: 2
-EXPECTED = {"image_to_text_R@1": 1 / 4, "image_to_text_R@2": 2 / 4, "image_to_text_R@4": 3 / 4,
-            "image_to_text_R@5": 4 / 4, "text_to_image_R@1": 1 / 5, "text_to_image_R@2": 2 / 5,
-            "text_to_image_R@4": 5 / 5, "text_to_image_R@5": 5 / 5}
+EXPECTED = {
+    "image_to_text_R@1": 1 / 4,
+    "image_to_text_R@2": 2 / 4,
+    "image_to_text_R@4": 3 / 4,
+    "image_to_text_R@5": 4 / 4,
+    "text_to_image_R@1": 1 / 5,
+    "text_to_image_R@2": 2 / 5,
+    "text_to_image_R@4": 5 / 5,
+    "text_to_image_R@5": 5 / 5,
+}
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 1024])
@@ -46,8 +55,13 @@ def test_recall_matches_a_full_sort_on_random_embeddings():
     texts = torch.nn.functional.normalize(images[owner] + 1.5 * torch.randn(90, 8, generator=gen), dim=1)
     scores = images @ texts.T
     order_t = scores.argsort(dim=1, descending=True)  # image -> texts
-    i2t_rank = torch.tensor([min(int((order_t[i] == j).nonzero()) for j in (owner == i).nonzero().flatten())
-                             for i in range(40) if (owner == i).any()])
+    i2t_rank = torch.tensor(
+        [
+            min(int((order_t[i] == j).nonzero()) for j in (owner == i).nonzero().flatten())
+            for i in range(40)
+            if (owner == i).any()
+        ]
+    )
     order_i = scores.T.argsort(dim=1, descending=True)  # text -> images
     t2i_rank = torch.tensor([int((order_i[j] == owner[j]).nonzero()) for j in range(90)])
     result = retrieval_recall(images, texts, owner, ks=(1, 5, 10), chunk_size=7)

@@ -1,6 +1,6 @@
 """Retrieval evaluation end to end on image-caption shards, against embeddings computed one by one.
 
-    pytest tests/eval/test_retrieval.py
+pytest tests/eval/test_retrieval.py
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def expected_recall(case, ks):
 
 def test_recall_on_shards_matches_one_by_one_embeddings(captioned):
     ks = (1, 2, 5)
-    result = retrieval_evaluate(captioned["model"], captioned["config"], captioned["shards"], batch_size=3,
-                                ks=ks, chunk_size=4)
+    result = retrieval_evaluate(
+        captioned["model"], captioned["config"], captioned["shards"], batch_size=3, ks=ks, chunk_size=4
+    )
     expected = expected_recall(captioned, ks)
     assert {k: result[k] for k in expected} == pytest.approx(expected)
     assert result["images"] == 10 and result["captions"] == 13 and result["images_without_caption"] == 1
@@ -53,8 +54,9 @@ def test_recall_on_shards_matches_one_by_one_embeddings(captioned):
 
 
 def test_one_caption_per_sample_when_no_separator(captioned):
-    result = retrieval_evaluate(captioned["model"], captioned["config"], captioned["shards"], batch_size=4,
-                                caption_separator=None, ks=(1,))
+    result = retrieval_evaluate(
+        captioned["model"], captioned["config"], captioned["shards"], batch_size=4, caption_separator=None, ks=(1,)
+    )
     assert result["captions"] == 9 and result["images_without_caption"] == 1  # multi-line texts are one caption
 
 

@@ -1,6 +1,6 @@
 """Evaluation reads shards as training does: one spec grammar, one tar reader, one set of bad-sample rules.
 
-    pytest tests/eval/test_shard_specs.py
+pytest tests/eval/test_shard_specs.py
 """
 
 from __future__ import annotations
@@ -16,8 +16,15 @@ from clip_pl.data.decode import BadSample, decode_image
 from clip_pl.data.shardspec import resolve_shards
 from clip_pl.eval import datasets
 from clip_pl.eval.zeroshot import zero_shot_evaluate
-from tests.support.eval import (CLASSNAMES, TEMPLATES, labelled_samples, random_images, tiny_model,
-                                     write_imagefolder, write_shards)
+from tests.support.eval import (
+    CLASSNAMES,
+    TEMPLATES,
+    labelled_samples,
+    random_images,
+    tiny_model,
+    write_imagefolder,
+    write_shards,
+)
 
 CORRUPT = b"\xff\xd8\xff\xe0 this is not a JPEG"
 
@@ -129,8 +136,11 @@ def test_a_corrupt_imagefolder_image_is_skipped_and_counted_too(shards, tmp_path
     result = _evaluate(shards, str(folder))
     assert result["bad_samples/skipped/corrupt_image"] == 2 and result["samples"] == clean["samples"] - 2 == 10
     # The linear probe's positioned items: the bad ones stand as Skipped markers in their place.
-    items = [datasets.labelled_for_rank(str(folder), lambda x: x, None, "cls", rank, 2, with_position=True)[i]
-             for rank in (0, 1) for i in range(6)]
+    items = [
+        datasets.labelled_for_rank(str(folder), lambda x: x, None, "cls", rank, 2, with_position=True)[i]
+        for rank in (0, 1)
+        for i in range(6)
+    ]
     assert sum(isinstance(item, datasets.Skipped) for item in items) == 2
     order = [path for path, _ in datasets.ClassIndexImageFolder(str(folder)).samples]
     bad = {order.index(str(folder / str(labels[i]) / f"{i:04d}.png")) for i in (1, 2)}

@@ -33,7 +33,9 @@ def suite(tmp_path_factory):
     exported = export_open_clip(checkpoint, root / "exported")
     folder = labelled_folder(root / "digits")
     shards, images, captions = captioned_shards(root / "captions")
-    task_list = write_task_list(root / "tasks.yaml", f"""
+    task_list = write_task_list(
+        root / "tasks.yaml",
+        f"""
 tasks:
   zs:
     type: zeroshot_classification
@@ -44,11 +46,20 @@ tasks:
     type: retrieval
     data: {{format: wds, path: captions, text_key: txt}}
     recall_k: [1, 5, 10]
-""")
+""",
+    )
     loaded = read_model_checkpoint(str(exported.directory))  # both sides evaluate the exported open_clip model
     model = build_from_checkpoint(loaded).eval()
-    return {"root": root, "checkpoint": checkpoint, "model": model, "config": loaded.model_config, "folder": folder,
-            "images": images, "captions": captions, "task_list": task_list}
+    return {
+        "root": root,
+        "checkpoint": checkpoint,
+        "model": model,
+        "config": loaded.model_config,
+        "folder": folder,
+        "images": images,
+        "captions": captions,
+        "task_list": task_list,
+    }
 
 
 def clip_benchmark_classification(model, loader, tokenizer) -> dict[str, float]:
@@ -57,12 +68,16 @@ def clip_benchmark_classification(model, loader, tokenizer) -> dict[str, float]:
     counted here; mean per-class recall is the sklearn call it makes.)"""
     from sklearn.metrics import balanced_accuracy_score
 
-    classifier = clip_benchmark_zeroshot.zero_shot_classifier(model, tokenizer, CLASSNAMES,
-                                                              [t.replace("{}", "{c}") for t in TEMPLATES], "cpu", amp=False)
+    classifier = clip_benchmark_zeroshot.zero_shot_classifier(
+        model, tokenizer, CLASSNAMES, [t.replace("{}", "{c}") for t in TEMPLATES], "cpu", amp=False
+    )
     logits, target = clip_benchmark_zeroshot.run_classification(model, classifier, loader, "cpu", amp=False)
     top = logits.topk(5, dim=1).indices == target[:, None]
-    return {"acc1": float(top[:, :1].any(1).float().mean()), "acc5": float(top.any(1).float().mean()),
-            "mean_per_class_recall": balanced_accuracy_score(target, logits.argmax(1))}
+    return {
+        "acc1": float(top[:, :1].any(1).float().mean()),
+        "acc5": float(top.any(1).float().mean()),
+        "mean_per_class_recall": balanced_accuracy_score(target, logits.argmax(1)),
+    }
 
 
 def test_the_suite_gives_clip_benchmarks_numbers(suite):
@@ -79,8 +94,9 @@ def test_the_suite_gives_clip_benchmarks_numbers(suite):
     assert abs(theirs["acc1"] - theirs["mean_per_class_recall"]) > 0.01
 
     loader = captioned_loader(suite["images"], suite["captions"], transform)
-    theirs = clip_benchmark_retrieval.evaluate(suite["model"], loader, tokenizer, "cpu", amp=False,
-                                               recall_k_list=[1, 5, 10])
+    theirs = clip_benchmark_retrieval.evaluate(
+        suite["model"], loader, tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10]
+    )
     for metric, value in theirs.items():
         assert abs(ours["captions"][metric] - value) <= TOLERANCE, (metric, ours["captions"][metric], value)
     assert sum(0 < value < 1 for value in theirs.values()) >= 4  # not a trivial all-or-nothing case
@@ -96,8 +112,16 @@ def test_the_command_line_prints_one_table_and_the_average(suite, tmp_path, caps
     from clip_pl.eval.__main__ import run
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("eval_app", overrides=[f"checkpoint={suite['checkpoint']}", "eval=suite", "num_workers=0",
-                                             f"eval.task_list={suite['task_list']}", f"output_json={tmp_path / 'r.json'}"])
+        cfg = compose(
+            "eval_app",
+            overrides=[
+                f"checkpoint={suite['checkpoint']}",
+                "eval=suite",
+                "num_workers=0",
+                f"eval.task_list={suite['task_list']}",
+                f"output_json={tmp_path / 'r.json'}",
+            ],
+        )
     run(cfg, "suite")
     printed = capsys.readouterr().out
     written = json.loads((tmp_path / "r.json").read_text())["results"]["suite"]
@@ -114,10 +138,21 @@ def test_the_suite_runs_during_training_every_n_steps(suite, tmp_path):
     from clip_pl.train import train
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=["debug=smoke", "trainer.max_steps=3", "scheduler.warmup_steps=1",
-                                          "data.batch_size=4", f"paths.root_dir={tmp_path}", "run_name=run", "eval=suite",
-                                          f"eval.task_list={suite['task_list']}", "eval.callbacks.suite.every_n_steps=2",
-                                          "eval.callbacks.suite.num_workers=0"])
+        cfg = compose(
+            "train",
+            overrides=[
+                "debug=smoke",
+                "trainer.max_steps=3",
+                "scheduler.warmup_steps=1",
+                "data.batch_size=4",
+                f"paths.root_dir={tmp_path}",
+                "run_name=run",
+                "eval=suite",
+                f"eval.task_list={suite['task_list']}",
+                "eval.callbacks.suite.every_n_steps=2",
+                "eval.callbacks.suite.num_workers=0",
+            ],
+        )
         trainer = train(cfg)
     callback = next(cb for cb in trainer.callbacks if isinstance(cb, SuiteCallback))
     assert [step for step, _ in callback.history] == [2, 3]

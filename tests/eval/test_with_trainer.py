@@ -23,15 +23,26 @@ from tests.support.eval import assert_same_weights, random_images, write_imagefo
 def test_training_checkpoint_loads_evaluates_and_exports(tmp_path):
     from clip_pl.train import train
 
-    test_dir = write_imagefolder(tmp_path / "demo" / "test", random_images(12, size=70, seed=4),
-                                 [i % 10 for i in range(12)])
+    test_dir = write_imagefolder(
+        tmp_path / "demo" / "test", random_images(12, size=70, seed=4), [i % 10 for i in range(12)]
+    )
     (test_dir / "classnames.txt").write_text("\n".join(str(i) for i in range(10)) + "\n")
     (test_dir / "templates.txt").write_text("a photo of the number {}.\na handwritten {}\n")
     demo = [f"paths.demo_dir={tmp_path / 'demo'}", "eval=demo_digits", "eval.callbacks.demo_digits.num_workers=0"]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=["debug=smoke", "trainer.max_steps=3", "scheduler.warmup_steps=1",
-                                          "data.batch_size=4", f"paths.root_dir={tmp_path}", "run_name=run",
-                                          "eval.callbacks.demo_digits.every_n_steps=2", *demo])
+        cfg = compose(
+            "train",
+            overrides=[
+                "debug=smoke",
+                "trainer.max_steps=3",
+                "scheduler.warmup_steps=1",
+                "data.batch_size=4",
+                f"paths.root_dir={tmp_path}",
+                "run_name=run",
+                "eval.callbacks.demo_digits.every_n_steps=2",
+                *demo,
+            ],
+        )
         trainer = train(cfg)
         eval_cfg = compose("eval_app", overrides=[f"checkpoint={tmp_path / 'runs/run/checkpoints/last.ckpt'}", *demo])
     callback = next(cb for cb in trainer.callbacks if isinstance(cb, ZeroShotCallback))

@@ -12,9 +12,17 @@ import pytest
 
 from clip_pl.callbacks.evaluation import ZeroShotCallback
 from clip_pl.eval.zeroshot import zero_shot_evaluate
-from tests.support.eval import (CLASSNAMES, TEMPLATES, labelled_samples, labels_with_known_accuracy,
-                                     oracle_class_order, random_images, tiny_checkpoint, write_imagefolder,
-                                     write_shards)
+from tests.support.eval import (
+    CLASSNAMES,
+    TEMPLATES,
+    labelled_samples,
+    labels_with_known_accuracy,
+    oracle_class_order,
+    random_images,
+    tiny_checkpoint,
+    write_imagefolder,
+    write_shards,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +32,11 @@ def labelled(tmp_path_factory):
     images = random_images(13, seed=1)
     labels, top1, top5 = labels_with_known_accuracy(oracle_class_order(model, config, images, CLASSNAMES, TEMPLATES))
     return {
-        "checkpoint": checkpoint, "model": model, "config": config, "top1": top1, "top5": top5,
+        "checkpoint": checkpoint,
+        "model": model,
+        "config": config,
+        "top1": top1,
+        "top5": top5,
         "labels": labels,
         "folder": write_imagefolder(root / "folder", images, labels),
         "shards": write_shards(root / "shards", labelled_samples(images, labels), num_shards=3),
@@ -39,10 +51,16 @@ def test_imagefolder_accuracy_is_the_known_one(labelled):
     result = _evaluate(labelled, str(labelled["folder"]))
     # Image i is right at top-1 exactly when i % 3 == 0: per class, the share of its images that are.
     labels = labelled["labels"]
-    recalls = [sum(1 for i in members if i % 3 == 0) / len(members)
-               for members in ([i for i, y in enumerate(labels) if y == c] for c in sorted(set(labels)))]
-    assert result == {"top1": pytest.approx(labelled["top1"]), "top5": pytest.approx(labelled["top5"]),
-                      "mean_per_class_recall": pytest.approx(sum(recalls) / len(recalls)), "samples": 13}
+    recalls = [
+        sum(1 for i in members if i % 3 == 0) / len(members)
+        for members in ([i for i, y in enumerate(labels) if y == c] for c in sorted(set(labels)))
+    ]
+    assert result == {
+        "top1": pytest.approx(labelled["top1"]),
+        "top5": pytest.approx(labelled["top5"]),
+        "mean_per_class_recall": pytest.approx(sum(recalls) / len(recalls)),
+        "samples": 13,
+    }
     assert 0 < labelled["top1"] < labelled["top5"] < 1
 
 

@@ -4,22 +4,36 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from tests.slurm.cluster import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-            "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
-def sbatch(cluster: Cluster, script: Path, sbatch_args: Iterable[str], overrides: Iterable[str] = (),
-           env: dict[str, str] | None = None, cwd: Path = REPO) -> str:
+def sbatch(
+    cluster: Cluster,
+    script: Path,
+    sbatch_args: Iterable[str],
+    overrides: Iterable[str] = (),
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO,
+) -> str:
     """Submit ``script`` as a user would (from ``cwd``); return the job id."""
     cmd = ["sbatch", "--parsable", *sbatch_args, str(script), *overrides]
-    proc = subprocess.run(cmd, cwd=cwd, env={**cluster.env, **(env or {})},
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(cmd, cwd=cwd, env={**cluster.env, **(env or {})}, capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr}")
     return proc.stdout.strip().split(";")[0]
@@ -29,8 +43,9 @@ def log_tail(path: Path, chars: int = 4000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else f"(no log at {path})"
 
 
-def wait_until(what: str, predicate: Callable[[], object], timeout: float, diagnose: Callable[[], str],
-               poll: float = 0.5):
+def wait_until(
+    what: str, predicate: Callable[[], object], timeout: float, diagnose: Callable[[], str], poll: float = 0.5
+):
     """Return predicate()'s first truthy value; fail with ``diagnose()`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -43,6 +58,7 @@ def wait_until(what: str, predicate: Callable[[], object], timeout: float, diagn
 
 def wait_finished(cluster: Cluster, job_id: str, timeout: float, log: Path) -> dict[str, str]:
     """Wait for a terminal state; return `scontrol show job`'s fields."""
+
     def finished():
         fields = cluster.job_fields(job_id)
         return fields if fields.get("JobState") in TERMINAL else None

@@ -62,8 +62,9 @@ def _run_fake(cluster, tmp_path, script, sbatch_args, overrides, log: Path | Non
     out = tmp_path / "tasks"
     out.mkdir()
     env = {"CLIP_PL_PYTHON": str(FAKE_PYTHON), "REAL_PYTHON": sys.executable, "FAKE_OUT": str(out)}
-    job = sbatch(cluster, REPO / "slurm" / script, [*sbatch_args, *([f"--output={log}"] if log else [])],
-                 overrides, env=env)
+    job = sbatch(
+        cluster, REPO / "slurm" / script, [*sbatch_args, *([f"--output={log}"] if log else [])], overrides, env=env
+    )
     if log is None:
         log = REPO / "slurm" / "logs" / f"{cluster.job_fields(job)['JobName']}-{job}.out"
     fields = wait_finished(cluster, job, timeout=60, log=log)
@@ -74,8 +75,13 @@ def _run_fake(cluster, tmp_path, script, sbatch_args, overrides, log: Path | Non
 def test_256gpu_script_shrinks_to_two_cpu_nodes_and_passes_topology_first(slurm_cluster, tmp_path):
     overrides = ["experiment=demo", "model=tiny", "run_name=with space", "trainer.max_steps=3"]
     job, fields, records, log = _run_fake(
-        slurm_cluster, tmp_path, "train_256gpu.sh", ["--nodes=2", "--ntasks-per-node=1", *SMALL], overrides,
-        log=tmp_path / "job.out")
+        slurm_cluster,
+        tmp_path,
+        "train_256gpu.sh",
+        ["--nodes=2", "--ntasks-per-node=1", *SMALL],
+        overrides,
+        log=tmp_path / "job.out",
+    )
     # command-line flags beat the script's #SBATCH lines, --gpus-per-node=0 included
     assert fields["NumNodes"] == "2" and fields["NodeList"] == "n[1-2]"
     assert fields["Requeue"] == "1" and fields["TresPerNode"] == "gres:gpu:0"
@@ -89,7 +95,8 @@ def test_256gpu_script_shrinks_to_two_cpu_nodes_and_passes_topology_first(slurm_
 
 def test_1node_script_gives_devices_from_tasks_per_node(slurm_cluster, tmp_path):
     job, fields, records, log = _run_fake(
-        slurm_cluster, tmp_path, "train_1node.sh", ["--ntasks-per-node=2", *SMALL], ["experiment=demo"])
+        slurm_cluster, tmp_path, "train_1node.sh", ["--ntasks-per-node=2", *SMALL], ["experiment=demo"]
+    )
     try:  # the script's own --output: slurm/logs/<job name>-<job id>.out under the repository
         assert log == REPO / "slurm" / "logs" / f"clip-1node-{job}.out" and log.is_file()
         assert f"job {job} restart 0" in log.read_text()
@@ -102,8 +109,13 @@ def test_1node_script_gives_devices_from_tasks_per_node(slurm_cluster, tmp_path)
 
 def test_submitting_outside_the_repository_fails_with_the_fix(slurm_cluster, tmp_path):
     log = tmp_path / "job.out"
-    job = sbatch(slurm_cluster, REPO / "slurm" / "train_1node.sh",
-                 ["--ntasks-per-node=1", *SMALL, f"--output={log}"], ["experiment=demo"], cwd=tmp_path)
+    job = sbatch(
+        slurm_cluster,
+        REPO / "slurm" / "train_1node.sh",
+        ["--ntasks-per-node=1", *SMALL, f"--output={log}"],
+        ["experiment=demo"],
+        cwd=tmp_path,
+    )
     fields = wait_finished(slurm_cluster, job, timeout=30, log=log)
     assert fields["JobState"] == "FAILED"
     assert "not the clip_pl repository root" in log.read_text()
@@ -111,9 +123,13 @@ def test_submitting_outside_the_repository_fails_with_the_fix(slurm_cluster, tmp
 
 def test_python_without_clip_pl_fails_before_srun(slurm_cluster, tmp_path):
     log = tmp_path / "job.out"
-    job = sbatch(slurm_cluster, REPO / "slurm" / "train_1node.sh",
-                 ["--ntasks-per-node=1", *SMALL, f"--output={log}"], ["experiment=demo"],
-                 env={"CLIP_PL_PYTHON": "false"})  # an "interpreter" that cannot import anything
+    job = sbatch(
+        slurm_cluster,
+        REPO / "slurm" / "train_1node.sh",
+        ["--ntasks-per-node=1", *SMALL, f"--output={log}"],
+        ["experiment=demo"],
+        env={"CLIP_PL_PYTHON": "false"},
+    )  # an "interpreter" that cannot import anything
     fields = wait_finished(slurm_cluster, job, timeout=30, log=log)
     assert fields["JobState"] == "FAILED"
     text = log.read_text()

@@ -36,9 +36,9 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(600)]
 NODES, TASKS_PER_NODE, WORKERS = 2, 2, 2
 WORLD = NODES * TASKS_PER_NODE
 LOCAL_BATCH = 8
-SAMPLES, SHARD_SIZE = 200, 60           # shards of 60, 60, 60, 20 samples
+SAMPLES, SHARD_SIZE = 200, 60  # shards of 60, 60, 60, 20 samples
 STEPS_PER_EPOCH = SAMPLES // (WORLD * LOCAL_BATCH)  # 6; 8 samples left out per epoch
-MAX_STEPS = 3 * STEPS_PER_EPOCH         # three epochs
+MAX_STEPS = 3 * STEPS_PER_EPOCH  # three epochs
 CKPT_EVERY = 2
 
 
@@ -69,29 +69,54 @@ if __name__ == "__main__":
 
 
 def _overrides(root: Path, shards: Path, slow_save_at: int = 1) -> list[str]:
-    return ["+callbacks.slow_save._target_=tests.slurm.slow_save.SlowSave",  # see tests/slurm/slow_save.py
-            "+callbacks.slow_save.marker=${paths.run_dir}/saving", f"+callbacks.slow_save.at_save={slow_save_at}",
-            "model=tiny", "data=wds", f"data.train_shards={shards}", f"data.batch_size={LOCAL_BATCH}",
-            f"data.num_workers={WORKERS}", "data.record_keys=true", "data.shuffle_buffer=50",
-            "trainer=cpu", "strategy=ddp", "strategy.process_group_backend=gloo",
-            # DDP sums the first step of every life in one bucket and later steps in buckets rebuilt in
-            # autograd order; at 4 ranks the ring all-reduce then adds each gradient in another order
-            # after a restart (~1e-8, amplified by Adam to ~1e-6). Without the rebuild (it is skipped
-            # when DDP looks for unused parameters) every step of every life sums in one fixed order.
-            "strategy.find_unused_parameters=true",
-            f"trainer.max_steps={MAX_STEPS}", "trainer.log_every_n_steps=1", "logger=csv",
-            f"paths.root_dir={root}", f"callbacks.checkpoint.every_n_train_steps={CKPT_EVERY}",
-            "scheduler.warmup_steps=5"]
+    return [
+        "+callbacks.slow_save._target_=tests.slurm.slow_save.SlowSave",  # see tests/slurm/slow_save.py
+        "+callbacks.slow_save.marker=${paths.run_dir}/saving",
+        f"+callbacks.slow_save.at_save={slow_save_at}",
+        "model=tiny",
+        "data=wds",
+        f"data.train_shards={shards}",
+        f"data.batch_size={LOCAL_BATCH}",
+        f"data.num_workers={WORKERS}",
+        "data.record_keys=true",
+        "data.shuffle_buffer=50",
+        "trainer=cpu",
+        "strategy=ddp",
+        "strategy.process_group_backend=gloo",
+        # DDP sums the first step of every life in one bucket and later steps in buckets rebuilt in
+        # autograd order; at 4 ranks the ring all-reduce then adds each gradient in another order
+        # after a restart (~1e-8, amplified by Adam to ~1e-6). Without the rebuild (it is skipped
+        # when DDP looks for unused parameters) every step of every life sums in one fixed order.
+        "strategy.find_unused_parameters=true",
+        f"trainer.max_steps={MAX_STEPS}",
+        "trainer.log_every_n_steps=1",
+        "logger=csv",
+        f"paths.root_dir={root}",
+        f"callbacks.checkpoint.every_n_train_steps={CKPT_EVERY}",
+        "scheduler.warmup_steps=5",
+    ]
 
 
 def _submit(cluster, root: Path, shards: Path, log: Path, name: str, slow_save_at: int = 1) -> str:
-    return sbatch(cluster, REPO / "slurm" / "train_256gpu.sh",
-                  [f"--nodes={NODES}", f"--ntasks-per-node={TASKS_PER_NODE}", "--gpus-per-node=0",
-                   "--cpus-per-task=1", "--time=10", f"--job-name={name}", f"--output={log}"],
-                  _overrides(root, shards, slow_save_at),
-                  # this checkout's code in the job, whatever the venv's editable install points at
-                  env={"CLIP_PL_PYTHON": sys.executable,
-                       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    return sbatch(
+        cluster,
+        REPO / "slurm" / "train_256gpu.sh",
+        [
+            f"--nodes={NODES}",
+            f"--ntasks-per-node={TASKS_PER_NODE}",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            "--time=10",
+            f"--job-name={name}",
+            f"--output={log}",
+        ],
+        _overrides(root, shards, slow_save_at),
+        # this checkout's code in the job, whatever the venv's editable install points at
+        env={
+            "CLIP_PL_PYTHON": sys.executable,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        },
+    )
 
 
 def _events(run_dir: Path) -> list[dict]:
@@ -120,21 +145,28 @@ def test_three_preemptions_train_every_sample_once_and_match_the_uninterrupted_r
     print(f"CLIP_PL_TEST_SEED={seed}")
     shards = _make_shards(tmp_path / "corpus")
     assert json.loads((shards / "sizes.json").read_text()) == {
-        "00000.tar": 60, "00001.tar": 60, "00002.tar": 60, "00003.tar": 20}
+        "00000.tar": 60,
+        "00001.tar": 60,
+        "00002.tar": 60,
+        "00003.tar": 20,
+    }
     log = tmp_path / "preempted.out"
     job = _submit(slurm_cluster, tmp_path, shards, log, "clip-preempt-test", slow_save_at=rng.randint(1, 2))
     run_dir = tmp_path / "runs" / job
     signals: list[dict] = []
 
     def diagnose() -> str:
-        return (f"seed {seed}; signals {signals}\nscontrol: {slurm_cluster.job_fields(job)}\n"
-                f"events: {_events(run_dir)}\njob log:\n{log_tail(log, 6000)}")
+        return (
+            f"seed {seed}; signals {signals}\nscontrol: {slurm_cluster.job_fields(job)}\n"
+            f"events: {_events(run_dir)}\njob log:\n{log_tail(log, 6000)}"
+        )
 
     def running_and(predicate):
         def check():
             state = slurm_cluster.job_fields(job).get("JobState")
             assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {state} before it was preempted\n{diagnose()}"
             return predicate()
+
         return check
 
     def requeued(restarts: int) -> None:
@@ -142,6 +174,7 @@ def test_three_preemptions_train_every_sample_once_and_match_the_uninterrupted_r
             fields = slurm_cluster.job_fields(job)
             ok = int(fields.get("Restarts", 0)) >= restarts and fields.get("JobState") in ("PENDING", "RUNNING")
             return fields if ok else None
+
         # generous: on a loaded 2-core box a life can take a minute to reach its next step boundary
         fields = wait_until(f"requeue #{restarts}", settled, timeout=180, diagnose=diagnose)
         if fields["JobState"] == "PENDING":  # SLURM holds a requeued job ~120 s (BeginTime): start it now,
@@ -155,35 +188,59 @@ def test_three_preemptions_train_every_sample_once_and_match_the_uninterrupted_r
 
     try:
         # 1. SIGUSR1 while a periodic checkpoint is being written (the at_save-th, made slow).
-        wait_until("a checkpoint being written", running_and((run_dir / "saving").exists),
-                   timeout=150, diagnose=diagnose, poll=0.05)
+        wait_until(
+            "a checkpoint being written",
+            running_and((run_dir / "saving").exists),
+            timeout=150,
+            diagnose=diagnose,
+            poll=0.05,
+        )
         slurm_cluster.run("scancel", "--signal=USR1", job)
         signals.append({"signal": "USR1", "during_save": (run_dir / "saving").exists(), "step": _max_step(run_dir)})
         requeued(1)
 
         # 2. SIGUSR1 as soon as the second life starts training: its workers are loading batches.
-        wait_until("the second life's start", running_and(lambda: len(
-            [e for e in _events(run_dir) if e["event"] == "start"]) >= 2), timeout=150, diagnose=diagnose, poll=0.1)
+        wait_until(
+            "the second life's start",
+            running_and(lambda: len([e for e in _events(run_dir) if e["event"] == "start"]) >= 2),
+            timeout=150,
+            diagnose=diagnose,
+            poll=0.1,
+        )
         slurm_cluster.run("scancel", "--signal=USR1", job)
         signals.append({"signal": "USR1", "at_start": True, "step": _max_step(run_dir)})
         requeued(2)
 
         # 3. SIGTERM, as a preempting job's would: save and stop; then requeue as SLURM's preemption would.
-        wait_until("the third life's start", running_and(lambda: len(
-            [e for e in _events(run_dir) if e["event"] == "start"]) >= 3), timeout=150, diagnose=diagnose, poll=0.2)
+        wait_until(
+            "the third life's start",
+            running_and(lambda: len([e for e in _events(run_dir) if e["event"] == "start"]) >= 3),
+            timeout=150,
+            diagnose=diagnose,
+            poll=0.2,
+        )
         resumed = _events(run_dir)[-1]["global_step"]
         # Any of the next four steps, an epoch's last one included (CLIP_PL_TEST_SEED=5260 draws step 6: the
         # life after it once hung, a loader worker forked from a rank stuck in os.fork; workers now
         # start from a forkserver, clip_pl/data/workers.py).
         third_stop = rng.choice(range(resumed + 1, resumed + 5))
-        wait_until(f"step {third_stop}", running_and(lambda: _max_step(run_dir) >= third_stop),
-                   timeout=120, diagnose=diagnose, poll=0.2)
+        wait_until(
+            f"step {third_stop}",
+            running_and(lambda: _max_step(run_dir) >= third_stop),
+            timeout=120,
+            diagnose=diagnose,
+            poll=0.2,
+        )
         before = len(hpc_checkpoints())
         slurm_cluster.run("scancel", "--signal=TERM", job)
         signals.append({"signal": "TERM", "step": _max_step(run_dir)})
         wait_until("the SIGTERM checkpoint", lambda: len(hpc_checkpoints()) > before, timeout=60, diagnose=diagnose)
-        wait_until("the third life's end", lambda: sum(e["event"] == "end" for e in _events(run_dir)) >= 3,
-                   timeout=60, diagnose=diagnose)
+        wait_until(
+            "the third life's end",
+            lambda: sum(e["event"] == "end" for e in _events(run_dir)) >= 3,
+            timeout=60,
+            diagnose=diagnose,
+        )
         slurm_cluster.run("scontrol", "requeue", job)
         requeued(3)
         fields = wait_finished(slurm_cluster, job, timeout=240, log=log)
@@ -214,8 +271,21 @@ def test_three_preemptions_train_every_sample_once_and_match_the_uninterrupted_r
     assert "exited unexpectedly" not in text and "Traceback" not in text, diagnose()
 
     # Exactly once: the audit a user runs after a preempted job.
-    audit = subprocess.run([sys.executable, "-m", "clip_pl.data.audit", str(run_dir), "--sizes", str(shards),
-                            "--json", str(tmp_path / "audit.json")], cwd=REPO, capture_output=True, text=True)
+    audit = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_pl.data.audit",
+            str(run_dir),
+            "--sizes",
+            str(shards),
+            "--json",
+            str(tmp_path / "audit.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     print(audit.stdout)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     report = json.loads((tmp_path / "audit.json").read_text())

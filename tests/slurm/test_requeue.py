@@ -34,12 +34,21 @@ NODES = 2
 
 
 def _overrides(root: Path) -> list[str]:
-    return ["model=tiny", "data=synthetic", "trainer=cpu", "strategy=ddp",
-            "strategy.process_group_backend=gloo", f"data.batch_size={LOCAL_BATCH}",
-            f"trainer.max_steps={MAX_STEPS}", "trainer.log_every_n_steps=1", "logger=csv",
-            f"paths.root_dir={root}", f"callbacks.checkpoint.every_n_train_steps={CKPT_EVERY}",
-            "scheduler.warmup_steps=20",  # LR changes every step around the preemption
-            "debug=throttle"]  # sleeps 0.2 s per step: the run is still going when preempted
+    return [
+        "model=tiny",
+        "data=synthetic",
+        "trainer=cpu",
+        "strategy=ddp",
+        "strategy.process_group_backend=gloo",
+        f"data.batch_size={LOCAL_BATCH}",
+        f"trainer.max_steps={MAX_STEPS}",
+        "trainer.log_every_n_steps=1",
+        "logger=csv",
+        f"paths.root_dir={root}",
+        f"callbacks.checkpoint.every_n_train_steps={CKPT_EVERY}",
+        "scheduler.warmup_steps=20",  # LR changes every step around the preemption
+        "debug=throttle",
+    ]  # sleeps 0.2 s per step: the run is still going when preempted
 
 
 def _events(run_dir: Path) -> list[dict]:
@@ -70,15 +79,28 @@ def _load(path: Path) -> dict:
 def test_train_256gpu_script_survives_preemption_and_resumes_exactly(slurm_cluster, tmp_path):
     assert (REPO / "clip_pl" / "train.py").exists(), "clip_pl/train.py (the training entry point) is missing"
     log = tmp_path / "job.out"
-    job = sbatch(slurm_cluster, REPO / "slurm" / "train_256gpu.sh",
-                 [f"--nodes={NODES}", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
-                  "--time=10", "--job-name=clip-requeue-test", f"--output={log}"],
-                 _overrides(tmp_path), env={"CLIP_PL_PYTHON": sys.executable})
+    job = sbatch(
+        slurm_cluster,
+        REPO / "slurm" / "train_256gpu.sh",
+        [
+            f"--nodes={NODES}",
+            "--ntasks-per-node=1",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            "--time=10",
+            "--job-name=clip-requeue-test",
+            f"--output={log}",
+        ],
+        _overrides(tmp_path),
+        env={"CLIP_PL_PYTHON": sys.executable},
+    )
     run_dir = tmp_path / "runs" / job  # run_name defaults to the job id: the requeued job finds it again
 
     def diagnose() -> str:
-        return f"scontrol: {slurm_cluster.job_fields(job)}\nrun dir: {sorted(p.name for p in run_dir.glob('**/*'))}\n" \
-               f"job log:\n{log_tail(log)}"
+        return (
+            f"scontrol: {slurm_cluster.job_fields(job)}\nrun dir: {sorted(p.name for p in run_dir.glob('**/*'))}\n"
+            f"job log:\n{log_tail(log)}"
+        )
 
     def first_checkpoint():
         state = slurm_cluster.job_fields(job).get("JobState")
@@ -162,7 +184,8 @@ def test_train_256gpu_script_survives_preemption_and_resumes_exactly(slurm_clust
         f"metrics.csv is not one log of {MAX_STEPS} consecutive steps; its rows cover {_runs(steps)} "
         f"(resumed at global step {resumed_step}). Rows of the first life missing: Lightning's "
         "CSVLogger deletes an existing metrics.csv. A repeated or shifted step: the restart did not "
-        "continue the first life's numbering.")
+        "continue the first life's numbering."
+    )
     assert all(float(r["train/world_size"]) == NODES for r in rows)
     assert all(float(r["train/global_batch_size"]) == NODES * LOCAL_BATCH for r in rows)
 
@@ -170,4 +193,3 @@ def test_train_256gpu_script_survives_preemption_and_resumes_exactly(slurm_clust
     # (the warmup makes it differ from every other step's).
     after_resume = next(r for r in rows if int(float(r["step"])) == resumed_step + offset)
     assert math.isclose(float(after_resume["train/lr"]), ckpt_lr, rel_tol=1e-6), (after_resume, ckpt_lr)
-

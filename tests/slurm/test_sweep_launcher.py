@@ -1,6 +1,6 @@
 """clip_pl/conf/hydra/launcher/submitit_slurm.yaml runs a real two-point sweep on the loopback cluster.
 
-    pytest tests/slurm/test_sweep_launcher.py
+pytest tests/slurm/test_sweep_launcher.py
 """
 
 from __future__ import annotations
@@ -20,13 +20,23 @@ APP = Path(__file__).parent / "sweep_app" / "sweep_app.py"
 
 
 def test_sweep_submits_one_requeueable_job_per_point_with_lightning_owning_the_signal(slurm_cluster, tmp_path):
-    cmd = [sys.executable, str(APP), "-m", "hydra/launcher=submitit_slurm", "x=1,2", f"out_dir={tmp_path}",
-           f"hydra.sweep.dir={tmp_path}/sweep",
-           # shrink the project's 8-GPU default to what the loopback nodes have
-           "hydra.launcher.gpus_per_node=0", "hydra.launcher.tasks_per_node=1",
-           "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5"]
-    proc = subprocess.run(cmd, cwd=REPO, env={**slurm_cluster.env, "CLIP_PL_REPO": str(REPO)},
-                          capture_output=True, text=True, timeout=120)
+    cmd = [
+        sys.executable,
+        str(APP),
+        "-m",
+        "hydra/launcher=submitit_slurm",
+        "x=1,2",
+        f"out_dir={tmp_path}",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        # shrink the project's 8-GPU default to what the loopback nodes have
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.tasks_per_node=1",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=5",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**slurm_cluster.env, "CLIP_PL_REPO": str(REPO)}, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     records = [json.loads((tmp_path / f"x{x}.json").read_text()) for x in (1, 2)]

@@ -22,7 +22,12 @@ def make_cfg(overrides: list[str], tmp_path: Path):
 
 
 # model=tiny, narrowed further: the matrix checks the loop and the loader, not the towers.
-SMALLER = ["model.arch_config.embed_dim=32", "model.arch_config.vision_cfg.width=32",
-           "model.arch_config.vision_cfg.layers=1", "model.arch_config.vision_cfg.head_width=16",
-           "model.arch_config.text_cfg.width=32", "model.arch_config.text_cfg.heads=2",
-           "model.arch_config.text_cfg.layers=1"]
+SMALLER = [
+    "model.arch_config.embed_dim=32",
+    "model.arch_config.vision_cfg.width=32",
+    "model.arch_config.vision_cfg.layers=1",
+    "model.arch_config.vision_cfg.head_width=16",
+    "model.arch_config.text_cfg.width=32",
+    "model.arch_config.text_cfg.heads=2",
+    "model.arch_config.text_cfg.layers=1",
+]

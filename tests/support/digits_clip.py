@@ -26,9 +26,11 @@ from clip_pl.loss import ClipLoss
 from clip_pl.model import build_clip, resolve_model_config
 from data_prep.demo import digits
 
-ARCH = dict(embed_dim=64,
-            vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32, mlp_ratio=2.0),
-            text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2, mlp_ratio=2.0))
+ARCH = dict(
+    embed_dim=64,
+    vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32, mlp_ratio=2.0),
+    text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2, mlp_ratio=2.0),
+)
 SERVED_SIZE = 48  # the shards hold 48 px PNGs; the model's preprocess resizes them to 32
 
 
@@ -69,8 +71,9 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def write_mismatched_corpus(out_dir: Path, shuffled_share: float = 0.2, copies: int = 2, shards: int = 3,
-                            seed: int = 0) -> dict[str, bool]:
+def write_mismatched_corpus(
+    out_dir: Path, shuffled_share: float = 0.2, copies: int = 2, shards: int = 3, seed: int = 0
+) -> dict[str, bool]:
     """Shards of the held-out digits (each served `copies` times, different captions), a share of them
     captioned as another digit; plus one undecodable image and one blank caption. Returns {key: mismatched}.
 
@@ -109,8 +112,15 @@ def jpeg_bytes(image, quality: int = 70) -> bytes:
     return buffer.getvalue()
 
 
-def write_corpus_with_copies(out_dir: Path, eval_dir: Path, copies: int = 150, eval_images: int = 100,
-                             shards: int = 4, seed: int = 0, originals: int | None = None) -> tuple[dict[str, str], dict[str, str]]:
+def write_corpus_with_copies(
+    out_dir: Path,
+    eval_dir: Path,
+    copies: int = 150,
+    eval_images: int = 100,
+    shards: int = 4,
+    seed: int = 0,
+    originals: int | None = None,
+) -> tuple[dict[str, str], dict[str, str]]:
     """Shards of all 1797 digits, or the first `originals` (48 px PNG, each once: no two scans are equal) plus `copies` planted
     near-copies (resized to 40 or 56 px, re-encoded as JPEG q70) at random places; an evaluation
     folder holding `eval_images` of the digits at 64 px (PNG files, and some inside a .tar).
@@ -121,9 +131,14 @@ def write_corpus_with_copies(out_dir: Path, eval_dir: Path, copies: int = 150, e
     images, labels = images[:originals], labels[:originals]
     draw, rng = np.random.default_rng(seed), random.Random(seed)
     planted = draw.choice(len(images), copies, replace=False)
-    items = [(f"o{i:05d}", digits.png_bytes(digits.upscale(images[i], SERVED_SIZE)), int(labels[i])) for i in range(len(images))]
-    items += [(f"c{i:05d}", jpeg_bytes(digits.upscale(images[i], 40 if n % 2 else 56)), int(labels[i]))
-              for n, i in enumerate(planted)]
+    items = [
+        (f"o{i:05d}", digits.png_bytes(digits.upscale(images[i], SERVED_SIZE)), int(labels[i]))
+        for i in range(len(images))
+    ]
+    items += [
+        (f"c{i:05d}", jpeg_bytes(digits.upscale(images[i], 40 if n % 2 else 56)), int(labels[i]))
+        for n, i in enumerate(planted)
+    ]
     order = draw.permutation(len(items))
     out_dir.mkdir(parents=True, exist_ok=True)
     tars = [tarfile.open(out_dir / f"{s:05d}.tar", "w") for s in range(shards)]

@@ -18,7 +18,8 @@ import queue as queue_module
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
@@ -56,8 +57,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     torch.set_num_threads(1)  # W processes share 2 cores; oversubscription makes tests crawl
     # What a launcher (srun, torchrun) would set; Lightning reads them to see that the process
     # group exists already. MASTER_PORT is the parent's store, which nobody else can bind.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     try:
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
@@ -80,8 +82,9 @@ def run_distributed(fn: Callable, world_size: int, args: tuple = (), timeout: fl
     queue = ctx.Queue()
     store = rendezvous_store()  # kept alive (and its port held) until every worker is done
     port = store.port
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, timeout))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, timeout)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -117,10 +120,12 @@ def _silent_deaths(procs, results: dict, queue, deadline: float) -> list[str]:
         time.sleep(2)  # a report written just before the exit may still be on its way
         if not queue.empty():
             return []
-        return [f"rank {r} exited with code {procs[r].exitcode} without reporting"
-                f"{' (killed by signal %d)' % -procs[r].exitcode if procs[r].exitcode < 0 else ''};"
-                " its stderr (above, in pytest's captured output) has faulthandler's traceback if it crashed"
-                for r in gone]
+        return [
+            f"rank {r} exited with code {procs[r].exitcode} without reporting"
+            f"{f' (killed by signal {-procs[r].exitcode})' if procs[r].exitcode < 0 else ''};"
+            " its stderr (above, in pytest's captured output) has faulthandler's traceback if it crashed"
+            for r in gone
+        ]
     if time.monotonic() > deadline:
         alive = [r for r, p in enumerate(procs) if p.is_alive()]
         return [f"timed out: ranks {alive} still running (their stacks were dumped to stderr shortly before)"]

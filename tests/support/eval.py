@@ -8,8 +8,8 @@ tests/support/fake_shards.py, the one shard writer).
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ def write_shards(directory: Path, samples: Sequence[dict], num_shards: int) -> l
     """Split ``samples`` (dicts of extension -> bytes) into ``num_shards`` contiguous shards, keys 000000 …"""
     bounds = np.linspace(0, len(samples), num_shards + 1).astype(int)
     keyed = [{"__key__": f"{i:06d}", **sample} for i, sample in enumerate(samples)]
-    return write_sample_shards(directory, [keyed[bounds[s]:bounds[s + 1]] for s in range(num_shards)])
+    return write_sample_shards(directory, [keyed[bounds[s] : bounds[s + 1]] for s in range(num_shards)])
 
 
 def labelled_samples(images: Sequence[Image.Image], labels: Sequence[int]) -> list[dict]:
@@ -86,8 +86,10 @@ def labelled_samples(images: Sequence[Image.Image], labels: Sequence[int]) -> li
 
 
 def caption_samples(images: Sequence[Image.Image], captions: Sequence[Sequence[str]]) -> list[dict]:
-    return [{"jpg" if i % 2 else "png": _encode(im, "JPEG" if i % 2 else "PNG"), "txt": "\n".join(caps).encode()}
-            for i, (im, caps) in enumerate(zip(images, captions))]
+    return [
+        {"jpg" if i % 2 else "png": _encode(im, "JPEG" if i % 2 else "PNG"), "txt": "\n".join(caps).encode()}
+        for i, (im, caps) in enumerate(zip(images, captions))
+    ]
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -101,8 +103,13 @@ TEMPLATES = ["a photo of a {}.", "a drawing of the {}"]
 
 
 @torch.no_grad()
-def oracle_class_order(model: torch.nn.Module, config: dict, images: Sequence[Image.Image],
-                       classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+def oracle_class_order(
+    model: torch.nn.Module,
+    config: dict,
+    images: Sequence[Image.Image],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+) -> torch.Tensor:
     """Classes of each image sorted best-first, computed one image and one prompt at a time."""
     from clip_pl.model import get_tokenizer, image_transforms
 

@@ -12,8 +12,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from tests.support.eval import (CLASSNAMES, TEMPLATES, caption_samples, captions_for, random_images, write_imagefolder,
-                                write_shards)
+from tests.support.eval import (
+    CLASSNAMES,
+    TEMPLATES,
+    caption_samples,
+    captions_for,
+    random_images,
+    write_imagefolder,
+    write_shards,
+)
 
 # Ten captioned images, each with at least one caption (clip_benchmark counts a caption-less image as a miss).
 RETRIEVAL_CAPTION_COUNTS = [2, 1, 1, 3, 1, 2, 1, 1, 2, 1, 1, 2]
@@ -25,7 +32,9 @@ def labelled_folder(root: Path, n: int = 45, seed: int = 11) -> Path:
     return write_imagefolder(root, images, [min(i % (len(CLASSNAMES) + 2), len(CLASSNAMES) - 1) for i in range(n)])
 
 
-def captioned_shards(root: Path, seed: int = 12, num_shards: int = 2) -> tuple[list[str], list[Image.Image], list[list[str]]]:
+def captioned_shards(
+    root: Path, seed: int = 12, num_shards: int = 2
+) -> tuple[list[str], list[Image.Image], list[list[str]]]:
     captions = captions_for(RETRIEVAL_CAPTION_COUNTS)
     images = random_images(len(captions), seed=seed)
     return write_shards(root, caption_samples(images, captions), num_shards), images, captions
@@ -38,8 +47,10 @@ def write_task_list(path: Path, text: str) -> Path:
 
 
 def zeroshot_task_yaml(folder: str, name: str = "zs") -> str:
-    return (f"  {name}:\n    type: zeroshot_classification\n    data: {folder}\n"
-            f"    classnames: {list(CLASSNAMES)}\n    templates: {list(TEMPLATES)}\n")
+    return (
+        f"  {name}:\n    type: zeroshot_classification\n    data: {folder}\n"
+        f"    classnames: {list(CLASSNAMES)}\n    templates: {list(TEMPLATES)}\n"
+    )
 
 
 class CaptionedImages(Dataset):
@@ -65,5 +76,8 @@ class CaptionedImages(Dataset):
 
 
 def captioned_loader(images, captions, transform, batch_size: int = 4) -> DataLoader:
-    return DataLoader(CaptionedImages(images, captions, transform), batch_size=batch_size,
-                      collate_fn=lambda batch: (torch.stack([b[0] for b in batch]), [b[1] for b in batch]))
+    return DataLoader(
+        CaptionedImages(images, captions, transform),
+        batch_size=batch_size,
+        collate_fn=lambda batch: (torch.stack([b[0] for b in batch]), [b[1] for b in batch]),
+    )

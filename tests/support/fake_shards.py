@@ -16,7 +16,7 @@ import json
 import os
 import random
 import tarfile
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -59,13 +59,22 @@ def write_shard(path: str, samples: Sequence[dict[str, bytes]]) -> None:
                     add_member(tar, f"{key}.{ext}", data)
 
 
-def make_sample(key: str, index: int, image_px: tuple[int, int] = (64, 96), rng: random.Random | None = None,
-                caption: str | None = None) -> dict[str, bytes]:
+def make_sample(
+    key: str,
+    index: int,
+    image_px: tuple[int, int] = (64, 96),
+    rng: random.Random | None = None,
+    caption: str | None = None,
+) -> dict[str, bytes]:
     rng = rng or random.Random(index)
     width, height = rng.randint(*image_px), rng.randint(*image_px)
     text = caption if caption is not None else f"a synthetic picture number {index} with a round shape"
-    return {"__key__": key, "jpg": jpeg_bytes(synthetic_image(index, width, height)),
-            "txt": text.encode(), "json": json.dumps({"key": key, "caption": text}).encode()}
+    return {
+        "__key__": key,
+        "jpg": jpeg_bytes(synthetic_image(index, width, height)),
+        "txt": text.encode(),
+        "json": json.dumps({"key": key, "caption": text}).encode(),
+    }
 
 
 def write_sample_shards(directory: str | os.PathLike, shards: Sequence[Sequence[dict[str, bytes]]]) -> list[str]:
@@ -84,8 +93,12 @@ def write_sample_shards(directory: str | os.PathLike, shards: Sequence[Sequence[
     return paths
 
 
-def write_shards(directory: str, sizes: Sequence[int], image_px: tuple[int, int] = (64, 96),
-                 sample_fn: Callable[[str, int], dict[str, bytes]] | None = None) -> list[str]:
+def write_shards(
+    directory: str,
+    sizes: Sequence[int],
+    image_px: tuple[int, int] = (64, 96),
+    sample_fn: Callable[[str, int], dict[str, bytes]] | None = None,
+) -> list[str]:
     """Write ``len(sizes)`` shards ``00000.tar …`` with globally unique keys and a sizes.json; return paths."""
     shards, index = [], 0
     for shard_id, size in enumerate(sizes):

@@ -13,8 +13,11 @@ from clip_pl.model import resolve_model_config
 from clip_pl.module import CLIPModule
 
 # Two blocks per tower, so that "the last N layers / groups" and depths mean something.
-TINY2 = dict(embed_dim=8, vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=2, head_width=16),
-             text_cfg=dict(context_length=8, vocab_size=1000, width=32, heads=2, layers=2))
+TINY2 = dict(
+    embed_dim=8,
+    vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=2, head_width=16),
+    text_cfg=dict(context_length=8, vocab_size=1000, width=32, heads=2, layers=2),
+)
 BASE_LR = 1e-3
 
 
@@ -39,19 +42,43 @@ class Pairs(Dataset):
 
 def make_module(lock=None, tower_lr=None, scheduler=None, arch_config=TINY2) -> CLIPModule:
     torch.manual_seed(0)
-    return CLIPModule(model_config=resolve_model_config(arch_config=arch_config), loss=ClipLoss(),
-                      optimizer=functools.partial(torch.optim.AdamW, lr=BASE_LR, weight_decay=0.2),
-                      scheduler=scheduler, lock=lock, tower_lr=tower_lr)
+    return CLIPModule(
+        model_config=resolve_model_config(arch_config=arch_config),
+        loss=ClipLoss(),
+        optimizer=functools.partial(torch.optim.AdamW, lr=BASE_LR, weight_decay=0.2),
+        scheduler=scheduler,
+        lock=lock,
+        tower_lr=tower_lr,
+    )
 
 
-def fit(module: CLIPModule, steps: int, callbacks=(), rank: int = 0, world_size: int = 1, ckpt_path=None,
-        root=None, global_batch: int = 8, samples: int = 40) -> L.Trainer:
+def fit(
+    module: CLIPModule,
+    steps: int,
+    callbacks=(),
+    rank: int = 0,
+    world_size: int = 1,
+    ckpt_path=None,
+    root=None,
+    global_batch: int = 8,
+    samples: int = 40,
+) -> L.Trainer:
     """``steps`` optimizer steps of ``module`` on Pairs (5 batches an epoch, no shuffling)."""
     loader = DataLoader(Pairs(samples, rank, world_size, global_batch), batch_size=global_batch // world_size)
-    trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy="ddp" if world_size > 1 else "auto",
-                        max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, use_distributed_sampler=False, callbacks=list(callbacks),
-                        default_root_dir=root, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp" if world_size > 1 else "auto",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        callbacks=list(callbacks),
+        default_root_dir=root,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     return trainer
 

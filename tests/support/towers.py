@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
-TINY = dict(embed_dim=8, vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
-            text_cfg=dict(context_length=8, vocab_size=1000, width=32, heads=2, layers=1))
+TINY = dict(
+    embed_dim=8,
+    vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
+    text_cfg=dict(context_length=8, vocab_size=1000, width=32, heads=2, layers=1),
+)
 
 
 def make_batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
