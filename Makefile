@@ -24,11 +24,16 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) -m clip_pl.demo
 
+# Two test processes (pytest-xdist): much of a test's time is one interpreter starting Lightning, or
+# waiting on a subprocess, a SLURM job or a socket, which leaves the other core idle. Tests that share
+# a fixture run in the same process (tests/conftest.py).
+XDIST := -n 2 --dist loadgroup
+
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-quick: setup
-	$(PY) -m pytest -m "not slurm and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slurm and not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff format --check .

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clip_pl.callbacks.loop import StepSleep
 from clip_pl.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
-from clip_pl.config_checks import instantiates, uses_deepspeed, world_size_of
+from clip_pl.config_checks import check_resume, instantiates, uses_deepspeed, world_size_of
 from clip_pl.module import CLIPModule
 from clip_pl.towers import split_tower_lr
 
@@ -90,16 +90,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint to resume from, or None; ``clip_pl.config_checks.check_resume`` refuses what cannot be."""
+    check_resume(cfg, run_dir)
     if cfg.resume in (None, "none"):
-        existing = find_resume_checkpoint(run_dir)
-        if existing:  # a fresh start here would mix two runs' checkpoints and make `last` ambiguous
-            raise FileExistsError(
-                f"resume=none but {run_dir} already holds checkpoints ({existing}): use "
-                f"resume=auto to continue that run, or another run_name for a new one."
-            )
         return None
     if cfg.resume == "auto":
         return find_resume_checkpoint(run_dir)
-    if not Path(cfg.resume).exists():  # a file, or a DeepSpeed/sharded-FSDP checkpoint folder
-        raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint (use resume=auto or resume=none).")
     return str(cfg.resume)

@@ -1,22 +1,32 @@
 """Refuse configs that cannot work, before anything is allocated, with the fix in the message.
 
 A bad override must fail here, in the first second, not after the model is built, the shards
-are listed and 256 GPUs have joined a process group.
+are listed and 256 GPUs have joined a process group. ``python -m clip_pl.train`` runs these checks
+twice: from ``RefuseBeforeTheRunDirectory`` (a Hydra callback, before Hydra creates the run directory
+and writes ``.hydra/`` into it), and again in ``clip_pl.train.train`` (for callers of ``train(cfg)``).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
 import re
 import sys
+import traceback
 import typing
+from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from clip_pl.checkpointing import find_resume_checkpoint
+from clip_pl.config_dir import global_batch_problem
+from clip_pl.data.shardspec import check_sources_exist
 from clip_pl.model import resolve_model_config
 from clip_pl.towers import LOCK_KEYS, TOWER_LR_KEYS, check_tower_options, split_tower_lr
 
@@ -30,10 +40,15 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message says which key to change and how."""
 
 
-def prepare_config(cfg: DictConfig) -> DictConfig:
-    """Derive what is derived (per-device batch from a global batch), then check everything."""
+def prepare_config(cfg: DictConfig, check_paths: bool = True) -> DictConfig:
+    """Derive what is derived (per-device batch from a global batch), then check everything.
+
+    ``check_paths``: also look at the file system, cheaply (a few stats): the local shard folders and
+    patterns the data config names exist, and the run directory suits ``resume``. False checks the
+    config alone (for configs whose paths are placeholders, such as the documentation's commands)."""
+    _check_devices(cfg)
     _derive_batch_size(cfg)
-    for check in (
+    checks = [
         _check_targets,
         _check_model_architecture,
         _check_topology,
@@ -42,7 +57,10 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
         _check_loss,
         _check_schedule,
         _check_towers_and_ema,
-    ):
+    ]
+    if check_paths:
+        checks += [_check_data_paths, _check_resume]
+    for check in checks:
         check(cfg)
     return cfg
 
@@ -93,22 +111,32 @@ def _is_deepspeed_cpu_adam(node: Any) -> bool:
     return cls is not None and adam is not None and issubclass(cls, adam.DeepSpeedCPUAdam)
 
 
+def _check_devices(cfg: DictConfig) -> None:
+    """Lightning's own refusal of these comes after the model is built (and devices=0 divided by zero here)."""
+    devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 and devices != -1:
+        raise ConfigError(
+            f"trainer.devices={devices} must be a positive number of devices per node (1 on a CPU), "
+            f"or -1 for every GPU of the node."
+        )
+    if devices == -1 and cfg.trainer.get("accelerator") == "cpu":
+        raise ConfigError(
+            "trainer.devices=-1 means every GPU of the node; with trainer.accelerator=cpu give the number of "
+            "processes (trainer.devices=1 for one)."
+        )
+    if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
+        raise ConfigError(f"trainer.num_nodes={nodes!r} must be a positive number of nodes.")
+
+
 def _derive_batch_size(cfg: DictConfig) -> None:
     global_batch = cfg.get("global_batch_size")
     if global_batch is None:
         return
-    world_size = world_size_of(cfg)
-    if world_size is None:
-        raise ConfigError(
-            "global_batch_size needs integer trainer.devices and trainer.num_nodes "
-            f"(got devices={cfg.trainer.devices!r}, num_nodes={cfg.trainer.num_nodes!r})."
-        )
-    if global_batch % world_size:
-        raise ConfigError(
-            f"global_batch_size={global_batch} is not divisible by the {world_size} devices "
-            f"({cfg.trainer.num_nodes} nodes × {cfg.trainer.devices}); pick a global batch that is a "
-            f"multiple of {world_size}, or set global_batch_size=null and data.batch_size per device."
-        )
+    # Checked before data.batch_size is read: its ${per_device_batch:…} default divides by the world size.
+    problem = global_batch_problem(global_batch, cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1))
+    if problem:
+        raise ConfigError(problem)
+    world_size = cfg.trainer.devices * cfg.trainer.get("num_nodes", 1)  # positive integers, as just checked
     derived = global_batch // world_size
     # The data configs' own default is the interpolation ${per_device_batch:…}, which follows the global
     # batch; a literal is a value someone wrote (command line, experiment file): never overwrite it silently.
@@ -124,6 +152,107 @@ def _derive_batch_size(cfg: DictConfig) -> None:
         )
     with open_dict(cfg):
         cfg.data.batch_size = derived
+
+
+def _check_data_paths(cfg: DictConfig) -> None:
+    """A shard folder or pattern that is not there fails here, not in trainer.fit after the model is built
+    (a few stats per source; remote sources are left to the loader, see check_sources_exist)."""
+    data = cfg.get("data")
+    if not isinstance(data, DictConfig):
+        return
+    for key in ("train_shards", "val_shards"):
+        if key not in data.keys():  # (`in data` is False for a ??? value too)
+            continue  # data=synthetic has no shards
+        if OmegaConf.is_missing(data, key):
+            raise ConfigError(
+                f"data.{key} is not set: give data.{key}=/data/cc3m (a folder of shards with sizes.json), a brace "
+                f"pattern such as '/data/cc3m/{{00000..00331}}.tar', a glob or a pipe: command."
+            )
+        spec = data[key]
+        if spec is None and key == "val_shards":
+            continue
+        spec = list(spec) if OmegaConf.is_list(spec) else spec
+        try:
+            check_sources_exist(spec, f"data.{key}")
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(str(error)) from None
+
+
+def _free_run_name(run_dir: Path) -> str:
+    """The first ``<name>-<n>`` beside ``run_dir`` that holds no checkpoints."""
+    for n in range(2, 1000):
+        name = f"{run_dir.name}-{n}"
+        if not find_resume_checkpoint(run_dir.parent / name):
+            return name
+    return f"{run_dir.name}-new"
+
+
+def check_resume(cfg: DictConfig, run_dir: str | os.PathLike) -> None:
+    """``resume=none`` must not start over a run directory that holds checkpoints (two runs' checkpoints
+    would mix, and ``last`` would be ambiguous); ``resume=PATH`` must exist. ``resume=auto`` always can."""
+    resume, run_dir = cfg.get("resume"), Path(run_dir)
+    if resume in (None, "none"):
+        existing = find_resume_checkpoint(run_dir)
+        if not existing:
+            return
+        name = _free_run_name(run_dir)
+        new_run = (
+            f"run_name={name} to train anew in {run_dir.parent / name}"
+            if cfg.get("run_name") is not None and str(cfg.get("run_name")) == run_dir.name
+            else "another run_name (or paths.run_dir) to train anew elsewhere"
+        )
+        raise ConfigError(
+            f"resume=none but {run_dir} already holds checkpoints ({existing}), and a fresh start there would mix "
+            f"two runs. Add one override: {new_run}, or resume=auto to continue the run in {run_dir} (or delete "
+            f"{run_dir} to start it over)."
+        )
+    if resume != "auto" and not Path(str(resume)).exists():  # a file, or a DeepSpeed/sharded-FSDP folder
+        raise ConfigError(
+            f"resume={resume!r}: no such checkpoint file or folder (relative paths are taken from the current "
+            f"directory {os.getcwd()}); give an existing one, resume=auto (the newest in the run directory) or "
+            f"resume=none."
+        )
+
+
+def _check_resume(cfg: DictConfig) -> None:
+    check_resume(cfg, cfg.paths.run_dir)
+
+
+class RefuseBeforeTheRunDirectory(Callback):
+    """Run ``prepare_config`` before Hydra makes the run directory (conf/train.yaml, ``hydra.callbacks``).
+
+    Hydra's ``run_job`` creates the run directory, opens ``train.log`` there and writes
+    ``.hydra/{config,hydra,overrides}.yaml`` before it calls the task function: a run refused in the
+    task function has already overwritten those files, e.g. ``resume=none`` over a finished run (the
+    demo's command run twice) replaced the record of what that run ran. ``on_run_start`` comes before
+    all that, with the composed config. The task function checks again (``train(cfg)`` is also called
+    directly); a ``--multirun`` job gets a fresh directory of its own, so its checks stay there.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # What run_job does first, so the run directory (and any ${hydra:…} in the config) resolves to the
+        # same value here and there (`now` resolves once per config: the timestamp is shared too).
+        HydraConfig.instance().set_config(config)
+        run_dir = os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir")))
+        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+            config.hydra.runtime.output_dir = run_dir
+        HydraConfig.instance().set_config(config)
+        cfg = copy.deepcopy(config)
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]
+            cfg.paths.run_dir = run_dir  # as clip_pl.train's task function pins it
+        disabled = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # the task function's own checks warn, into the run's train.log
+        try:
+            prepare_config(cfg)
+        except ConfigError as error:
+            # Hydra turns an exception in a callback into a warning and runs the job anyway; SystemExit is
+            # not an Exception, so it ends the process here, with the message (and status 1, as Hydra's own).
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                traceback.print_exc()
+            raise SystemExit(f"{type(error).__name__}: {error}") from None
+        finally:
+            logging.disable(disabled)
 
 
 def _model_architecture(cfg: DictConfig) -> dict:

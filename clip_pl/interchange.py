@@ -1,6 +1,7 @@
 """Move CLIP weights between clip_pl checkpoints and the open_clip / OpenAI world.
 
-    # clip_pl training checkpoint -> open_clip (weights + JSON config in OUT_DIR)
+    # clip_pl training checkpoint -> open_clip (weights + JSON config in OUT_DIR, a new or empty folder;
+    # --overwrite replaces a previous export there)
     python -m clip_pl.interchange export runs/x/checkpoints/last.ckpt exported/
     # then, in Python:  open_clip.create_model("ViT-B-32", pretrained="exported/open_clip_pytorch_model.bin")
     #   or, for any arch (custom ones included):  open_clip.create_model("local-dir:exported")
@@ -33,6 +34,7 @@ import argparse
 import copy
 import json
 import logging
+import sys
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -58,12 +60,17 @@ _MODEL_PREFIX = "model."
 EMA_STATE_KEY = "EMA"  # checkpoint["callbacks"][EMA_STATE_KEY]: clip_pl.callbacks.ema.EMA's state
 
 
+class NoEMAWeightsError(ValueError):
+    """The EMA weights were asked for (``--ema``) and the checkpoint has none."""
+
+
 def ema_state_dict(checkpoint: Mapping[str, Any], prefix: str = _MODEL_PREFIX) -> dict[str, torch.Tensor]:
     """The checkpoint's state dict with the EMA weights (callbacks.ema) in place of the trained ones."""
     state = (checkpoint.get("callbacks") or {}).get(EMA_STATE_KEY)
     if not state:
-        raise KeyError(
-            "this checkpoint holds no EMA weights: train with callbacks.ema.enabled=true (or export without --ema)."
+        raise NoEMAWeightsError(
+            "this checkpoint holds no EMA weights: only a run trained with callbacks.ema.enabled=true keeps them "
+            "(python -m clip_pl.train … callbacks.ema.enabled=true); export its trained weights without --ema."
         )
     state_dict = dict(checkpoint["state_dict"])
     for name, value in state["ema"].items():
@@ -328,7 +335,10 @@ def read_clip_pl_checkpoint(path: str | Path, ema: bool = False) -> ClipPlCheckp
             f"or convert it: python -m clip_pl.interchange import {path} ARCH out.ckpt"
         )
     if ema:
-        checkpoint["state_dict"] = ema_state_dict(checkpoint, prefix=_MODEL_PREFIX)
+        try:
+            checkpoint["state_dict"] = ema_state_dict(checkpoint, prefix=_MODEL_PREFIX)
+        except NoEMAWeightsError as error:
+            raise NoEMAWeightsError(f"{str(path)!r}: {error}") from None
     return ClipPlCheckpoint(
         model_config=copy.deepcopy(dict(hparams["model_config"])),
         arch=hparams.get("arch"),
@@ -389,8 +399,46 @@ def _matches_named_arch(arch: str | None, model_config: Mapping[str, Any]) -> bo
     return _inference_config(resolve_model_config(arch=arch)) == _inference_config(model_config)
 
 
+def _is_export_file(path: Path) -> bool:
+    """A file that export_open_clip writes: the weights, open_clip_config.json, an architecture <name>.json."""
+    return path.is_file() and (
+        path.name in (OPEN_CLIP_WEIGHTS_NAME, OPEN_CLIP_SAFETENSORS_NAME) or path.suffix == ".json"
+    )
+
+
+def check_export_dir(out_dir: str | Path, overwrite: bool = False) -> list[Path]:
+    """Refuse an export into a folder that is not empty: the old files would stay beside the new ones
+    (a stale ``<name>.json`` of another architecture, or the other weights format, which open_clip would
+    then load). With ``overwrite``, a previous export's files are returned, to be deleted before writing;
+    anything else in the folder is still refused (``overwrite`` replaces an export, nothing more)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{str(out_dir)!r} is a file; export into a folder (a new or empty one).")
+    entries = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
+    if not entries:
+        return []
+    names = ", ".join(p.name for p in entries[:_MAX_LISTED]) + (" …" if len(entries) > _MAX_LISTED else "")
+    if not overwrite:
+        raise FileExistsError(
+            f"{str(out_dir)!r} is not empty ({names}): exporting into it would leave those files beside the new "
+            f"ones (open_clip could then load a stale architecture or weights file). Export into a new or empty "
+            f"folder, or pass --overwrite (overwrite=True) to replace a previous export there."
+        )
+    others = [p.name for p in entries if not _is_export_file(p)]
+    if others:
+        raise FileExistsError(
+            f"{str(out_dir)!r} holds files that no export writes ({', '.join(others[:_MAX_LISTED])}); --overwrite "
+            f"only replaces a previous export (its weights and *.json). Export into a new or empty folder."
+        )
+    return entries
+
+
 def export_open_clip(
-    checkpoint: str | Path | ClipPlCheckpoint, out_dir: str | Path, name: str | None = None, safetensors: bool = False
+    checkpoint: str | Path | ClipPlCheckpoint,
+    out_dir: str | Path,
+    name: str | None = None,
+    safetensors: bool = False,
+    overwrite: bool = False,
 ) -> OpenClipExport:
     """Write weights + configs that open_clip loads without clip_pl.
 
@@ -400,7 +448,11 @@ def export_open_clip(
     is exactly an open_clip one, ``model_name`` is that name and
     ``open_clip.create_model(model_name, pretrained=weights)`` works directly; otherwise (a custom
     arch, a changed image size …) ``model_name`` is ``name`` or ``<arch or clip_pl>-custom``.
+
+    ``out_dir`` must be new or empty (FileExistsError, before the checkpoint is read); ``overwrite=True``
+    replaces a previous export there once the checkpoint has been read and checked (``check_export_dir``).
     """
+    stale = check_export_dir(out_dir, overwrite)
     if not isinstance(checkpoint, ClipPlCheckpoint):
         checkpoint = read_clip_pl_checkpoint(checkpoint)
     with torch.device("meta"):  # shapes only: validating needs no initialised (or allocated) weights
@@ -412,6 +464,8 @@ def export_open_clip(
     if "/" in model_name or model_name.endswith(".json"):
         raise ValueError(f"export name {model_name!r} must be a plain name (it becomes <name>.json).")
     out_dir = Path(out_dir)
+    for path in stale:
+        path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if safetensors:
@@ -466,6 +520,11 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("--name", default=None, help="model name for custom architectures")
     exp.add_argument("--safetensors", action="store_true")
     exp.add_argument("--ema", action="store_true", help="the EMA weights (callbacks.ema) instead of the trained ones")
+    exp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous export in OUT_DIR (refused if it holds other files)",
+    )
     imp = sub.add_parser("import", help="open_clip/OpenAI weights -> clip_pl checkpoint")
     imp.add_argument("weights")
     imp.add_argument(
@@ -480,6 +539,18 @@ def main(argv: list[str] | None = None) -> None:
     hf.add_argument("out_dir")
     hf.add_argument("--ema", action="store_true", help="the EMA weights (callbacks.ema) instead of the trained ones")
     args = parser.parse_args(argv)
+    try:
+        _run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        # What was given cannot be used (a path, a checkpoint without EMA weights, a non-empty folder …): the
+        # message says why and what to do; a traceback would bury it. Status 2, as for argparse's own errors.
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "export":  # before the checkpoint is read: a refused folder costs nothing
+        check_export_dir(args.out_dir, args.overwrite)
     if getattr(args, "ema", False):
         args.checkpoint = read_clip_pl_checkpoint(args.checkpoint, ema=True)
     if args.command == "export-hf":
@@ -487,7 +558,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"CLIPModel.from_pretrained({str(out)!r}); CLIPProcessor.from_pretrained({str(out)!r})")
         return
     if args.command == "export":
-        result = export_open_clip(args.checkpoint, args.out_dir, name=args.name, safetensors=args.safetensors)
+        result = export_open_clip(
+            args.checkpoint, args.out_dir, name=args.name, safetensors=args.safetensors, overwrite=args.overwrite
+        )
         if result.named_arch:
             print(f"open_clip.create_model({result.model_name!r}, pretrained={str(result.weights)!r})")
         else:

@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from clip_pl.assembly import build_module, build_trainer, resume_checkpoint
+from clip_pl.cli_args import quote_brace_patterns
 from clip_pl.config_checks import prepare_config
 from clip_pl.config_dir import config_dir
 
@@ -74,6 +75,8 @@ RANK_NONZERO_OVERRIDES = [
 
 
 def main() -> None:
+    # data.train_shards=/data/{00000..00331}.tar as the shell leaves it: quoted for Hydra (clip_pl/cli_args.py)
+    sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
     if launched_rank() > 0:
         sys.argv += [o for o in RANK_NONZERO_OVERRIDES if o not in sys.argv]
     _hydra_main()

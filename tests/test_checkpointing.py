@@ -99,13 +99,16 @@ def test_a_fresh_start_refuses_a_run_directory_that_has_checkpoints(tmp_path):
     from omegaconf import OmegaConf
 
     from clip_pl.assembly import resume_checkpoint
+    from clip_pl.config_checks import ConfigError
 
     cfg = OmegaConf.create({"resume": "none"})
     assert resume_checkpoint(cfg, tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
-    with pytest.raises(FileExistsError, match="resume=auto"):
+    with pytest.raises(ConfigError, match="resume=auto"):
         resume_checkpoint(cfg, tmp_path)
+    with pytest.raises(ConfigError, match="resume='/no/such.ckpt': no such checkpoint"):
+        resume_checkpoint(OmegaConf.create({"resume": "/no/such.ckpt"}), tmp_path)
 
 
 # ---- folder checkpoints (DeepSpeed, sharded FSDP): written aside, swapped in -----------------

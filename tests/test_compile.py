@@ -9,6 +9,9 @@ import pytest
 from clip_pl.train import train
 from tests.support.config import CPU_TINY, make_cfg
 
+# Compares two computations of the same numbers: also run under ATEN_CPU_CAPABILITY=avx2 in CI (.ci/run).
+pytestmark = pytest.mark.numerics
+
 
 def losses(tmp_path, compile_model: bool) -> list[float]:
     cfg = make_cfg(

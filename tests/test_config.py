@@ -4,6 +4,9 @@ model on CPU; bad configs are refused before anything is built."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,8 @@ from clip_pl.assembly import build_module
 from clip_pl.config_checks import ConfigError, prepare_config
 from clip_pl.train import train
 from tests.support.config import CONF, CPU_TINY, choices, make_cfg
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -145,7 +150,7 @@ def test_every_recipe_sets_the_per_device_batch_from_its_global_batch(tmp_path):
             tmp_path,
         )
         global_batch = cfg.global_batch_size
-        prepare_config(cfg)
+        prepare_config(cfg, check_paths=False)  # the batch arithmetic; /nowhere is not there
         if global_batch is not None:
             assert cfg.data.batch_size * 32 == global_batch, experiment
 
@@ -261,7 +266,7 @@ def test_global_batch_size_sets_the_per_device_batch(tmp_path):
             tmp_path,
         )
         assert cfg.data.batch_size == 16, data  # already in the composed config (--cfg job --resolve)
-        assert prepare_config(cfg).data.batch_size == 16, data
+        assert prepare_config(cfg, check_paths=False).data.batch_size == 16, data  # /nowhere is not there
     cfg = make_cfg(["debug=smoke", "global_batch_size=64", "trainer.devices=2", "data.batch_size=32"], tmp_path)
     assert prepare_config(cfg).data.batch_size == 32  # an explicit value that agrees is fine
 
@@ -281,7 +286,7 @@ def test_an_explicit_per_device_batch_that_contradicts_the_global_batch_is_refus
         overrides = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=mine", "trainer.devices=8"]
     cfg = make_cfg(overrides, tmp_path)
     with pytest.raises(ConfigError) as refused:
-        prepare_config(cfg)
+        prepare_config(cfg, check_paths=False)
     message = str(refused.value)
     assert "data.batch_size=64 conflicts with global_batch_size=1024" in message
     assert "128 per device over 8 devices" in message and "global_batch_size=null" in message
@@ -308,3 +313,121 @@ def test_the_siglip_recipe_starts_at_the_papers_temperature_and_bias(tmp_path):
     module = build_module(cfg)
     assert module.temperature() == pytest.approx(10.0)
     assert module.model.logit_bias.item() == pytest.approx(-10.0)
+
+
+@pytest.mark.parametrize("experiment", choices("experiment"))
+def test_an_impossible_device_count_or_global_batch_is_named_as_typed(experiment, tmp_path):
+    """trainer.devices=0 used to divide by zero in the checks, and trainer.devices=-1 or a negative global batch
+    came out as a negative data.batch_size: the refusal names the key and the value the user gave."""
+    base = [f"experiment={experiment}", "data.train_shards=/nowhere"]
+    recipe = make_cfg(base, tmp_path)
+    recipe_batch = recipe.global_batch_size
+    impossible = ["trainer.devices=0", "trainer.num_nodes=0", "global_batch_size=-64"]
+    if recipe_batch is not None or recipe.trainer.accelerator == "cpu":
+        impossible.append("trainer.devices=-1")  # Lightning's "every GPU": no number to divide by, no GPU on a CPU
+    else:
+        prepare_config(make_cfg([*base, "trainer.devices=-1"], tmp_path), check_paths=False)
+    for typed in impossible:
+        cfg = make_cfg([*base, typed], tmp_path)
+        with pytest.raises(ConfigError) as refused:
+            prepare_config(cfg, check_paths=False)
+        message = str(refused.value)
+        assert message.startswith(typed), (experiment, message)
+        assert "data.batch_size=-" not in message
+    if recipe_batch is not None:  # the recipe's ${per_device_batch:…}, read before the checks (--cfg job --resolve)
+        with pytest.raises(Exception, match="trainer.devices=0 must be a positive number"):
+            OmegaConf.to_container(make_cfg([*base, "trainer.devices=0"], tmp_path).data, resolve=True)
+
+
+@pytest.fixture
+def wds(few_shards) -> list[str]:
+    return [*CPU_TINY, "data=wds", "data.num_workers=0", f"data.sizes_file={few_shards / 'sizes.json'}"]
+
+
+def test_local_shards_that_are_there_and_remote_ones_pass_the_checks(wds, few_shards, tmp_path):
+    for spec in [
+        few_shards,  # a folder with sizes.json
+        f"'{few_shards}/{{00000..00001}}.tar'",
+        f"'{few_shards}/*.tar'",
+        "'pipe:cat /nowhere/{00000..00003}.tar'",  # remote: only reading them tells
+        "'s3://bucket/laion/{00000..00003}.tar'",
+        f"'{few_shards}::pipe:cat /nowhere/00000.tar'",
+    ]:
+        prepare_config(make_cfg([*wds, f"data.train_shards={spec}"], tmp_path))
+
+
+@pytest.mark.parametrize(
+    "spec, missing",
+    [
+        ("{tmp}/nope", "{tmp}/nope"),
+        ("'{tmp}/nope/{{00000..00009}}.tar'", "{tmp}/nope"),
+        ("'{shards}/{{000000..000009}}.tar'", "{shards}/000000.tar"),  # the brace range of another width
+        ("'{tmp}/nope/*.tar'", "{tmp}/nope"),
+        ("'{shards}::{tmp}/nope'", "{tmp}/nope"),
+    ],
+)
+def test_shards_that_are_not_there_are_refused_with_the_config(spec, missing, wds, few_shards, tmp_path):
+    spec, missing = (s.format(tmp=tmp_path, shards=few_shards) for s in (spec, missing))
+    cfg = make_cfg([*wds, f"data.train_shards={spec}"], tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        prepare_config(cfg)
+    message = str(refused.value)
+    assert message.startswith(f"data.train_shards='{spec.strip(chr(39))}'") and f"names {missing}," in message
+    assert "python -m data_prep.download" in message
+    prepare_config(make_cfg([*wds, f"data.train_shards={spec}"], tmp_path), check_paths=False)  # the config alone
+    with pytest.raises(ConfigError, match="does not exist"):  # train() refuses before the model or a run directory
+        train(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unset_or_missing_shards_of_the_other_data_configs_are_refused(wds, few_shards, tmp_path):
+    with pytest.raises(ConfigError, match="data.train_shards is not set"):
+        prepare_config(make_cfg(["debug=smoke", "data=wds"], tmp_path))
+    with pytest.raises(ConfigError, match=f"data.val_shards='{tmp_path}/nope'"):
+        prepare_config(
+            make_cfg([*wds, f"data.train_shards={few_shards}", f"data.val_shards={tmp_path}/nope"], tmp_path)
+        )
+    with pytest.raises(ConfigError, match="python -m data_prep.demo"):  # data=demo before the demo corpus exists
+        prepare_config(make_cfg(["experiment=demo", f"paths.demo_dir={tmp_path}/corpus"], tmp_path))
+
+
+def test_the_demo_command_run_again_is_refused_before_it_writes_anything(tmp_path):
+    """README: `python -m clip_pl.train experiment=demo` after `make demo` (runs/demo holds checkpoints). The
+    refusal (experiment=demo sets resume=none) must leave the finished run as it was: Hydra writes .hydra/ and
+    train.log into the run directory before the task function runs, and the W&B logger starts a run; the checks
+    run before both (clip_pl.config_checks.RefuseBeforeTheRunDirectory). The message names the override to use."""
+    from hydra import compose, initialize_config_dir
+
+    from clip_pl.config_dir import config_dir
+    from tests.support.fake_shards import write_shards
+
+    write_shards(str(tmp_path / "demo_out" / "corpus" / "shards"), [4], image_px=(40, 56))
+    run = tmp_path / "runs" / "demo"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"the finished demo's weights")
+    (run / ".hydra").mkdir()
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (run / ".hydra" / name).write_text(f"# the finished demo's {name}\n")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    env = {k: v for k, v in os.environ.items() if k not in ("CLIP_PL_ROOT", "RANK", "SLURM_PROCID", "SLURM_JOB_ID")}
+    result = subprocess.run(
+        [sys.executable, "-m", "clip_pl.train", "experiment=demo"],  # the README's command, from the folder it ran in
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert f"resume=none but {run} already holds checkpoints" in result.stderr, result.stderr[-3000:]
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # .hydra/*.yaml byte for byte, no train.log, no wandb/ offline run
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["demo"]
+    assert f"run_name=demo-2 to train anew in {tmp_path / 'runs' / 'demo-2'}" in result.stderr
+    assert "resume=auto to continue the run" in result.stderr and "Traceback" not in result.stderr
+
+    # the overrides it names are accepted
+    for override in ("run_name=demo-2", "resume=auto"):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose("train", overrides=["experiment=demo", f"paths.root_dir={tmp_path}", override])
+        prepare_config(cfg)

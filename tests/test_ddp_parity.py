@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# Compares two computations of the same numbers: also run under ATEN_CPU_CAPABILITY=avx2 in CI (.ci/run).
+pytestmark = pytest.mark.numerics
+
 REPO = Path(__file__).resolve().parents[1]
 
 

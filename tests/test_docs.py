@@ -1,7 +1,12 @@
-"""The README and docs/ stay true: every command they show composes, every override and config key they
-name exists, every file they point to is there, and the tables that mirror the configs match them.
+"""The README and docs/ stay true: every command they show works as typed in a shell and passes the config
+checks, every override and config key they name exists, every file they point to is there, and the tables
+that mirror the configs match them.
 
-    pytest tests/test_docs.py        # ~20 s: composes every documented command with Hydra, runs nothing
+    pytest tests/test_docs.py        # ~30 s: every documented command through bash and `--cfg job`; trains nothing
+
+A documented command goes through bash as a user types it (bash takes the quotes off
+``data.train_shards='/data/{00000..00331}.tar'``; nothing here puts them back), then through the entry
+point's ``main()`` with ``--cfg job``: tests/support/entry_points.py.
 
 Defaults are not restated in the docs (``--cfg job`` prints them); what the docs do restate is checked here.
 """
@@ -12,15 +17,20 @@ import importlib
 import os
 import re
 import shlex
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from clip_pl.cli_args import quote_brace_patterns
 from clip_pl.config_checks import prepare_config
 from clip_pl.config_dir import config_dir
+from tests.support.entry_points import ENTRY_POINTS, replay, shell_words
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = Path(config_dir())
@@ -97,67 +107,135 @@ def _commands(text: str) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
-def _entry_overrides(line: str) -> tuple[str, list[str], bool] | None:
-    """(config name, Hydra overrides, multirun?) of a clip_pl.train / clip_pl.eval command line, else None."""
-    words = shlex.split(line.replace("…", "PLACEHOLDER"), comments=True)
-    for index, word in enumerate(words):
+def _entry_config(line: str) -> str | None:
+    """The config a clip_pl.train / clip_pl.eval command line (or an sbatch of the training scripts)
+    composes: "train" or "eval_app"; None for any other line."""
+    for word in shlex.split(line.replace("…", "PLACEHOLDER"), comments=True):
         if word in ("clip_pl.train", "clip-pl-train") or word.endswith(
             ("slurm/train_256gpu.sh", "slurm/train_1node.sh")
         ):
-            config = "train"
-        elif word in ("clip_pl.eval", "clip-pl-eval"):
-            config = "eval_app"
-        else:
-            continue
-        rest = words[index + 1 :]
-        multirun = "-m" in rest or "--multirun" in rest
-        overrides = [w for w in rest if "=" in w and not w.startswith("-")]
-        return config, overrides, multirun
+            return "train"
+        if word in ("clip_pl.eval", "clip-pl-eval"):
+            return "eval_app"
     return None
 
 
-def _placeholder(override: str, multirun: bool) -> str:
-    key, _, value = override.partition("=")
-    if multirun and "," in value and not value.startswith(("[", "'", '"')):
-        value = value.split(",")[0]  # a sweep: the first point stands for all
-    value = re.sub(r"<\w+>", "x", value)
-    if "PLACEHOLDER" in value:
-        value = "/placeholder"
-    elif re.search(r"[{}:*? ]", value) and not value.startswith(("[", "'", '"')):
-        value = f"'{value}'"  # the shell's quotes, which shlex took off, keep Hydra's grammar out of it
-    return f"{key}={value}"
+def _fill_placeholders(line: str, tmp: Path) -> str:
+    """The line as a user would type it with real values: `key=…` gets a path under ``tmp``, `<p>`
+    inside a value becomes x; a group choice left open (`experiment=<name>`, `eval=…`: the default
+    stands in), a bare `…` and `[hydra overrides…]` go. Nothing else changes: quotes stay for the shell."""
+    groups = set(GROUPS) | {"hydra/launcher"}
+
+    def fill(match: re.Match) -> str:
+        key, eq, value = match.group().partition("=")
+        if not eq or key in groups:
+            return ""
+        value = re.sub(r"<\w+>", "x", value.replace("…", str(tmp / "placeholder")))
+        return f"{key}={shlex.quote(value)}"
+
+    line = re.sub(r"\[[^\]]*…\]", "", line)
+    return re.sub(r"(?<!\S)\S*(?:…|<\w+>)\S*", fill, line)
+
+
+def _sweep_first_points(args: list[str]) -> list[str]:
+    """A multirun line without `-m` and with each sweep `key=a,b` at its first point: Hydra refuses
+    `--cfg` together with `--multirun`, and the first point stands for all."""
+    if "-m" not in args and "--multirun" not in args:
+        return args
+    parser = OverridesParser.create()
+    out = []
+    for arg in args:
+        if arg in ("-m", "--multirun"):
+            continue
+        if "=" in arg and not arg.startswith("-"):
+            try:
+                (override,) = parser.parse_overrides([quote_brace_patterns([arg])[0]])
+            except HydraException:
+                pass  # left for Hydra to refuse, with its message
+            else:
+                if override.is_sweep_override():
+                    arg = f"{arg.partition('=')[0]}={next(override.sweep_string_iterator())}"
+        out.append(arg)
+    return out
+
+
+@dataclass
+class ShellRun:
+    """A documented command line after the shell: the words it handed the entry point, and what
+    `<line> --cfg job` did (the shell's complaint instead when it started nothing)."""
+
+    doc: Path
+    line: str
+    config: str
+    args: list[str] | None  # after `-m clip_pl.train`; `-m` and sweeps resolved, see _sweep_first_points
+    shell_error: str = ""
+    result: dict | None = None
 
 
 def _documented_commands():
     for doc in DOCS:
         for line in _commands(doc.read_text()):
-            parsed = _entry_overrides(line)
-            if parsed:
-                yield doc, line, parsed
+            config = _entry_config(line)
+            if config:
+                yield doc, line, config
+
+
+@pytest.fixture(scope="module")
+def shell_runs(tmp_path_factory) -> dict[Path, list[ShellRun]]:
+    """Every documented command line run by bash, then by its entry point with `--cfg job` (all in one
+    interpreter, a forked child each: tests/support/entry_points.py)."""
+    tmp = tmp_path_factory.mktemp("docs_shell")
+    runs: dict[Path, list[ShellRun]] = {doc: [] for doc in DOCS}
+    replayed = []
+    for doc, line, config in _documented_commands():
+        words, error = shell_words(_fill_placeholders(line, tmp), tmp / "argv")
+        run = ShellRun(doc, line, config, None, error)
+        if words is not None:
+            if words[:1] != ["-m"] or len(words) < 2 or words[1] not in ENTRY_POINTS:
+                run.shell_error = f"the line starts {words[:2]}, not python -m clip_pl.train / clip_pl.eval"
+            else:
+                run.args = _sweep_first_points(words[2:])
+                replayed.append((run, [words[1], f"paths.root_dir={tmp}", *run.args, "--cfg", "job"]))
+        runs[doc].append(run)
+    for (run, _), result in zip(replayed, replay([c for _, c in replayed], tmp / "replay")):
+        run.result = result
+    return runs
 
 
 @pytest.mark.parametrize("doc", CONFIG_DOCS, ids=_ids(CONFIG_DOCS))
-def test_every_documented_command_composes_and_passes_the_config_checks(doc, tmp_path, monkeypatch):
+def test_every_documented_command_runs_as_typed_in_a_shell(doc, shell_runs):
+    """What a user sees: the line, placeholders filled in, through bash (which takes the quotes off a
+    brace pattern) and the entry point's main() with `--cfg job`, exit status 0."""
+    failed = []
+    for run in shell_runs[doc]:
+        if run.result is None:
+            failed.append(f"`{run.line}`: {run.shell_error}")
+        elif run.result["returncode"] != 0:
+            failed.append(f"`{run.line}` --cfg job exits {run.result['returncode']}:\n{run.result['stderr'][-1500:]}")
+    assert not failed, f"{doc.relative_to(REPO)}:\n" + "\n\n".join(failed)
+
+
+@pytest.mark.parametrize("doc", CONFIG_DOCS, ids=_ids(CONFIG_DOCS))
+def test_every_documented_command_composes_and_passes_the_config_checks(doc, shell_runs, tmp_path, monkeypatch):
+    """The checks `--cfg job` skips: the same words the shell produced, composed as the entry point
+    does (brace patterns quoted for Hydra, clip_pl/cli_args.py) and put through prepare_config."""
     for name in [n for n in os.environ if n.startswith("SLURM_")]:
         monkeypatch.delenv(name)  # the topology check reads SLURM's variables
     checked = 0
-    for _, line, (config, overrides, multirun) in [c for c in _documented_commands() if c[0] == doc]:
-        groups = set(GROUPS) | {"hydra/launcher"}
-        overrides = [
-            _placeholder(o, multirun)
-            for o in overrides
-            if not (o.split("=")[0] in groups and re.search(r"PLACEHOLDER|<", o))
-        ]  # `eval=…`: any
+    for run in shell_runs[doc]:
+        if run.args is None:
+            continue  # test_every_documented_command_runs_as_typed_in_a_shell says why
+        overrides = quote_brace_patterns([a for a in run.args if "=" in a and not a.startswith("-")])
         hydra = any(o.startswith("hydra") for o in overrides)
         try:
-            cfg = _compose(config, [*overrides, f"paths.root_dir={tmp_path}"], hydra=hydra)
-            if config == "train":
+            cfg = _compose(run.config, [f"paths.root_dir={tmp_path}", *overrides], hydra=hydra)
+            if run.config == "train":
                 if hydra:
                     with open_dict(cfg):
                         del cfg["hydra"]
-                prepare_config(cfg)
+                prepare_config(cfg, check_paths=False)  # the paths are placeholders
         except Exception as error:  # noqa: BLE001 - the message names the line
-            pytest.fail(f"{doc.relative_to(REPO)}: `{line}` does not compose: {type(error).__name__}: {error}")
+            pytest.fail(f"{doc.relative_to(REPO)}: `{run.line}` does not compose: {type(error).__name__}: {error}")
         checked += 1
     if doc in (REPO / "README.md", REPO / "docs" / "configuration.md", REPO / "docs" / "evaluation.md"):
         assert checked, f"no clip_pl command found in {doc.name}: the parser is broken"

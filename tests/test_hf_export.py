@@ -31,6 +31,9 @@ from clip_pl.model import build_clip, get_tokenizer, image_transforms, resolve_m
 from data_prep.demo import digits
 from tests.support.eval import TINY_RESNET, TINY_VIT, random_images, tiny_checkpoint, tiny_model
 
+# Compares two computations of the same numbers: also run under ATEN_CPU_CAPABILITY=avx2 in CI (.ci/run).
+pytestmark = pytest.mark.numerics
+
 ATOL = 1e-5
 
 

@@ -28,6 +28,9 @@ from clip_pl.interchange import (
 from clip_pl.model import build_clip, get_tokenizer, image_transforms, resolve_model_config
 from tests.support.eval import TINY_RESNET, TINY_VIT, random_images, tiny_checkpoint, tiny_model
 
+# Compares two computations of the same numbers: also run under ATEN_CPU_CAPABILITY=avx2 in CI (.ci/run).
+pytestmark = pytest.mark.numerics
+
 
 def _inputs(image_size: int, context_length: int = 77, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     preprocess = image_transforms(image_size)[1]
@@ -119,7 +122,7 @@ def test_named_arch_with_changed_settings_is_exported_under_its_own_name(tmp_pat
             state = build_clip(config).state_dict()
         return export_open_clip(
             ClipPlCheckpoint(config, arch, {k: torch.zeros(v.shape) for k, v in state.items()}),
-            tmp_path / arch / str(len(kwargs)),
+            tmp_path / f"export{len(list(tmp_path.iterdir()))}",  # a new folder each (a used one is refused)
             **kwargs,
         )
 
@@ -241,3 +244,56 @@ def test_command_line_import_and_export(tmp_path, capsys):
     imported = read_clip_pl_checkpoint(tmp_path / "back.ckpt")
     assert imported.arch is None and imported.model_config == config
     assert all(torch.equal(imported.state_dict[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """One tiny clip_pl checkpoint (no EMA weights) for the command-line refusals below."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.ckpt")[0]
+
+
+def _listing(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_export_refuses_a_non_empty_folder_and_overwrite_replaces_a_previous_export(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "exported"
+    main(["export", str(tiny_ckpt), str(out), "--name", "old-arch"])
+    (out / "old-arch.json").write_text('{"stale": true}\n')  # what a re-export must never leave behind
+    before = _listing(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["export", str(tiny_ckpt), str(out)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "old-arch.json" in err and "--overwrite" in err and "Traceback" not in err
+    assert _listing(out) == before  # nothing written, nothing removed
+    with pytest.raises(FileExistsError, match="is not empty"):  # the Python API too, before reading the checkpoint
+        export_open_clip(tmp_path / "no-such.ckpt", out)
+
+    main(["export", str(tiny_ckpt), str(out), "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "clip_pl-custom.json",
+        "open_clip_config.json",
+        "open_clip_pytorch_model.bin",
+    ]
+    reloaded = open_clip.create_model(f"local-dir:{out}").eval()
+    model, config = tiny_model()
+    images, tokens = _inputs(config["vision_cfg"]["image_size"], 16)
+    _assert_same(_embeddings(reloaded, images, tokens), _embeddings(model, images, tokens))
+
+    (out / "notes.txt").write_text("mine\n")  # --overwrite replaces an export, never files of the user's
+    with pytest.raises(SystemExit):
+        main(["export", str(tiny_ckpt), str(out), "--overwrite"])
+    assert "notes.txt" in capsys.readouterr().err and (out / "notes.txt").is_file()
+    assert (out / "open_clip_pytorch_model.bin").is_file()
+
+
+def test_export_ema_of_a_checkpoint_without_ema_is_a_one_line_error(tiny_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["export", str(tiny_ckpt), str(tmp_path / "out"), "--ema"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m clip_pl.interchange export: error:"), err
+    assert "holds no EMA weights" in err and "callbacks.ema.enabled=true" in err and "without --ema" in err
+    assert not (tmp_path / "out").exists()

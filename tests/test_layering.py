@@ -45,6 +45,7 @@ LAYERS: list[tuple[int, tuple[str, ...], str]] = [
             "clip_pl.interchange",
             "clip_pl.hf_export",
             "clip_pl.config_dir",
+            "clip_pl.cli_args",
             "clip_pl.data.shardspec",
             "clip_pl.data.tarstream",
             "clip_pl.data.reader",
@@ -63,8 +64,8 @@ LAYERS: list[tuple[int, tuple[str, ...], str]] = [
             "clip_pl.eval.distributed",
         ),
         "formats and primitives: every file format (checkpoints, transformers directories, the packaged "
-        "configs, shard specs, tars, samples, key files, class lists, reports) and the small pieces the "
-        "engines share; built on the foundations only",
+        "configs, shard specs and their brace patterns on the command line, tars, samples, key files, class "
+        "lists, reports) and the small pieces the engines share; built on the foundations only",
     ),
     (
         2,

@@ -17,6 +17,9 @@ from clip_pl.schedule import warmup_const, warmup_const_cooldown, warmup_cosine
 from tests.support.distributed import run_distributed
 from tests.support.towers import TINY, make_batch
 
+# Compares two computations of the same numbers: also run under ATEN_CPU_CAPABILITY=avx2 in CI (.ci/run).
+pytestmark = pytest.mark.numerics
+
 
 def assert_grads_close(actual: dict, expected: dict) -> None:
     """Float32 sums in another order differ by ~1e-7 of the gradient's scale, no more."""

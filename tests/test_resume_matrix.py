@@ -25,6 +25,9 @@ from tests.support.config import SMALLER
 from tests.support.distributed import run_distributed
 from tests.support.fake_shards import write_shards
 
+# Compares two computations of the same numbers: also run under ATEN_CPU_CAPABILITY=avx2 in CI (.ci/run).
+pytestmark = pytest.mark.numerics
+
 BATCH = 2
 
 

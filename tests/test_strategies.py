@@ -33,6 +33,9 @@ import torch
 
 from tests.support.distributed import run_distributed
 
+# Compares two computations of the same numbers: also run under ATEN_CPU_CAPABILITY=avx2 in CI (.ci/run).
+pytestmark = pytest.mark.numerics
+
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = [
     "ddp",

@@ -108,9 +108,53 @@ def read_manifest(path: str) -> dict[str, int]:
     return {os.path.basename(k): int(v) for k, v in raw.items()}
 
 
+def is_remote(url: str) -> bool:
+    """A ``pipe:`` command or a URL (``s3://``, ``https://`` …): read by webdataset, not a local path."""
+    return url.startswith("pipe:") or "://" in url
+
+
+_PATTERN_CHARS = "{*?["
+
+
+def _missing_part(source: str) -> str | None:
+    """The path that a local source names and the file system lacks, or None (see check_sources_exist)."""
+    patterns = [source.index(c) for c in _PATTERN_CHARS if c in source]
+    if not patterns:
+        return None if os.path.exists(source) else source
+    folder = os.path.dirname(source[: min(patterns)]) or "."
+    if not os.path.isdir(folder):
+        return folder
+    first = next(iter(braceexpand.braceexpand(source)))  # a brace pattern's first shard: one stat
+    if "{" in source and not any(c in first for c in "*?[") and not os.path.exists(first):
+        return first
+    return None
+
+
+def check_sources_exist(spec: str | Sequence[str], setting: str = "data.train_shards") -> None:
+    """Refuse, cheaply, a spec whose local sources cannot exist: a folder or file that is not there, or a
+    brace pattern or glob whose fixed folder is not (or a brace pattern whose first shard is not).
+    One or two stats per source, so every rank can afford it before anything is built; ``resolve_shards``
+    (rank 0, at setup) still lists and checks every shard. Remote sources (``pipe:``, URLs) are not
+    checked: only reading them tells. Raises FileNotFoundError naming ``setting``, the value and the fix."""
+    sources = split_sources(spec, setting)
+    for source in sources:
+        missing = None if is_remote(source) else _missing_part(source)
+        if missing is None:
+            continue
+        given = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else [os.fspath(s) for s in spec]
+        where = "" if os.path.isabs(missing) else f" (relative to the current directory {os.getcwd()})"
+        part = f"its source {source!r} " if len(sources) > 1 else ""
+        raise FileNotFoundError(
+            f"{setting}={given!r}: {part}names {missing}, which does not exist{where}. Give the folder of the "
+            f"shards (with its {SIZES_FILE_NAME}), a brace pattern such as /data/cc3m/{{00000..00331}}.tar, a glob "
+            f"or a pipe: command; `python -m data_prep.download` makes shards (the demo's: "
+            f"`python -m data_prep.demo --out demo_out/corpus`)."
+        )
+
+
 def _expand_source(source: str, setting: str) -> tuple[list[str], str | None]:
     """(shard urls, manifest path next to them or None)."""
-    if not source.startswith("pipe:") and "://" not in source and os.path.isdir(source):
+    if not is_remote(source) and os.path.isdir(source):
         manifest = os.path.join(source, SIZES_FILE_NAME)
         if os.path.exists(manifest):
             names = sorted(read_manifest(manifest))
@@ -124,7 +168,7 @@ def _expand_source(source: str, setting: str) -> tuple[list[str], str | None]:
         urls = sorted(glob.glob(source))
         if not urls:
             raise FileNotFoundError(f"{setting}: the glob {source} matches no file.")
-    local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
+    local = [u for u in urls if not is_remote(u)]
     missing = [u for u in local if not os.path.exists(u)]
     if missing:
         raise FileNotFoundError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from clip_pl.cli_args import quote_brace_patterns
 from clip_pl.config_dir import config_dir
 from clip_pl.distributed import rank_and_world_size
 from clip_pl.eval.report import write_json
@@ -95,10 +97,16 @@ def run(cfg: DictConfig, eval_choice: str = "eval") -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval_app")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     run(cfg, eval_choice=HydraConfig.get().runtime.choices.get("eval", "eval"))
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def main() -> None:
+    # paths.retrieval_shards=/data/{0000..0004}.tar as the shell leaves it: quoted for Hydra (clip_pl/cli_args.py)
+    sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -27,6 +32,7 @@ pytestmark = [
         reason="needs pyspark and a Java runtime (pip install pyspark; JRE 17)",
     ),
 ]
+REPO = Path(__file__).resolve().parents[2]
 # "slow" faults cost a full timeout each and test nothing distributor-specific
 SPARK_FAULTS = [f for f in FAULTS if f != SLOW]
 OPTIONS = dict(processes=2, threads=4, timeout=10, image_size=32, shard_size=15, verbose=False)
@@ -92,3 +98,37 @@ def test_an_unknown_distributor_is_refused_before_work(tmp_path):
     with pytest.raises(ValueError, match=r"distributor 'ray' is not one of"):
         download(tmp_path / "none.parquet", tmp_path / "out", distributor="ray")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_readmes_cluster_example_runs_clean(table_and_server, tmp_path):
+    """data_prep/README.md's driver for a Spark cluster, run as the README says, with local[2] for the
+    master: it downloads and prints no traceback. (Fed to `python -` on stdin it downloaded too, but
+    img2dataset's logger, a process started with multiprocessing's spawn, re-imports the main script by
+    its file name, and died on FileNotFoundError: '<stdin>'.)"""
+    table, _ = table_and_server
+    readme = (REPO / "data_prep" / "README.md").read_text()
+    (example,) = [b for b in re.findall(r"```[a-z]*\n(.*?)```", readme, flags=re.S) if 'distributor="pyspark"' in b]
+    here = {
+        "spark://head:7077": "local[2]",
+        '"urls.parquet"': repr(str(table)),
+        '"/shared/shards"': repr(str(tmp_path / "shards")),
+        "threads=64, shard_size=10000": "threads=4, shard_size=15, timeout=10, image_size=32",
+    }
+    for readme_value, value in here.items():
+        assert readme_value in example, f"data_prep/README.md's Spark example no longer has {readme_value}"
+        example = example.replace(readme_value, value)
+    python_first = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `python`: this interpreter
+    result = subprocess.run(
+        ["bash", "-c", example],
+        cwd=tmp_path,
+        env={**os.environ, "PATH": python_first, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    stats = json.loads((tmp_path / "shards" / "stats.json").read_text())
+    assert stats["complete"] and stats["this_run"]["distributor"] == "pyspark"
+    assert stats["download"]["successes"] == 40 and stats["download"]["failures"] == 2 * len(SPARK_FAULTS)

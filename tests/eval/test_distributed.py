@@ -7,6 +7,7 @@ and for a rank that receives nothing at all; a whole task list (zero-shot, retri
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from clip_pl.eval.retrieval import retrieval_evaluate
@@ -26,6 +27,9 @@ from tests.support.eval import (
     write_shards,
 )
 from tests.support.eval_tasks import write_task_list, zeroshot_task_yaml
+
+# Compares two computations of the same numbers: also run under ATEN_CPU_CAPABILITY=avx2 in CI (.ci/run).
+pytestmark = pytest.mark.numerics
 
 
 def evaluate_all(rank: int, world_size: int, checkpoint: str, cases: dict) -> dict:

@@ -20,6 +20,9 @@ from clip_pl.model import get_tokenizer, image_transforms
 from tests.support.eval import CLASSNAMES, TEMPLATES, tiny_checkpoint
 from tests.support.eval_tasks import captioned_loader, captioned_shards, labelled_folder, write_task_list
 
+# Compares two computations of the same numbers: also run under ATEN_CPU_CAPABILITY=avx2 in CI (.ci/run).
+pytestmark = pytest.mark.numerics
+
 clip_benchmark_zeroshot = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
 clip_benchmark_retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
 

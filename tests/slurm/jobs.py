@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import time
 from collections.abc import Callable, Iterable
@@ -30,9 +31,14 @@ def sbatch(
     overrides: Iterable[str] = (),
     env: dict[str, str] | None = None,
     cwd: Path = REPO,
+    typed: str = "",
 ) -> str:
-    """Submit ``script`` as a user would (from ``cwd``); return the job id."""
+    """Submit ``script`` as a user would (from ``cwd``); return the job id. ``typed``: more overrides as
+    shell text, e.g. ``data.train_shards='/data/{00000..00003}.tar'`` as the README types it; the command
+    line then runs through ``bash -c``, which takes its quotes off."""
     cmd = ["sbatch", "--parsable", *sbatch_args, str(script), *overrides]
+    if typed:
+        cmd = ["bash", "-c", f"{shlex.join(cmd)} {typed}"]
     proc = subprocess.run(cmd, cwd=cwd, env={**cluster.env, **(env or {})}, capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr}")

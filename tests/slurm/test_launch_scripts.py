@@ -57,13 +57,19 @@ def _records(out_dir: Path) -> list[dict[str, list[str] | str]]:
     return records
 
 
-def _run_fake(cluster, tmp_path, script, sbatch_args, overrides, log: Path | None = None):
-    """Run ``script`` with fake_python.sh as the interpreter; ``log=None`` keeps the script's --output."""
+def _run_fake(cluster, tmp_path, script, sbatch_args, overrides, log: Path | None = None, typed: str = ""):
+    """Run ``script`` with fake_python.sh as the interpreter; ``log=None`` keeps the script's --output;
+    ``typed``: overrides as shell text (see tests/slurm/jobs.py's sbatch)."""
     out = tmp_path / "tasks"
     out.mkdir()
     env = {"CLIP_PL_PYTHON": str(FAKE_PYTHON), "REAL_PYTHON": sys.executable, "FAKE_OUT": str(out)}
     job = sbatch(
-        cluster, REPO / "slurm" / script, [*sbatch_args, *([f"--output={log}"] if log else [])], overrides, env=env
+        cluster,
+        REPO / "slurm" / script,
+        [*sbatch_args, *([f"--output={log}"] if log else [])],
+        overrides,
+        env=env,
+        typed=typed,
     )
     if log is None:
         log = REPO / "slurm" / "logs" / f"{cluster.job_fields(job)['JobName']}-{job}.out"
@@ -81,6 +87,7 @@ def test_256gpu_script_shrinks_to_two_cpu_nodes_and_passes_topology_first(slurm_
         ["--nodes=2", "--ntasks-per-node=1", *SMALL],
         overrides,
         log=tmp_path / "job.out",
+        typed="data.train_shards='/data/cc3m/{00000..00331}.tar'",  # as the README types it, through bash
     )
     # command-line flags beat the script's #SBATCH lines, --gpus-per-node=0 included
     assert fields["NumNodes"] == "2" and fields["NodeList"] == "n[1-2]"
@@ -90,7 +97,15 @@ def test_256gpu_script_shrinks_to_two_cpu_nodes_and_passes_topology_first(slurm_
     for rec in records:
         assert rec["master"] == "n1"  # first host of the node list
         assert rec["cwd"] == str(REPO)  # the job runs from the repository it was submitted from
-        assert rec["arg"] == ["-m", "clip_pl.train", "trainer.num_nodes=2", "trainer.devices=1", *overrides]
+        # the user's words as the shell left them, untouched: clip_pl.train quotes the pattern for Hydra itself
+        assert rec["arg"] == [
+            "-m",
+            "clip_pl.train",
+            "trainer.num_nodes=2",
+            "trainer.devices=1",
+            *overrides,
+            "data.train_shards=/data/cc3m/{00000..00331}.tar",
+        ]
 
 
 def test_1node_script_gives_devices_from_tasks_per_node(slurm_cluster, tmp_path):

@@ -1,7 +1,8 @@
 """Preemption as on a real job, on the loopback cluster: 2 nodes × 2 tasks (4 ranks), 2 loader workers
 per rank, shards written by data_prep from a local web server, no per-step sleep; three preemptions
 in one run, then every sample of every epoch trained exactly once and the same final weights as
-the same run without preemption.
+the same run without preemption. The shards are given as the README types a brace pattern, through
+bash: ``data.train_shards='…/{00000..00003}.tar'``.
 
     pytest tests/slurm/test_preemption_realistic.py          # ~4 min on 2 cores
 
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.slurm.jobs import REPO, log_tail, sbatch, wait_finished, wait_until
 
@@ -74,8 +76,7 @@ def _overrides(root: Path, shards: Path, slow_save_at: int = 1) -> list[str]:
         "+callbacks.slow_save.marker=${paths.run_dir}/saving",
         f"+callbacks.slow_save.at_save={slow_save_at}",
         "model=tiny",
-        "data=wds",
-        f"data.train_shards={shards}",
+        "data=wds",  # data.train_shards: _typed_shards
         f"data.batch_size={LOCAL_BATCH}",
         f"data.num_workers={WORKERS}",
         "data.record_keys=true",
@@ -97,6 +98,12 @@ def _overrides(root: Path, shards: Path, slow_save_at: int = 1) -> list[str]:
     ]
 
 
+def _typed_shards(shards: Path) -> str:
+    """The shards as the README types a brace pattern: in single quotes, which bash takes off; sbatch,
+    launch.sh and srun pass the braces on, and clip_pl.train quotes them for Hydra (clip_pl/cli_args.py)."""
+    return f"data.train_shards='{shards}/{{00000..00003}}.tar'"
+
+
 def _submit(cluster, root: Path, shards: Path, log: Path, name: str, slow_save_at: int = 1) -> str:
     return sbatch(
         cluster,
@@ -116,6 +123,7 @@ def _submit(cluster, root: Path, shards: Path, log: Path, name: str, slow_save_a
             "CLIP_PL_PYTHON": sys.executable,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         },
+        typed=_typed_shards(shards),  # through bash -c
     )
 
 
@@ -250,6 +258,9 @@ def test_three_preemptions_train_every_sample_once_and_match_the_uninterrupted_r
     print(f"preempted run: {preempted_wall:.0f} s; signals {signals}")
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", diagnose()
     assert fields["Restarts"] == "3", diagnose()
+
+    # The brace pattern reached the config as typed (the shell's quotes off, nothing else changed).
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").data.train_shards == f"{shards}/{{00000..00003}}.tar"
 
     # Every life started where the previous one saved; each preemption saved at one step on all ranks.
     events = _events(run_dir)

@@ -149,7 +149,10 @@ def captions_for(counts=CAPTION_COUNTS) -> list[list[str]]:
     for count in counts:
         caps = []
         for _ in range(count):
-            caps.append(f"a {WORDS[w % len(WORDS)]} and a {WORDS[(3 * w + 1) % len(WORDS)]}")
+            # Unique captions for any count (past len(WORDS) the second word shifts by one): equal captions
+            # tie exactly, and how a top-k breaks ties differs between implementations and CPU kernels.
+            second = WORDS[(3 * w + 1 + w // len(WORDS)) % len(WORDS)]
+            caps.append(f"a {WORDS[w % len(WORDS)]} and a {second}")
             w += 1
         out.append(caps)
     return out
