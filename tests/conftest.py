@@ -24,8 +24,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     checkpoints, shard sets), every test of the loopback SLURM cluster (one cluster, one worker),
     and every test that asks for the session's digits CLIP. The longest groups go first, so the
     two workers finish together instead of one waiting on the other's last long file."""
-    if not getattr(config.option, "numprocesses", None):
-        return  # one process: nothing to keep together
+    if not hasattr(config, "workerinput"):
+        return  # not an xdist worker (whose collection the scheduler groups): nothing to keep together
     for item in items:
         if "slurm" in item.keywords:
             group = "slurm"

@@ -431,10 +431,11 @@ def test_zero_shot_accuracy_on_the_demo_digits_is_identical(tmp_path):
 # --------------------------------------------------------------------------- refusals
 
 
-def test_resnet_and_logit_bias_checkpoints_are_refused_before_writing(tmp_path):
+def test_resnet_and_logit_bias_checkpoints_are_refused_before_writing(tmp_path, capsys):
     checkpoint, _, _ = tiny_checkpoint(tmp_path / "rn.ckpt", arch_config=TINY_RESNET)
-    with pytest.raises(UnsupportedArchitectureError, match="ModifiedResNet"):
+    with pytest.raises(SystemExit) as refused:  # the command line: one line naming the reason, status 2
         interchange_main(["export-hf", str(checkpoint), str(tmp_path / "rn")])
+    assert refused.value.code == 2 and "ModifiedResNet" in capsys.readouterr().err
     assert not (tmp_path / "rn").exists()
     checkpoint, _, _ = tiny_checkpoint(tmp_path / "siglip.ckpt", arch_config={**TINY_VIT, "init_logit_bias": -10.0})
     with pytest.raises(UnsupportedArchitectureError, match="logit_bias"):

@@ -11,7 +11,6 @@ one global batch.
 from __future__ import annotations
 
 import random
-import time
 
 from clip_pl.data.plan import epoch_plan
 
@@ -26,10 +25,7 @@ def _laion_sizes() -> list[int]:
 def test_laion400m_on_256_ranks_every_sample_once_equal_batches():
     sizes = _laion_sizes()
     total = sum(sizes)
-    t0 = time.perf_counter()
     plan = epoch_plan(sizes, RANKS, WORKERS, BATCH, seed=0, epoch=3)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 30, elapsed
 
     # The epoch's shard order is a permutation of the manifest (each shard once), reshuffled per epoch.
     assert sorted(plan.order) == list(range(SHARDS))
