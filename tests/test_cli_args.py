@@ -107,6 +107,7 @@ def _shell(line: str) -> subprocess.Popen:
     return subprocess.Popen(["bash", "-c", line], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_the_entry_points_apply_it_to_the_readme_commands_in_a_real_shell():
     # The README's and docs/evaluation.md's lines, exactly as typed: bash removes the single quotes.
     lines = {

@@ -202,6 +202,7 @@ def shell_runs(tmp_path_factory) -> dict[Path, list[ShellRun]]:
     return runs
 
 
+@pytest.mark.slow  # every documented command through bash and its entry point: > ~10 s (make test-quick leaves it out)
 @pytest.mark.parametrize("doc", CONFIG_DOCS, ids=_ids(CONFIG_DOCS))
 def test_every_documented_command_runs_as_typed_in_a_shell(doc, shell_runs):
     """What a user sees: the line, placeholders filled in, through bash (which takes the quotes off a
@@ -215,6 +216,7 @@ def test_every_documented_command_runs_as_typed_in_a_shell(doc, shell_runs):
     assert not failed, f"{doc.relative_to(REPO)}:\n" + "\n\n".join(failed)
 
 
+@pytest.mark.slow  # every documented command through bash and its entry point: > ~10 s (make test-quick leaves it out)
 @pytest.mark.parametrize("doc", CONFIG_DOCS, ids=_ids(CONFIG_DOCS))
 def test_every_documented_command_composes_and_passes_the_config_checks(doc, shell_runs, tmp_path, monkeypatch):
     """The checks `--cfg job` skips: the same words the shell produced, composed as the entry point

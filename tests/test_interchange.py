@@ -51,7 +51,7 @@ def _assert_same(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, to
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("arch", ["ViT-B-32", "RN50"])
+@pytest.mark.parametrize("arch", [pytest.param("ViT-B-32", marks=pytest.mark.slow), "RN50"])  # ViT-B/32: ~15 s
 def test_named_arch_round_trip_gives_identical_embeddings(arch, tmp_path):
     """open_clip random init -> clip_pl -> clip_pl checkpoint -> export -> open_clip.create_model(arch, pretrained)."""
     torch.manual_seed(0)

@@ -51,7 +51,7 @@ def _distributed_step(rank: int, world_size: int, loss_name: str, b: int):
     return loss / world_size, grads
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 def test_distributed_loss_and_gradients_equal_single_process_global_batch(loss_name, world_size):
     b = 4
@@ -145,6 +145,7 @@ def _largest_loss_tensor(rank: int, world_size: int, loss_name: str, b: int, dim
     return probe.largest
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_largest_loss_tensor_is_b_by_n_for_infonce_and_b_by_b_for_sigmoid():
     b, dim, world_size = 16, 4, 2  # dim < b, so the features never outgrow the logits
     n = b * world_size

@@ -171,6 +171,7 @@ def check(outcome: dict, world: int, batches: int) -> None:
 
 # (num_workers, batches per rank and epoch): every leftover count 0 .. workers-1.
 SINGLE = [(1, 3), (2, 4), (2, 5), (3, 6), (3, 4), (3, 5)]
+QUICK = (2, 5)  # the one case make test-quick runs (~10 s each); make test runs them all
 
 
 def stops_for(batches: int) -> list[int]:
@@ -178,7 +179,11 @@ def stops_for(batches: int) -> list[int]:
     return sorted({1, batches - 1, batches, batches + 2})
 
 
-@pytest.mark.parametrize("workers,batches", SINGLE, ids=[f"w{w}-b{b}-left{b % w}" for w, b in SINGLE])
+@pytest.mark.parametrize(
+    "workers,batches",
+    [pytest.param(w, b, marks=() if (w, b) == QUICK else pytest.mark.slow) for w, b in SINGLE],
+    ids=[f"w{w}-b{b}-left{b % w}" for w, b in SINGLE],
+)
 def test_resume_matrix_one_process(tmp_path, workers, batches):
     shards = tmp_path / "shards"
     write_shards(str(shards), shard_sizes(1, batches), image_px=(64, 72))

@@ -39,7 +39,7 @@ def _run(tmp_path: Path, env: dict[str, str]) -> Path:
     return run
 
 
-@pytest.mark.parametrize("var", ["SLURM_PROCID", "RANK"])
+@pytest.mark.parametrize("var", ["SLURM_PROCID", pytest.param("RANK", marks=pytest.mark.slow)])  # ~10 s each
 def test_ranks_above_zero_write_no_shared_files(tmp_path, var):
     run = _run(tmp_path, {var: "1"})
     assert not (run / ".hydra").exists() and not (run / "train.log").exists(), sorted(os.listdir(run))

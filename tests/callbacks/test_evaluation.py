@@ -134,6 +134,7 @@ def _ddp_fit(rank: int, world_size: int, root: str, folder: str, shards: list) -
     }
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_callbacks_under_ddp_shard_and_agree(tmp_path):
     folder, shards = _make_data(tmp_path)
     ranks = run_distributed(_ddp_fit, world_size=2, args=(str(tmp_path), folder, shards))

@@ -219,6 +219,7 @@ def test_without_worker_init_a_forked_worker_runs_the_parents_handler_or_dies(tm
         _load_with_marker_handlers(tmp_path, _SignalSelf([signal.SIGTERM]), None)
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_datamodule_loaders_ignore_stop_signals_in_workers(tmp_path):
     from clip_pl.data import WebDatasetDataModule
 
@@ -273,6 +274,7 @@ main()
 """
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_workers_start_from_a_forkserver_and_the_helpers_outlive_slurms_signals(tmp_path):
     """In a fresh process, as a rank is: the datamodule's workers are not forks of it (a fork there
     can copy a lock that a gloo thread holds, and the worker hangs for good; clip_pl/data/workers.py)
@@ -313,6 +315,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_a_script_leaving_a_loader_alive_still_exits(tmp_path):
     """Workers ignore SIGTERM (for preemption), so multiprocessing's exit handler, which SIGTERMs and joins
     them, would wait forever; clip_pl's exit hook kills them first and the script ends."""

@@ -71,6 +71,7 @@ def _exact_rank(rank, world, shard_dir, epochs):
     return dm.batches_per_epoch(), _run_epochs(dm, epochs)
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_exact_epochs_two_ranks_two_workers_uneven_shards(tmp_path):
     # 64 samples in 6 very uneven shards (one with a single sample), batch 4 × 2 ranks → 8 batches per rank.
     sizes = [13, 5, 22, 1, 9, 14]
@@ -98,6 +99,7 @@ def _split_rank(rank, world, shard_dir):
     return _run_epochs(_datamodule(shard_dir), 1)[0]
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_fewer_shards_than_ranks_times_workers_and_left_over(tmp_path):
     # 2 shards for 2 ranks × 2 workers; 42 samples → 5 batches per rank, 2 samples left this epoch.
     write_shards(str(tmp_path), [30, 12])
@@ -201,6 +203,7 @@ def _broken_rank(rank, world, shard_dir):
     return dm.batches_per_epoch(), epoch, sum_over_ranks(epoch[2])
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_broken_samples_are_counted_not_fatal_across_ranks(tmp_path):
     expected = _write_broken_corpus(tmp_path)  # 48 positions → 6 batches of 4 per rank
     results = run_distributed(_broken_rank, 2, args=(str(tmp_path),))
@@ -382,6 +385,7 @@ def _resampled_rank(rank, world, shard_dir):
     return {"fresh": stream(), "again": stream(), "resumed": stream(resume=3)}
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_resampled_is_reproducible_differs_per_rank_and_does_not_replay_after_resume(tmp_path):
     write_shards(str(tmp_path), [10, 6, 8])
     ranks = run_distributed(_resampled_rank, 2, args=(str(tmp_path),))

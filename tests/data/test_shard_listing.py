@@ -55,6 +55,7 @@ def shard_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_only_rank_0_touches_the_shards_at_setup(shard_dir):
     spec = f"{shard_dir}/{{00000..{SHARDS - 1:05d}}}.tar"  # a brace pattern: one stat per shard
     r0, r1 = run_distributed(_setup_and_count, world_size=2, args=(str(shard_dir), spec), timeout=120)
@@ -63,6 +64,7 @@ def test_only_rank_0_touches_the_shards_at_setup(shard_dir):
     assert r0["urls"] == r1["urls"] and len(r0["urls"]) == SHARDS and r0["total"] == r1["total"] == 5 * SHARDS
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_an_error_on_rank_0_is_raised_on_every_rank(shard_dir):
     spec = f"{shard_dir}/{{00000..{SHARDS:05d}}}.tar"  # one shard too many
     results = run_distributed(_setup_and_count, world_size=2, args=(str(shard_dir), spec), timeout=120)

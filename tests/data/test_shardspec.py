@@ -100,6 +100,7 @@ def _val_rank(rank, world, shards):
     return batches, next(iter(again.val_dataloader()))
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_val_loader_uses_eval_transform_and_equal_batches(two_sources):
     from tests.support.distributed import run_distributed
 

@@ -18,7 +18,7 @@ from PIL import Image
 from data_prep.demo import build_demo_corpus
 from data_prep.demo.server import FAULTS, HEALTHY
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]  # a module fixture downloads a corpus: > ~15 s
 
 
 @pytest.fixture(scope="module")

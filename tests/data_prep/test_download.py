@@ -24,7 +24,7 @@ from data_prep.demo.build import EXPECTED_REASON
 from data_prep.demo.server import FAULTS, HEALTHY, OPTED_OUT, SLOW, FaultyImageServer, Route
 from data_prep.download import download
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]  # a module fixture downloads a corpus: > ~15 s
 
 N_HEALTHY = 40
 PER_FAULT = 2

@@ -197,6 +197,7 @@ def test_text_formats_read_the_same_table(tmp_path):
         pd.testing.assert_frame_equal(tables.read_table(tmp_path / name), table, check_dtype=False)
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_cli_downloads_a_jsonl_table(web, tmp_path):
     pd.DataFrame({"url": [web.url_for("/a.png")], "caption": ["a handwritten zero"], "source": ["test"]}).to_json(
         tmp_path / "t.jsonl", orient="records", lines=True

@@ -43,6 +43,7 @@ def _run(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_demo_digits_evaluation_prints_a_table_and_writes_json(tmp_path):
     checkpoint, model, config = tiny_checkpoint(tmp_path / "run" / "last.ckpt", seed=8)
     images = random_images(12, seed=9)

@@ -81,6 +81,7 @@ def evaluate_suite(rank: int, world_size: int, checkpoint: str, task_list: str) 
     )
 
 
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
 def test_a_task_list_on_two_gloo_ranks_equals_one_process(tmp_path):
     """Zero-shot (13 images), retrieval (3 shards of 9 images), linear probes (15 / 7 images, held-out val,
     few-shot): odd sizes, so the ranks get unequal slices."""

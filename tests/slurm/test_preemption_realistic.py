@@ -33,7 +33,11 @@ from omegaconf import OmegaConf
 
 from tests.slurm.jobs import REPO, log_tail, sbatch, wait_finished, wait_until
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.timeout(1200),
+]  # ~220 s alone, ~400 s beside the rest of the suite
 
 NODES, TASKS_PER_NODE, WORKERS = 2, 2, 2
 WORLD = NODES * TASKS_PER_NODE
