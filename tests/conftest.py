@@ -24,7 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # The longest groups first, so that under xdist the two workers finish together instead of one
+    # The longest groups first, so that under xdist the workers finish together instead of one
     # waiting on the other's last long file (the scheduler hands out groups in collection order).
     items.sort(key=lambda item: _LONG_GROUPS_FIRST.get(shared_fixture_group(item.nodeid), len(_LONG_GROUPS_FIRST)))
 
