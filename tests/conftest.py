@@ -21,6 +21,37 @@ def pytest_configure(config: pytest.Config) -> None:
     # and the tiny models gain nothing from a second thread (measured: the suite ~10 % faster).
     # torch reads it when first imported, which is after this.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    emulate_forced_cpu_capability(os.environ)
+
+
+# oneDNN's own instruction-set ceiling that matches each ATEN_CPU_CAPABILITY a user can force.
+_ONEDNN_ISA_FOR_CAPABILITY = {"default": "SSE41", "avx2": "AVX2"}
+
+
+def emulate_forced_cpu_capability(env) -> None:
+    """`ATEN_CPU_CAPABILITY=avx2 make test` (the numerics pass in .ci/run) stands in for a CPU that has
+    no more than AVX2. The variable alone does not make one on an AVX-512/AMX CPU; two things still see
+    the real CPU (measured on torch 2.14, Sapphire Rapids):
+
+    - oneDNN: it reports AMX, so bf16 attention packs its operands for AMX, and the AVX2 build of the
+      kernel refuses (`pack_vnni2 is only supported when avx512 is supported`). ONEDNN_MAX_CPU_ISA caps
+      oneDNN where the forced capability is, as a real AVX2 CPU would be;
+    - inductor's on-disk cache (torch.compile): its key leaves the capability out, so code generated for
+      AVX-512 (16 lanes) is reused under AVX2 (8 lanes): NaN losses; under `default`, a C++ compile error.
+      Each capability gets its own cache folder.
+
+    Both are set only when a capability is forced, and only where the user has not set them."""
+    capability = env.get("ATEN_CPU_CAPABILITY", "").lower()
+    if not capability:
+        return
+    if capability in _ONEDNN_ISA_FOR_CAPABILITY:
+        env.setdefault("ONEDNN_MAX_CPU_ISA", _ONEDNN_ISA_FOR_CAPABILITY[capability])
+    import getpass
+    import tempfile
+
+    env.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{capability}")
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,8 +9,7 @@ import pytest
 from clip_pl.train import train
 from tests.support.config import CPU_TINY, make_cfg
 
-# Compares two computations of the same numbers (marker numerics). Left out of the AVX2 pass in .ci/run:
-# a forced avx2 on an AVX-512 CPU breaks torch (bf16 packing; NaN from inductor), issue 24.
+# Compares two computations of the same numbers (marker numerics).
 pytestmark = pytest.mark.numerics
 
 

@@ -33,8 +33,7 @@ import torch
 
 from tests.support.distributed import run_distributed
 
-# Compares two computations of the same numbers (marker numerics). Left out of the AVX2 pass in .ci/run:
-# a forced avx2 on an AVX-512 CPU breaks torch (bf16 packing; NaN from inductor), issue 24.
+# Compares two computations of the same numbers (marker numerics).
 pytestmark = pytest.mark.numerics
 
 REPO = Path(__file__).resolve().parents[1]
