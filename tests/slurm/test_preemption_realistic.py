@@ -174,9 +174,17 @@ def test_three_preemptions_train_every_sample_once_and_match_the_uninterrupted_r
         )
 
     def running_and(predicate):
+        last_asked = [0.0]
+
         def check():
-            state = slurm_cluster.job_fields(job).get("JobState")
-            assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {state} before it was preempted\n{diagnose()}"
+            # The files are read at every poll (down to 50 ms); SLURM is asked once a second (each `scontrol`
+            # is a process and an RPC to slurmctld, CPU the job's ranks need), enough to notice a job that died.
+            if time.monotonic() - last_asked[0] >= 1.0:
+                last_asked[0] = time.monotonic()
+                state = slurm_cluster.job_fields(job).get("JobState")
+                assert state in ("PENDING", "RUNNING", "CONFIGURING"), (
+                    f"job {state} before it was preempted\n{diagnose()}"
+                )
             return predicate()
 
         return check

@@ -8,6 +8,13 @@ nobody takes it before rank 0 binds it" race); each worker joins the gloo proces
 that store, runs ``fn``, destroys the group, then leaves with ``os._exit(0)``: with torch 2.14.1,
 spawned gloo workers sometimes abort at interpreter exit after ``destroy_process_group`` (see
 DESIGN.md), which would flake the tests although the work is done.
+
+The ranks start from a forkserver, not by spawn: a spawned rank imported torch, Lightning and clip_pl
+again to unpickle ``fn`` (~7 s of CPU, ~60 ranks in `make test`: a fifth of the suite's CPU on 2 cores).
+The server (one per test process, multiprocessing's own) imports them once; a rank forked from it starts
+in milliseconds. It is a fresh single-threaded process, so the fork copies no lock held by a thread
+(clip_pl/data/workers.py), and each rank takes the parent's current environment, working directory and
+default stop signals, as a spawned one would.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import io
 import os
 import queue as queue_module
+import signal
 import sys
 import time
 import traceback
@@ -44,11 +52,30 @@ def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, timeout: float) -> None:
+# What the server imports before its first fork. clip_pl.data.forkserver_preload makes it fit for the
+# DataLoader workers of tests that run loaders in the test process (the server is multiprocessing's one).
+_PRELOAD = ["torch", "torch.distributed", "lightning", "clip_pl.train", "clip_pl.data.forkserver_preload"]
+
+
+def _as_if_spawned(environ: dict[str, str], cwd: str) -> None:
+    """The server started with the test process's environment of that moment, and ignores SIGUSR1/SIGTERM
+    for the loader workers' sake (clip_pl.data.forkserver_preload): a rank gets what a spawned one has."""
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def _worker(
+    rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, timeout: float, parent: tuple
+) -> None:
     import faulthandler
 
     import torch
     import torch.distributed as dist
+
+    _as_if_spawned(*parent)
 
     # A rank still running shortly before the parent gives up prints every thread's stack to stderr
     # (pytest shows it with the failure): a hang then says where it is.
@@ -78,12 +105,15 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
 
 def run_distributed(fn: Callable, world_size: int, args: tuple = (), timeout: float = 300.0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # read when this process's server starts; the same list each time
     queue = ctx.Queue()
     store = rendezvous_store()  # kept alive (and its port held) until every worker is done
     port = store.port
+    parent = (dict(os.environ), os.getcwd())
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, timeout)) for r in range(world_size)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, timeout, parent))
+        for r in range(world_size)
     ]
     for p in procs:
         p.start()
