@@ -50,7 +50,8 @@ def emulate_forced_cpu_capability(env) -> None:
     import tempfile
 
     env.setdefault(
-        "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{capability}")
+        "TORCHINDUCTOR_CACHE_DIR",
+        os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{capability}"),
     )
 
 
