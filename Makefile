@@ -30,8 +30,9 @@ demo: setup
 # same worker (tests/conftest.py).
 XDIST := -n 3 --dist loadscope --no-loadscope-reorder
 
+# --durations: the 20 slowest tests at the end of every run, where a slow new test shows first.
 test: setup
-	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) --durations=20 $(PYTEST_ARGS)
 
 test-quick: setup
 	$(PY) -m pytest $(XDIST) -m "not slurm and not slow" $(PYTEST_ARGS)

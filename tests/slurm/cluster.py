@@ -142,10 +142,11 @@ SchedulerType=sched/builtin
 # a node that restarts (or was marked down) comes back on its own
 ReturnToService=2
 SlurmdParameters=config_overrides
-# small timeouts: tests wait on these
-SlurmctldTimeout=30
-SlurmdTimeout=30
-MessageTimeout=10
+# No test waits on a daemon's timeout. They are generous because on a loaded 2-core machine (the suite
+# beside a CPU hog) slurmd once answered late and slurmctld marked both nodes DOWN, stranding the jobs.
+SlurmctldTimeout=120
+SlurmdTimeout=300
+MessageTimeout=60
 KillWait=5
 InactiveLimit=0
 # keep finished jobs visible to `scontrol show job` for the assertions
@@ -169,7 +170,7 @@ class Cluster:
         """os.environ plus SLURM_CONF: what every client call and every submitted job needs."""
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
-    def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    def run(self, *cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run a SLURM client command against this cluster; raise with its output when it fails."""
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
