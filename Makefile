@@ -26,7 +26,8 @@ demo: setup
 
 # Three test processes (pytest-xdist) on 2 cores, one torch thread each (tests/conftest.py): much of a
 # test's time is waiting on a subprocess, a SLURM job or a socket, which a third worker fills (measured:
-# 18:10 with -n 2, 17:02 with -n 3 on the 2-core box). Tests that share a fixture built once run in the
+# 18:10 with -n 2, 17:02 with -n 3 on the 2-core box). The machine is then ~98 % busy: what shortens the
+# suite now is less CPU work per test, not more workers. Tests that share a fixture built once run in the
 # same worker (tests/conftest.py).
 XDIST := -n 3 --dist loadscope --no-loadscope-reorder
 
