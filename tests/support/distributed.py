@@ -10,7 +10,8 @@ spawned gloo workers sometimes abort at interpreter exit after ``destroy_process
 DESIGN.md), which would flake the tests although the work is done.
 
 The ranks start from a forkserver, not by spawn: a spawned rank imported torch, Lightning and clip_pl
-again to unpickle ``fn`` (~7 s of CPU, ~60 ranks in `make test`; with them the suite used ~17 % more CPU on 2 cores).
+again to unpickle ``fn`` (~7 s of CPU each, ~60 ranks in `make test`; this and two smaller changes took the
+suite's CPU on 2 cores down by 17 %).
 The server (one per test process, multiprocessing's own) imports them once; a rank forked from it starts
 in milliseconds. It is a fresh single-threaded process, so the fork copies no lock held by a thread
 (clip_pl/data/workers.py), and each rank takes the parent's current environment, working directory and
