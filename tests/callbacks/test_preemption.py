@@ -139,6 +139,46 @@ def test_sigusr1_during_a_checkpoint_save_is_acted_on_at_the_next_step(tmp_path)
     assert periodic["global_step"] == 4
 
 
+def _stop_signals_as_a_rank_sees_them(rank: int, world_size: int) -> dict:
+    stops = {signal.SIGUSR1, signal.SIGTERM}
+    return {
+        "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ()) & stops),
+        "default": all(signal.getsignal(s) == signal.SIG_DFL for s in stops),
+    }
+
+
+_RANKS_AFTER_A_LOADER_STARTED_THE_FORKSERVER = """
+import json
+from clip_pl.data.workers import worker_context
+from tests.support.distributed import run_distributed
+from tests.callbacks.test_preemption import _stop_signals_as_a_rank_sees_them
+
+worker_context("forkserver")  # as a loader does: the server starts with SIGUSR1/SIGTERM blocked and ignored
+print(json.dumps(run_distributed(_stop_signals_as_a_rank_sees_them, world_size=1, timeout=120)))
+"""
+
+
+@pytest.mark.slow  # multi-process or subprocess: > ~10 s on 2 cores (make test-quick leaves it out)
+def test_ranks_get_the_stop_signals_even_when_a_loader_started_the_forkserver():
+    """The test ranks fork from the test process's forkserver, which a loader test in the same pytest worker
+    may have started first, with the stop signals blocked for its workers' sake: a rank that inherited that
+    mask let the preemption tests above run to max_steps, the signal pending, on a CI machine whose test
+    order differed. In a fresh process, so the order is forced."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _RANKS_AFTER_A_LOADER_STARTED_THE_FORKSERVER],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [{"blocked": [], "default": True}]
+
+
 def test_signal_only_sets_a_flag():
     cb = PreemptionCheckpoint(requeue_command=["true"])
     before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}

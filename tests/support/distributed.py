@@ -15,7 +15,7 @@ suite's CPU on 2 cores down by 17 %).
 The server (one per test process, multiprocessing's own) imports them once; a rank forked from it starts
 in milliseconds. It is a fresh single-threaded process, so the fork copies no lock held by a thread
 (clip_pl/data/workers.py), and each rank takes the parent's current environment, working directory and
-default stop signals, as a spawned one would.
+signal mask, and default stop signals, as a spawned one would.
 """
 
 from __future__ import annotations
@@ -58,14 +58,18 @@ def _from_bytes(data: bytes) -> Any:
 _PRELOAD = ["torch", "torch.distributed", "lightning", "clip_pl.train", "clip_pl.data.forkserver_preload"]
 
 
-def _as_if_spawned(environ: dict[str, str], cwd: str) -> None:
-    """The server started with the test process's environment of that moment, and ignores SIGUSR1/SIGTERM
-    for the loader workers' sake (clip_pl.data.forkserver_preload): a rank gets what a spawned one has."""
+def _as_if_spawned(environ: dict[str, str], cwd: str, signal_mask: set) -> None:
+    """A rank gets what a spawned one has: the test process's environment, working directory and signal
+    mask of now, and default stop signals. The server started with the environment of an earlier moment;
+    it ignores SIGUSR1/SIGTERM for the loader workers' sake (clip_pl.data.forkserver_preload), and when a
+    loader started it (clip_pl.data.workers.worker_context) it even has them blocked, a mask its forks
+    inherit: a rank that kept it would never see the signals the preemption tests send it."""
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
 
 
 def _worker(
@@ -111,7 +115,7 @@ def run_distributed(fn: Callable, world_size: int, args: tuple = (), timeout: fl
     queue = ctx.Queue()
     store = rendezvous_store()  # kept alive (and its port held) until every worker is done
     port = store.port
-    parent = (dict(os.environ), os.getcwd())
+    parent = (dict(os.environ), os.getcwd(), signal.pthread_sigmask(signal.SIG_BLOCK, ()))
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, timeout, parent))
         for r in range(world_size)
