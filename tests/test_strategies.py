@@ -2,13 +2,13 @@
 
 One pair of processes trains the tiny model on real WebDataset shards under each strategy with
 ``clip_pl.train.train`` (the function ``python -m clip_pl.train`` calls) and a real Trainer:
-20 steps from the same seed, gradient clipping on, the temperature starting just above its cap.
-Then it resumes each run from its step-15 checkpoint (sharded folders included). The checks:
+10 steps from the same seed, gradient clipping on, the temperature starting just above its cap.
+Then it resumes each run from its step-6 checkpoint (sharded folders included). The checks:
 
 * the loss and gradient-norm curves equal DDP's (1e-4 relative): they are all data parallel;
 * the parameters in the weight-decay group are DDP's, read from each strategy's own optimizer;
 * the temperature starts at the cap (100) and comes back down (the cap is not a latch);
-* the 5 losses after a resume equal the uninterrupted run's;
+* the 4 losses after a resume equal the uninterrupted run's;
 * the final model gives DDP's embeddings, and a consolidated ZeRO-3 / FSDP folder loads with
   ``clip_pl.load`` and gives the live model's embeddings;
 * model.grad_cache_chunks under FSDP and ZeRO-3 gives DDP's curve without chunks;
@@ -48,7 +48,7 @@ STRATEGIES = [
     "deepspeed_stage_3_offload",
     "fsdp",
 ]
-STEPS, RESUME_AT = 20, 15
+STEPS, RESUME_AT = 10, 6
 # Just above the cap: a latched cap (zero gradient above it) would hold the temperature at 100.
 INIT_LOGIT_SCALE = math.log(100.0) + 2e-3
 
@@ -255,7 +255,7 @@ def test_every_strategy_trains_like_ddp(matrix, strategy):
 def test_the_temperature_comes_back_down_from_the_cap(matrix, strategy):
     temperature = curve(metrics_of(matrix, strategy), "train/temperature")
     assert temperature[0] == pytest.approx(100.0)  # the parameter starts above the cap: capped
-    assert temperature[-1] < 99.9  # and the gradient brought it back below
+    assert temperature[-1] < 99.95  # and the gradient brought it back below (a latched cap logs 100.0 exactly)
 
 
 @pytest.mark.slow
