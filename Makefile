@@ -11,7 +11,11 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-quick lint format bench clean
 
+# pip byte-compiles what it installs, but an editable install leaves our own sources as they are; where
+# PYTHONDONTWRITEBYTECODE is set (as on our CI machines) every process then compiles clip_pl from source
+# again, ~0.4 s of CPU each, and `make test` starts a few hundred. compileall skips files already compiled.
 setup: $(VENV)/.installed
+	$(PY) -m compileall -q clip_pl data_prep benchmarks tests
 
 # The venv is refreshed whenever pyproject.toml changes. torch/torchvision come from the
 # machine's wheel cache where one exists (pip constraint), otherwise from PyPI.

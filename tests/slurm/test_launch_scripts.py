@@ -3,7 +3,7 @@
     pytest tests/slurm/test_launch_scripts.py
 
 What the launch does (topology → Hydra, rendezvous, one task per node, the user's overrides
-untouched, clear failures) is checked here in seconds; tests/slurm/test_requeue.py trains for real.
+untouched, clear failures) is checked here in seconds; tests/slurm/test_preemption_realistic.py trains for real.
 """
 
 from __future__ import annotations

@@ -15,11 +15,17 @@ The three preemptions, each at a random offset (the seed is printed; CLIP_PL_TES
    (SLURM signals every process of the step: the workers must ignore it);
 3. SIGTERM (what preemption by a higher-priority job sends): the ranks save and stop, and the test
    then requeues the job with ``scontrol requeue``, as SLURM's PreemptMode=REQUEUE would.
+
+It is also the end-to-end test of slurm/train_256gpu.sh's requeue: one job id and one log for the four
+lives, each one process group of all ranks that knows its restart count, the optimizer's learning rate
+restored, and one metrics.csv with every optimizer step once.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import random
 import subprocess
@@ -148,6 +154,27 @@ def _max_step(run_dir: Path) -> int:
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _assert_one_metrics_log(run_dir: Path, preempted_at: list[int]) -> None:
+    """Every optimizer step once, in order, across the lives. Whether the row of the step taken at global step
+    k says k or k + 1 is the trainer's choice, read off the first row. A row may be missing only for a step in
+    flight when a preemption landed: if the signal came after its optimizer step but before Lightning wrote its
+    metrics, the checkpoint counts the step and the life ends before the row is written."""
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("train/loss")]
+    steps = [int(float(r["step"])) for r in rows]
+    offset = steps[0] if steps else 0
+    expected = list(range(offset, offset + MAX_STEPS))
+    in_flight = {step - 1 + offset for step in preempted_at}
+    assert offset in (0, 1) and steps == sorted(set(steps)) and set(expected) - set(steps) <= in_flight, (
+        f"metrics.csv is not one log of {MAX_STEPS} consecutive steps: rows for {steps}. Rows of an earlier life "
+        "missing: Lightning's CSVLogger deleted the existing metrics.csv. A repeated or shifted step: a restart "
+        "did not continue the previous life's numbering."
+    )
+    assert set(steps) <= set(expected)
+    assert {float(r["train/world_size"]) for r in rows} == {WORLD}
+    assert {float(r["train/global_batch_size"]) for r in rows} == {WORLD * LOCAL_BATCH}
 
 
 def test_three_preemptions_train_every_sample_once_and_match_the_uninterrupted_run(slurm_cluster, tmp_path):
@@ -279,11 +306,16 @@ def test_three_preemptions_train_every_sample_once_and_match_the_uninterrupted_r
     starts = [e for e in events if e["event"] == "start"]
     ends = [e for e in events if e["event"] == "end"]
     assert len(starts) == 4 and len(ends) == 4, events
-    assert all(s["world_size"] == WORLD for s in starts)
+    assert all(s["world_size"] == WORLD and s["global_batch_size"] == WORLD * LOCAL_BATCH for s in starts)
+    assert [(s["slurm_job_id"], s["restart_count"]) for s in starts] == [(job, n) for n in range(4)]
+    assert starts[0]["global_step"] == 0 and starts[0]["resumed_from"] is None
     hpc = hpc_checkpoints()
     assert [int(p.stem.split("_")[-1]) for p in hpc] == [e["preempted_at_step"] for e in ends[:3]], (hpc, ends)
     for start, end, path in zip(starts[1:], ends[:3], hpc):
-        assert torch.load(path, map_location="cpu", weights_only=False)["global_step"] == end["preempted_at_step"]
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        assert saved["global_step"] == end["preempted_at_step"]
+        # the restored optimizer (warmup, then cosine: no two steps share a learning rate)
+        assert math.isclose(start["lr"], saved["optimizer_states"][0]["param_groups"][0]["lr"], rel_tol=1e-6)
         # resumed at that step: from the hpc checkpoint, or from last.ckpt when ModelCheckpoint's periodic
         # save fell on the same step (written just after it, so newer; the same state)
         assert start["global_step"] == end["global_step"] == end["preempted_at_step"]
@@ -292,6 +324,10 @@ def test_three_preemptions_train_every_sample_once_and_match_the_uninterrupted_r
     text = log.read_text()
     assert text.count("Requeuing: scontrol requeue") == 2, diagnose()  # SIGUSR1 twice; SIGTERM does not requeue
     assert "exited unexpectedly" not in text and "Traceback" not in text, diagnose()
+    # One log for the four lives (--open-mode=append), each one process group of every rank on both nodes.
+    assert all(f"job {job} restart {n}:" in text for n in range(4)), diagnose()
+    assert text.count(f"Starting with {WORLD} processes") == 4 and fields["NodeList"] == "n[1-2]", diagnose()
+    _assert_one_metrics_log(run_dir, [e["preempted_at_step"] for e in ends[:3]])
 
     # Exactly once: the audit a user runs after a preempted job.
     audit = subprocess.run(
