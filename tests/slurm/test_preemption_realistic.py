@@ -23,7 +23,6 @@ restored, and one metrics.csv with every optimizer step once.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -37,6 +36,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from clip_pl.plots import read_series
 from tests.slurm.jobs import REPO, log_tail, sbatch, wait_finished, wait_until
 
 pytestmark = [
@@ -161,9 +161,8 @@ def _assert_one_metrics_log(run_dir: Path, preempted_at: list[int]) -> None:
     k says k or k + 1 is the trainer's choice, read off the first row. A row may be missing only for a step in
     flight when a preemption landed: if the signal came after its optimizer step but before Lightning wrote its
     metrics, the checkpoint counts the step and the life ends before the row is written."""
-    with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
-        rows = [row for row in csv.DictReader(f) if row.get("train/loss")]
-    steps = [int(float(r["step"])) for r in rows]
+    series = read_series(run_dir / "csv" / "metrics.csv")
+    steps = [step for step, _ in series["train/loss"]]
     offset = steps[0] if steps else 0
     expected = list(range(offset, offset + MAX_STEPS))
     in_flight = {step - 1 + offset for step in preempted_at}
@@ -173,8 +172,8 @@ def _assert_one_metrics_log(run_dir: Path, preempted_at: list[int]) -> None:
         "did not continue the previous life's numbering."
     )
     assert set(steps) <= set(expected)
-    assert {float(r["train/world_size"]) for r in rows} == {WORLD}
-    assert {float(r["train/global_batch_size"]) for r in rows} == {WORLD * LOCAL_BATCH}
+    assert {value for _, value in series["train/world_size"]} == {WORLD}
+    assert {value for _, value in series["train/global_batch_size"]} == {WORLD * LOCAL_BATCH}
 
 
 def test_three_preemptions_train_every_sample_once_and_match_the_uninterrupted_run(slurm_cluster, tmp_path):
